@@ -1,0 +1,30 @@
+"""gradstab: fused gradient statistics and clipping against exploding and vanishing gradients.
+
+Example:
+    >>> import torch, gradstab
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.randn(8, 4)).sum().backward()
+    >>> total = gradstab.clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+
+from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
+from gradstab._extension import backend_info
+from gradstab.functional import (
+    GradStats,
+    clip_grad_norm_,
+    clip_grad_norm_per_layer_,
+    clip_grad_value_,
+    grad_stats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradStats",
+    "backend_info",
+    "clip_grad_norm_",
+    "clip_grad_norm_per_layer_",
+    "clip_grad_value_",
+    "grad_stats",
+    "__version__",
+]

@@ -1,0 +1,106 @@
+"""Loading the compiled extension and reporting which kernel serves each device.
+
+Importing ``gradstab._C`` registers the compiled kernels with the dispatcher.
+Setting ``GRADSTAB_DISABLE_EXT=1`` in the environment before ``import gradstab``
+skips it, so the pure-PyTorch kernels serve every device (the tests use this).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BUILD_COMMAND = "pip install --no-build-isolation ."
+CUDA_BUILD_COMMAND = "GRADSTAB_FORCE_CUDA=1 pip install --no-build-isolation ."
+
+_C = None
+_load_error: str | None = None
+_warned: set[str] = set()
+
+
+def _load() -> None:
+    global _C, _load_error
+    if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
+        _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"
+        return
+    try:
+        from gradstab import _C as ext  # noqa: PLC0415 - optional compiled module
+    except ImportError as exc:
+        _load_error = f"gradstab._C could not be imported ({exc})"
+        return
+    _C = ext
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether a compiled kernel is registered for ``device_type`` ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("gradstab::grad_stats", key)
+
+
+def backend_info() -> dict[str, dict[str, str]]:
+    """Which kernel serves CPU and CUDA gradients, and why.
+
+    Returns:
+        ``{"cpu": {"kernel": ..., "reason": ...}, "cuda": {...}}`` where ``kernel``
+        is ``"cpp"``, ``"cuda"`` or ``"reference"`` (pure PyTorch).
+
+    Example:
+        >>> import gradstab
+        >>> gradstab.backend_info()["cpu"]["kernel"] in ("cpp", "reference")
+        True
+    """
+    info: dict[str, dict[str, str]] = {}
+    build = dict(_C.build_info()) if _C is not None else {}
+    if has_kernel("cpu"):
+        info["cpu"] = {
+            "kernel": "cpp",
+            "reason": f"gradstab._C loaded; C++ kernel running the {build.get('cpu_isa', '?')} "
+            "code path",
+        }
+    else:
+        info["cpu"] = {
+            "kernel": "reference",
+            "reason": f"{_load_error or 'no CPU kernel registered'}; build it with "
+            f"`{BUILD_COMMAND}`",
+        }
+    if has_kernel("cuda"):
+        info["cuda"] = {"kernel": "cuda", "reason": "gradstab._C built with CUDA kernels"}
+    elif _C is not None:
+        why = (
+            "gradstab._C was built without CUDA kernels (torch without CUDA or no CUDA "
+            "toolkit at build time, or no CUDA kernel sources yet)"
+        )
+        info["cuda"] = {
+            "kernel": "reference",
+            "reason": f"{why}; rebuild with `{CUDA_BUILD_COMMAND}`",
+        }
+    else:
+        info["cuda"] = {"kernel": "reference", "reason": _load_error or "no CUDA kernel"}
+    if not torch.cuda.is_available():
+        info["cuda"]["reason"] += " (no CUDA device visible)"
+    return info
+
+
+def warn_if_fallback(device: torch.device) -> None:
+    """Warn once per device type when the pure-PyTorch kernel serves it."""
+    kind = device.type
+    if kind in _warned or kind not in ("cpu", "cuda") or has_kernel(kind):
+        return
+    _warned.add(kind)
+    if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
+        return
+    command = CUDA_BUILD_COMMAND if kind == "cuda" else BUILD_COMMAND
+    warnings.warn(
+        f"gradstab: no compiled {kind.upper()} kernel ({_load_error or 'not built'}); using the "
+        f"slower pure-PyTorch kernels. Build the extension with `{command}` "
+        "(see gradstab.backend_info()).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+_load()

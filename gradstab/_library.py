@@ -1,0 +1,80 @@
+"""The ``gradstab`` operator library: schemas, fake kernels and the pure-PyTorch fallback.
+
+Every op is defined here, once, whether or not the compiled extension exists.
+The compiled extension (``gradstab._C``) only adds kernels for the ``CPU`` (and,
+when built, ``CUDA``) dispatch keys; the reference kernels in
+:mod:`gradstab.reference` are registered under ``CompositeExplicitAutograd`` and
+so serve every other device.  The fake kernels make the ops traceable by
+``torch.compile`` and checkable by ``torch.library.opcheck``.
+
+All four ops take the gradients of one device as a list (any mix of float16,
+bfloat16, float32 and float64) and return per-tensor statistics of the gradients
+*as they were on entry*::
+
+    (norms [T], max_abs [T], nonfinite [T] int64, total_norm [])
+
+with floating results in float64 if any gradient is float64, float32 otherwise.
+
+Example:
+    >>> import torch, gradstab
+    >>> g = torch.tensor([3.0, 4.0])
+    >>> torch.ops.gradstab.grad_stats([g], 2.0)[3]
+    tensor(5.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradstab import reference
+
+__all__ = ["OPS", "SCHEMAS"]
+
+_STATS = "(Tensor norms, Tensor max_abs, Tensor nonfinite, Tensor total_norm)"
+
+#: Op name -> schema; the single place the ops are declared.
+SCHEMAS = {
+    "grad_stats": f"grad_stats(Tensor[] grads, float norm_type) -> {_STATS}",
+    "clip_norm": (
+        "clip_norm(Tensor(a!)[] grads, Tensor max_norm, float norm_type, float eps, "
+        f"bool error_if_nonfinite) -> {_STATS}"
+    ),
+    "clip_norm_per_layer": (
+        "clip_norm_per_layer(Tensor(a!)[] grads, Tensor max_norm, float norm_type, "
+        f"float eps) -> {_STATS}"
+    ),
+    "clip_value": (
+        f"clip_value(Tensor(a!)[] grads, Tensor clip_value, float norm_type) -> {_STATS}"
+    ),
+}
+
+_REFERENCE = {
+    "grad_stats": reference.grad_stats,
+    "clip_norm": reference.clip_norm,
+    "clip_norm_per_layer": reference.clip_norm_per_layer,
+    "clip_value": reference.clip_value,
+}
+
+_lib = torch.library.Library("gradstab", "DEF")  # noqa: TOR901 - the DEF library is ours
+
+
+def _fake_stats(grads: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = len(grads)
+    device = grads[0].device if n else torch.device("cpu")
+    rd = reference.result_dtype(grads)
+    return (
+        torch.empty((n,), dtype=rd, device=device),
+        torch.empty((n,), dtype=rd, device=device),
+        torch.empty((n,), dtype=torch.int64, device=device),
+        torch.empty((), dtype=rd, device=device),
+    )
+
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
+    torch.library.register_fake(f"gradstab::{_name}", _fake_stats, lib=_lib)
+
+#: Op name -> ``torch.ops.gradstab`` overload packet.
+OPS = {name: getattr(torch.ops.gradstab, name) for name in SCHEMAS}

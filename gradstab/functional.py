@@ -1,0 +1,313 @@
+"""Public functional API: fused gradient statistics and clipping.
+
+Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and
+``clip_grad_value_``, plus per-layer clipping and per-tensor statistics.  Each
+call validates its arguments (before touching any gradient), collects the
+gradients of the given parameters (``None`` grads are skipped) and runs one
+``torch.ops.gradstab`` op over all of them, which reads every gradient once.
+
+Nothing here reads a device value on the host, except
+``clip_grad_norm_(..., error_if_nonfinite=True)``, which must.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from gradstab._extension import warn_if_fallback
+from gradstab._library import OPS
+
+__all__ = [
+    "GradStats",
+    "grad_stats",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grad_norm_per_layer_",
+]
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+
+#: The epsilon PyTorch adds to the total norm in ``clip_grad_norm_``.
+EPS = 1e-6
+
+
+class GradStats(NamedTuple):
+    """Per-tensor gradient statistics, all on the gradients' device.
+
+    Attributes:
+        norms: ``[T]`` p-norm of each gradient.
+        max_abs: ``[T]`` largest absolute value of each gradient (NaN if it holds a NaN).
+        nonfinite: ``[T]`` int64 count of NaN/Inf elements of each gradient.
+        total_norm: ``[]`` p-norm of all gradients viewed as one vector.
+
+    Floating fields are float64 if any gradient is float64, float32 otherwise.
+    """
+
+    norms: Tensor
+    max_abs: Tensor
+    nonfinite: Tensor
+    total_norm: Tensor
+
+
+def _collect_grads(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
+    """The gradients of ``parameters`` (``None`` skipped), checked to be usable."""
+    if isinstance(parameters, Tensor):
+        params = [parameters]
+    else:
+        try:
+            params = list(parameters)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: parameters must be a tensor or an iterable of tensors, "
+                f"got {type(parameters).__name__}"
+            ) from None
+    grads: list[Tensor] = []
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{fn}: parameters[{i}] is a {type(p).__name__}, not a tensor")
+        g = p.grad
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            raise ValueError(
+                f"{fn}: the gradient of parameters[{i}] has layout {g.layout}; only dense "
+                "(strided) gradients are supported. Convert it with `p.grad = p.grad.to_dense()`."
+            )
+        if g.is_complex() or not g.is_floating_point():
+            raise TypeError(
+                f"{fn}: the gradient of parameters[{i}] has dtype {g.dtype}; only real floating "
+                "dtypes (float16, bfloat16, float32, float64) are supported"
+            )
+        if g.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(
+                f"{fn}: the gradient of parameters[{i}] has dtype {g.dtype}; supported are "
+                "float16, bfloat16, float32 and float64"
+            )
+        grads.append(g)
+    if grads:
+        device = grads[0].device
+        for i, g in enumerate(grads):
+            if g.device != device:
+                raise ValueError(
+                    f"{fn}: all gradients must be on one device, found {device} and {g.device} "
+                    f"(gradient {i}); call it once per device"
+                )
+    return grads
+
+
+def _check_norm_type(norm_type: object, fn: str) -> float:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
+        raise TypeError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
+    try:
+        p = float(norm_type)
+    except ValueError:
+        raise ValueError(
+            f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}"
+        ) from None
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
+    return p
+
+
+def _check_bound(value: object, name: str, fn: str, device: torch.device | None) -> Tensor | float:
+    """Validate a non-negative bound (``max_norm`` or ``clip_value``).
+
+    Returns a float for Python numbers; a tensor is returned as is (on ``device``)
+    after its value is checked when that needs no device sync (CPU tensors).
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{fn}: {name} as a tensor must hold one real number, got shape "
+                f"{list(value.shape)} and dtype {value.dtype}"
+            )
+        if value.device.type == "cpu":
+            v = float(value.reshape(()))
+            if math.isnan(v) or v < 0:
+                raise ValueError(f"{fn}: {name} must be a non-negative number, got {v}")
+            if device is not None and device.type != "cpu":
+                return v  # read on the host for free, passed to the device by a fill
+        elif device is not None and value.device != device:
+            raise ValueError(
+                f"{fn}: {name} is on {value.device} but the gradients are on {device}"
+            )
+        return value.reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{fn}: {name} must be a non-negative number or a 0-d tensor, got {value!r}"
+        )
+    v = float(value)
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{fn}: {name} must be a non-negative number, got {value!r}")
+    return v
+
+
+def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
+    """``value`` as a 0-d float64 tensor on ``device`` without a host sync (a fill kernel)."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float64)
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
+def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats:
+    """Per-tensor norms, max-abs and non-finite counts of the gradients, in one read.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is examined;
+            ``None`` grads are skipped, so ``T`` counts the parameters with a grad.
+        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+
+    Returns:
+        A :class:`GradStats` on the gradients' device, computed without a host sync.
+        Finite gradients never give an infinite norm unless the norm itself exceeds
+        the largest float32 (for float32 results).
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> gradstab.grad_stats([w]).total_norm
+        tensor(5.)
+    """
+    fn = "gradstab.grad_stats"
+    p = _check_norm_type(norm_type, fn)
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        empty = torch.zeros((0,))
+        return GradStats(empty, empty.clone(), torch.zeros((0,), dtype=torch.int64),
+                         torch.tensor(0.0))
+    warn_if_fallback(grads[0].device)
+    return GradStats(*OPS["grad_stats"](grads, p))
+
+
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float | Tensor,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Clip the gradients' global norm in place; a drop-in for ``torch.nn.utils.clip_grad_norm_``.
+
+    Every gradient is scaled by ``min(1, max_norm / (total_norm + 1e-6))``; a gradient is
+    not written when that coefficient is 1.  Unlike PyTorch, the norm cannot overflow
+    for finite gradients (``[1e30, 1e30]`` in float32 has norm ``1.414e30``, not inf)
+    and is returned in float32 (float64 for float64 grads) rather than the grads' dtype.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the largest allowed total norm: a non-negative number, or a 0-d
+            tensor on the gradients' device (then nothing is read on the host).
+        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        error_if_nonfinite: raise ``RuntimeError`` before changing any gradient if the
+            total norm is NaN or inf (this reads the norm on the host).
+        foreach: accepted for signature compatibility; the fused kernel is always used.
+
+    Returns:
+        The total norm of the gradients before clipping (0-d tensor).
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> gradstab.clip_grad_norm_([w], max_norm=1.0)
+        tensor(5.)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    fn = "gradstab.clip_grad_norm_"
+    p = _check_norm_type(norm_type, fn)
+    _check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
+    _check_foreach(foreach, fn)
+    _check_bound(max_norm, "max_norm", fn, None)
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    warn_if_fallback(device)
+    return OPS["clip_norm"](grads, bound, p, EPS, error_if_nonfinite)[3]
+
+
+def clip_grad_norm_per_layer_(
+    parameters: TensorOrTensors, max_norm: float | Tensor, norm_type: float = 2.0
+) -> Tensor:
+    """Clip each gradient to its own norm bound, in place.
+
+    Gradient ``i`` is scaled by ``min(1, max_norm / (norm_i + 1e-6))``; gradients whose
+    coefficient is 1 are not written.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the largest allowed norm per gradient (number or 0-d device tensor).
+        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+
+    Returns:
+        ``[T]`` per-gradient norms before clipping.
+
+    Example:
+        >>> import torch, gradstab
+        >>> a = torch.nn.Parameter(torch.zeros(2)); a.grad = torch.tensor([3.0, 4.0])
+        >>> b = torch.nn.Parameter(torch.zeros(1)); b.grad = torch.tensor([0.5])
+        >>> gradstab.clip_grad_norm_per_layer_([a, b], max_norm=1.0)
+        tensor([5.0000, 0.5000])
+        >>> b.grad
+        tensor([0.5000])
+    """
+    fn = "gradstab.clip_grad_norm_per_layer_"
+    p = _check_norm_type(norm_type, fn)
+    _check_bound(max_norm, "max_norm", fn, None)
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        return torch.zeros((0,))
+    device = grads[0].device
+    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    warn_if_fallback(device)
+    return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
+
+
+def clip_grad_value_(
+    parameters: TensorOrTensors, clip_value: float | Tensor, foreach: bool | None = None
+) -> None:
+    """Clamp every gradient to ``[-clip_value, clip_value]`` in place.
+
+    A drop-in for ``torch.nn.utils.clip_grad_value_``: NaNs stay NaN, and blocks of a
+    gradient with nothing beyond the bound are not written.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
+        clip_value: the bound, a non-negative number or a 0-d tensor on the gradients'
+            device.
+        foreach: accepted for signature compatibility; the fused kernel is always used.
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.zeros(3)); w.grad = torch.tensor([-2.0, 0.5, 3.0])
+        >>> gradstab.clip_grad_value_([w], 1.0)
+        >>> w.grad
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    fn = "gradstab.clip_grad_value_"
+    _check_foreach(foreach, fn)
+    _check_bound(clip_value, "clip_value", fn, None)
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        return
+    device = grads[0].device
+    bound = _device_scalar(_check_bound(clip_value, "clip_value", fn, device), device)
+    warn_if_fallback(device)
+    OPS["clip_value"](grads, bound, 2.0)
+
+
+def _check_flag(value: object, name: str, fn: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+
+
+def _check_foreach(foreach: object, fn: str) -> None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"{fn}: foreach must be None, True or False, got {foreach!r}")

@@ -1,0 +1,159 @@
+"""Pure-PyTorch kernels for the ``gradstab`` ops.
+
+These serve every device that has no compiled kernel (registered under the
+``CompositeExplicitAutograd`` key, so a compiled ``CPU``/``CUDA`` kernel takes
+precedence), and they are the oracle the compiled kernels are tested against.
+
+They follow the op contract (DESIGN section 3) exactly, trading speed for
+obviousness: every statistic is computed in float64 from a float64 copy of
+the gradient, the p-norm is taken overflow- and underflow-safe as
+``m * ||g / m||_p`` with ``m = max|g|``, and results are rounded once to the
+result dtype (float64 if any gradient is float64, float32 otherwise).
+
+Clipping arithmetic matches the C++ kernel: float32 and float64 gradients are
+multiplied by the float64 coefficient and rounded once; float16 and bfloat16
+gradients are multiplied in float32 (PyTorch's ``opmath``).  On CPU a tensor
+whose coefficient is 1 is not written; on other devices reading the
+coefficient would need a host sync, so the (value-preserving) multiply by 1
+happens instead.
+
+Example:
+    >>> import torch
+    >>> from gradstab import reference
+    >>> g = torch.tensor([3.0, 4.0])
+    >>> reference.grad_stats([g], 2.0)[3]
+    tensor(5.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["result_dtype", "grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value"]
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def result_dtype(grads: list[Tensor]) -> torch.dtype:
+    """Dtype of every floating result: float64 if any grad is float64, else float32."""
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def _robust_pnorm(x: Tensor, m: Tensor, norm_type: float) -> Tensor:
+    """p-norm of float64 ``x`` whose max-abs is ``m``, safe from overflow and underflow.
+
+    ``m * ||x / m||_p`` when ``m`` is finite and positive; otherwise the plain
+    norm, which is 0 for ``m == 0`` and inf/NaN (IEEE propagation) when ``x``
+    holds non-finite values.
+    """
+    if math.isinf(norm_type):
+        return m
+    usable = (m > 0) & torch.isfinite(m)
+    scale = torch.where(usable, m, torch.ones_like(m))
+    return scale * torch.linalg.vector_norm(x / scale, norm_type)
+
+
+def _stats64(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-tensor norms, max-abs (float64), non-finite counts (int64) and the float64 total."""
+    device = grads[0].device
+    norms, maxabs, nonfinite = [], [], []
+    for g in grads:
+        x = g.detach().reshape(-1).to(torch.float64)
+        if x.numel() == 0:
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            norms.append(zero)
+            maxabs.append(zero)
+            nonfinite.append(torch.zeros((), dtype=torch.int64, device=device))
+            continue
+        m = x.abs().amax()  # NaN-propagating, like the kernels
+        maxabs.append(m)
+        nonfinite.append((~torch.isfinite(x)).sum())
+        norms.append(_robust_pnorm(x, m, norm_type))
+    norms64 = torch.stack(norms)
+    maxabs64 = torch.stack(maxabs)
+    total = _robust_pnorm(norms64, norms64.amax(), norm_type)
+    return norms64, maxabs64, torch.stack(nonfinite), total
+
+
+def _finish(grads: list[Tensor], stats: tuple[Tensor, Tensor, Tensor, Tensor]):
+    norms64, maxabs64, nonfinite, total = stats
+    rd = result_dtype(grads)
+    return norms64.to(rd), maxabs64.to(rd), nonfinite, total.to(rd)
+
+
+def _scale_(g: Tensor, coef: Tensor) -> None:
+    """Multiply ``g`` in place by the float64 0-d ``coef`` with the kernels' rounding."""
+    if g.numel() == 0:
+        return
+    if g.device.type == "cpu" and bool(coef >= 1):
+        return  # coefficient 1: not written (NaN coefficients are written, as in PyTorch)
+    opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
+    g.copy_(g.to(opmath) * coef.to(opmath))
+
+
+def nonfinite_message(norm_type: float, total: float, nonfinite: list[int], shapes: list) -> str:
+    """The error raised by ``clip_norm(..., error_if_nonfinite=True)`` (shared wording)."""
+    first = next(i for i, n in enumerate(nonfinite) if n > 0) if any(nonfinite) else -1
+    where = (
+        f"{sum(nonfinite)} non-finite value(s), the first in gradient {first} of {len(nonfinite)} "
+        f"(shape {list(shapes[first])})"
+        if first >= 0
+        else "no non-finite gradient value (the norm overflowed its result dtype)"
+    )
+    return (
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite "
+        f"({total}), so it cannot be clipped: {where}. No gradient was changed. To disable this "
+        "error and scale the gradients by the non-finite norm anyway, set "
+        "`error_if_nonfinite=False`"
+    )
+
+
+def grad_stats(grads: list[Tensor], norm_type: float):
+    """Reference for ``gradstab::grad_stats``: (norms, max_abs, nonfinite, total_norm)."""
+    return _finish(grads, _stats64(grads, norm_type))
+
+
+def clip_norm(
+    grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float, error_if_nonfinite: bool
+):
+    """Reference for ``gradstab::clip_norm``: global-norm clip in place, returns pre-clip stats."""
+    stats = _stats64(grads, norm_type)
+    total = stats[3]
+    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: the caller asked
+        raise RuntimeError(
+            nonfinite_message(
+                norm_type, float(total), stats[2].tolist(), [g.shape for g in grads]
+            )
+        )
+    coef = torch.clamp(max_norm.to(torch.float64) / (total + eps), max=1.0)
+    for g in grads:
+        _scale_(g, coef)
+    return _finish(grads, stats)
+
+
+def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float):
+    """Reference for ``gradstab::clip_norm_per_layer``: each grad by its own coefficient."""
+    stats = _stats64(grads, norm_type)
+    coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0)
+    for g, c in zip(grads, coefs.unbind(0)):
+        _scale_(g, c)
+    return _finish(grads, stats)
+
+
+def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
+    """Reference for ``gradstab::clip_value``: clamp to ``[-v, v]``, returns pre-clip stats."""
+    stats = _stats64(grads, norm_type)
+    for g, m in zip(grads, stats[1].unbind(0)):
+        if g.numel() == 0:
+            continue
+        v = clip_value.to(device=g.device, dtype=torch.float64)
+        if g.device.type == "cpu" and not bool(m > v):
+            continue  # nothing beyond the bound (or only NaNs): not written
+        # Comparing in g's dtype against v rounded to it gives the same result as PyTorch's
+        # float-opmath clamp: no value of g's dtype lies strictly between v and round(v).
+        vt = v.to(g.dtype)
+        torch.clamp_(g, min=-vt, max=vt)
+    return _finish(grads, stats)
