@@ -21,10 +21,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradStats",
+    "__version__",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "grad_stats",
-    "__version__",
 ]

@@ -56,10 +56,11 @@ _REFERENCE = {
     "clip_value": reference.clip_value,
 }
 
-_lib = torch.library.Library("gradstab", "DEF")  # noqa: TOR901 - the DEF library is ours
+_lib = torch.library.Library("gradstab", "DEF")
 
 
 def _fake_stats(grads: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reference.check_grads(grads)  # a list mixing devices dispatches here (Meta): refuse it
     n = len(grads)
     device = grads[0].device if n else torch.device("cpu")
     rd = reference.result_dtype(grads)

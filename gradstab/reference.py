@@ -32,9 +32,53 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["result_dtype", "grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value"]
+__all__ = [
+    "check_grads",
+    "clip_norm",
+    "clip_norm_per_layer",
+    "clip_value",
+    "grad_stats",
+    "result_dtype",
+]
 
 _REDUCED = (torch.float16, torch.bfloat16)
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_grads(grads: list[Tensor]) -> None:
+    """Raise, as the C++ kernel does, unless every grad is dense, real floating, on one device."""
+    n = len(grads)
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise ValueError(
+                f"gradstab: gradient {i} of {n} has layout {g.layout}; only dense (strided) "
+                "gradients are supported. Convert it with `p.grad = p.grad.to_dense()`"
+            )
+        if g.device != grads[0].device:
+            raise ValueError(
+                f"gradstab: all gradients of one call must be on one device, gradient 0 is on "
+                f"{grads[0].device} and gradient {i} on {g.device}; call once per device"
+            )
+        if g.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"gradstab: gradient {i} of {n} has dtype {g.dtype}; only float16, bfloat16, "
+                "float32 and float64 gradients are supported"
+            )
+
+
+def _check_norm_type(norm_type: float) -> None:
+    if not norm_type > 0:
+        raise ValueError(f"gradstab: norm_type must be a positive number or inf, got {norm_type}")
+
+
+def _read_bound(t: Tensor, name: str) -> None:
+    """Check a bound's value where that needs no device sync (a CPU tensor)."""
+    if t.numel() != 1:
+        raise ValueError(
+            f"gradstab: {name} must be a tensor with one element, got shape {list(t.shape)}"
+        )
+    if t.device.type == "cpu" and not bool(t >= 0):
+        raise ValueError(f"gradstab: {name} must be a non-negative number, got {float(t)}")
 
 
 def result_dtype(grads: list[Tensor]) -> torch.dtype:
@@ -58,6 +102,11 @@ def _robust_pnorm(x: Tensor, m: Tensor, norm_type: float) -> Tensor:
 
 def _stats64(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-tensor norms, max-abs (float64), non-finite counts (int64) and the float64 total."""
+    _check_norm_type(norm_type)
+    check_grads(grads)
+    if not grads:
+        z = torch.zeros((0,), dtype=torch.float64)
+        return z, z.clone(), torch.zeros((0,), dtype=torch.int64), torch.zeros((), dtype=z.dtype)
     device = grads[0].device
     norms, maxabs, nonfinite = [], [], []
     for g in grads:
@@ -120,13 +169,12 @@ def clip_norm(
     grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float, error_if_nonfinite: bool
 ):
     """Reference for ``gradstab::clip_norm``: global-norm clip in place, returns pre-clip stats."""
+    _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
     total = stats[3]
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: the caller asked
         raise RuntimeError(
-            nonfinite_message(
-                norm_type, float(total), stats[2].tolist(), [g.shape for g in grads]
-            )
+            nonfinite_message(norm_type, float(total), stats[2].tolist(), [g.shape for g in grads])
         )
     coef = torch.clamp(max_norm.to(torch.float64) / (total + eps), max=1.0)
     for g in grads:
@@ -136,6 +184,7 @@ def clip_norm(
 
 def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float):
     """Reference for ``gradstab::clip_norm_per_layer``: each grad by its own coefficient."""
+    _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
     coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0)
     for g, c in zip(grads, coefs.unbind(0)):
@@ -145,6 +194,7 @@ def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float,
 
 def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
     """Reference for ``gradstab::clip_value``: clamp to ``[-v, v]``, returns pre-clip stats."""
+    _read_bound(clip_value, "clip_value")
     stats = _stats64(grads, norm_type)
     for g, m in zip(grads, stats[1].unbind(0)):
         if g.numel() == 0:

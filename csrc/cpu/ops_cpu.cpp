@@ -1,0 +1,393 @@
+// Contract: CPU kernels for the gradstab ops (schemas in gradstab/_library.py).
+//
+// All gradients of a call are cut into chunks of at most kChunk elements; one parallel pass
+// reduces every chunk (at::parallel_for over the chunk table, static split, so the partials do
+// not depend on the thread count), the partials are combined per tensor in chunk order (fixed,
+// deterministic), the coefficients are computed, and a second parallel pass, in reverse chunk
+// order so the most recently read chunks are still in cache, scales only the chunks whose
+// coefficient is not 1. In per-layer mode a tensor that fits in one chunk is scaled right after
+// it is reduced, while it is in cache. Value clipping clamps in the reducing pass itself.
+// Every argument is checked before any gradient is touched.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <tuple>
+#include <vector>
+
+#include "cpu/range_kernels.h"
+
+namespace gradstab {
+namespace cpu {
+namespace {
+
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr int64_t kChunk = 1 << 16;            // elements per parallel work item
+constexpr int64_t kSerialBelow = 1 << 15;      // total elements under which one thread is faster
+constexpr double kTinySum = 1e-280;            // sums this small may have lost terms to underflow
+
+struct Item {
+  at::Tensor data;     // the grad itself, or a contiguous copy of a strided one
+  const at::Tensor* grad;
+  DType dtype;
+  int64_t numel;
+  bool copied;         // data is a copy: write it back if changed
+  int64_t first_chunk; // chunks [first_chunk, first_chunk + num_chunks)
+  int64_t num_chunks;
+};
+
+struct Chunk {
+  int64_t item;
+  int64_t begin;
+  int64_t len;
+};
+
+struct TensorResult {
+  double sum;       // sum of |x|^p (overflow-rescued); unused for p = inf
+  double norm;
+  double max_abs;
+  int64_t nonfinite;
+};
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    default: return DType::kDouble;
+  }
+}
+
+NormKind norm_kind(double p) {
+  if (std::isinf(p)) return NormKind::kLinf;
+  if (p == 2.0) return NormKind::kL2;
+  if (p == 1.0) return NormKind::kL1;
+  return NormKind::kLp;
+}
+
+void check_norm_type(double p) {
+  TORCH_CHECK_VALUE(p > 0.0 && !std::isnan(p),
+                    "gradstab: norm_type must be a positive number or inf, got ", p);
+}
+
+// Validates every gradient (before anything is written) and builds the item and chunk tables.
+struct Plan {
+  std::vector<Item> items;
+  std::vector<Chunk> chunks;
+  int64_t total_numel = 0;
+  bool any_double = false;
+  at::Device device = at::kCPU;
+
+  explicit Plan(at::TensorList grads) {
+    items.reserve(grads.size());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const at::Tensor& g = grads[i];
+      TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", grads.size(),
+                        " is undefined");
+      TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ",
+                        grads.size(), " has layout ", g.layout(),
+                        "; only dense (strided) gradients are supported. Convert it with "
+                        "`p.grad = p.grad.to_dense()`");
+      TORCH_CHECK_VALUE(g.device() == grads[0].device(),
+                        "gradstab: all gradients of one call must be on one device, gradient 0 "
+                        "is on ", grads[0].device(), " and gradient ", i, " on ", g.device(),
+                        "; call once per device");
+      auto st = g.scalar_type();
+      TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
+                           st == at::kDouble,
+                       "gradstab: gradient ", i, " of ", grads.size(), " has dtype ", st,
+                       "; only float16, bfloat16, float32 and float64 gradients are supported");
+      TORCH_CHECK(g.device().is_cpu(), "gradstab: the CPU kernel got a gradient on ",
+                  g.device());
+    }
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const at::Tensor& g = grads[i];
+      Item it;
+      it.grad = &grads[i];
+      it.dtype = to_dtype(g.scalar_type());
+      it.numel = g.numel();
+      // A dense, non-overlapping tensor (contiguous, channels_last, permuted) is one flat span
+      // starting at data_ptr(); anything else is processed on a contiguous copy.
+      it.copied = it.numel > 0 && !g.is_non_overlapping_and_dense();
+      it.data = it.copied ? g.contiguous() : g;
+      it.first_chunk = static_cast<int64_t>(chunks.size());
+      it.num_chunks = (it.numel + kChunk - 1) / kChunk;
+      for (int64_t c = 0; c < it.num_chunks; ++c) {
+        int64_t b = c * kChunk;
+        chunks.push_back({static_cast<int64_t>(i), b, std::min(kChunk, it.numel - b)});
+      }
+      total_numel += it.numel;
+      any_double = any_double || g.scalar_type() == at::kDouble;
+      items.push_back(std::move(it));
+    }
+  }
+
+  char* chunk_ptr(const Chunk& c) const {
+    const Item& it = items[c.item];
+    return static_cast<char*>(it.data.data_ptr()) + c.begin * it.data.element_size();
+  }
+
+  // Runs body(chunk_index) for every chunk, in parallel when the work is large enough.
+  template <typename F>
+  void for_each_chunk(bool reverse, const F& body) const {
+    const int64_t n = static_cast<int64_t>(chunks.size());
+    // The static split gives each thread the same range in every pass; walking it backwards
+    // re-touches first what this thread read last (still in its cache).
+    auto run = [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) body(reverse ? b + e - 1 - k : k);
+    };
+    if (total_numel < kSerialBelow) {
+      run(0, n);
+    } else {
+      at::parallel_for(0, n, 1, run);
+    }
+  }
+};
+
+// Combines the partials of one tensor (in chunk order) and rescues an overflowed or underflowed
+// sum of p-powers by recomputing it scaled by the tensor's max |x|.
+TensorResult finish_tensor(const Plan& plan, const Item& it, const Partial* parts, NormKind kind,
+                           double p) {
+  TensorResult r{0.0, 0.0, 0.0, 0};
+  bool nan = false;
+  for (int64_t c = 0; c < it.num_chunks; ++c) {
+    const Partial& q = parts[c];
+    r.sum += q.sum;
+    r.nonfinite += q.nonfinite;
+    nan = nan || std::isnan(q.max_abs);
+    r.max_abs = q.max_abs > r.max_abs ? q.max_abs : r.max_abs;
+  }
+  if (nan) r.max_abs = std::numeric_limits<double>::quiet_NaN();
+  if (kind == NormKind::kLinf) {
+    r.norm = r.max_abs;
+    return r;
+  }
+  const bool overflowed = std::isinf(r.sum) && r.nonfinite == 0;
+  const bool underflowed = r.sum < kTinySum && r.max_abs > 0.0;
+  double scale = 1.0;
+  if ((overflowed || underflowed) && std::isfinite(r.max_abs)) {
+    scale = r.max_abs;
+    r.sum = rescaled_sum(it.dtype, it.data.data_ptr(), it.numel, p, scale);
+  }
+  if (kind == NormKind::kL2) {
+    r.norm = scale * std::sqrt(r.sum);
+  } else if (kind == NormKind::kL1) {
+    r.norm = scale * r.sum;
+  } else {
+    r.norm = scale * std::pow(r.sum, 1.0 / p);
+  }
+  if (scale != 1.0) r.sum = std::numeric_limits<double>::infinity();  // only the norm is valid
+  return r;
+}
+
+// p-norm of the per-tensor norms, as the p-root of the summed p-powers (never a sum of norms).
+double total_norm(const std::vector<TensorResult>& res, NormKind kind, double p) {
+  double m = 0.0;
+  bool nan = false;
+  for (const auto& r : res) {
+    nan = nan || std::isnan(r.norm);
+    m = r.norm > m ? r.norm : m;
+  }
+  if (nan) return std::numeric_limits<double>::quiet_NaN();
+  if (kind == NormKind::kLinf || std::isinf(m)) return m;
+  double s = 0.0;
+  for (const auto& r : res) s += r.sum;
+  const bool exact = std::isfinite(s) && !(s < kTinySum && m > 0.0);
+  if (!exact) {  // a tensor was rescued, or the sum itself over/underflows: work from the norms
+    s = 0.0;
+    for (const auto& r : res) {
+      double a = r.norm / m;
+      s += kind == NormKind::kL2 ? a * a : (kind == NormKind::kL1 ? a : std::pow(a, p));
+    }
+  }
+  double scale = exact ? 1.0 : m;
+  if (kind == NormKind::kL2) return scale * std::sqrt(s);
+  if (kind == NormKind::kL1) return scale * s;
+  return scale * std::pow(s, 1.0 / p);
+}
+
+// Reduces every chunk (clamping to `clamp` in the same pass when clamp >= 0).
+std::vector<Partial> reduce_all(const Plan& plan, NormKind kind, double p, double clamp) {
+  std::vector<Partial> parts(plan.chunks.size());
+  plan.for_each_chunk(false, [&](int64_t k) {
+    const Chunk& c = plan.chunks[k];
+    parts[k] = reduce_range(plan.items[c.item].dtype, plan.chunk_ptr(c), c.len, kind, p, clamp);
+  });
+  return parts;
+}
+
+std::vector<TensorResult> finish_all(const Plan& plan, const std::vector<Partial>& parts,
+                                     NormKind kind, double p) {
+  std::vector<TensorResult> res;
+  res.reserve(plan.items.size());
+  for (const Item& it : plan.items) {
+    res.push_back(finish_tensor(plan, it, parts.data() + it.first_chunk, kind, p));
+  }
+  return res;
+}
+
+Stats make_stats(const Plan& plan, const std::vector<TensorResult>& res, double total) {
+  const int64_t n = static_cast<int64_t>(res.size());
+  auto dd = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor norms = at::empty({n}, dd), maxabs = at::empty({n}, dd);
+  at::Tensor nonfinite = at::empty({n}, at::TensorOptions().dtype(at::kLong));
+  double* pn = norms.data_ptr<double>();
+  double* pm = maxabs.data_ptr<double>();
+  int64_t* pf = nonfinite.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    pn[i] = res[i].norm;
+    pm[i] = res[i].max_abs;
+    pf[i] = res[i].nonfinite;
+  }
+  const auto rd = plan.any_double ? at::kDouble : at::kFloat;
+  return {norms.to(rd), maxabs.to(rd), nonfinite, at::scalar_tensor(total, rd)};
+}
+
+// min(1, bound / (norm + eps)), NaN kept (as torch.clamp(max=1) keeps it).
+double clip_coef(double bound, double norm, double eps) {
+  double c = bound / (norm + eps);
+  return c < 1.0 || std::isnan(c) ? c : 1.0;
+}
+
+// Scales, in reverse chunk order, every chunk whose tensor coefficient is not 1; writes back
+// copies of strided tensors that changed.
+void scale_chunks(const Plan& plan, const std::vector<double>& coef,
+                  const std::vector<uint8_t>& skip_item) {
+  plan.for_each_chunk(true, [&](int64_t k) {
+    const Chunk& c = plan.chunks[k];
+    if (skip_item[c.item] || coef[c.item] >= 1.0) return;
+    scale_range(plan.items[c.item].dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
+  });
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    const Item& it = plan.items[i];
+    if (it.copied && !(coef[i] >= 1.0)) it.grad->copy_(it.data);
+  }
+}
+
+double read_bound(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.numel() == 1, "gradstab: ", name, " must be a tensor with one element, "
+                    "got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "gradstab: ", name, " is on ", t.device(),
+                    " but the gradients are on cpu");
+  double v = t.item<double>();
+  TORCH_CHECK_VALUE(v >= 0.0, "gradstab: ", name, " must be a non-negative number, got ", v);
+  return v;
+}
+
+std::string nonfinite_message(double p, double total, const Plan& plan,
+                              const std::vector<TensorResult>& res) {
+  std::ostringstream os;
+  os << "The total norm of order " << p << " for gradients from `parameters` is non-finite ("
+     << total << "), so it cannot be clipped: ";
+  int64_t sum = 0, first = -1;
+  for (size_t i = 0; i < res.size(); ++i) {
+    sum += res[i].nonfinite;
+    if (first < 0 && res[i].nonfinite > 0) first = static_cast<int64_t>(i);
+  }
+  if (first >= 0) {
+    os << sum << " non-finite value(s), the first in gradient " << first << " of " << res.size()
+       << " (shape " << plan.items[first].grad->sizes() << ")";
+  } else {
+    os << "no non-finite gradient value (the norm overflowed its result dtype)";
+  }
+  os << ". No gradient was changed. To disable this error and scale the gradients by the "
+        "non-finite norm anyway, set `error_if_nonfinite=False`";
+  return os.str();
+}
+
+// ---------------------------------------------------------------------------------- the ops --
+
+Stats grad_stats_cpu(at::TensorList grads, double norm_type) {
+  check_norm_type(norm_type);
+  Plan plan(grads);
+  const NormKind kind = norm_kind(norm_type);
+  auto parts = reduce_all(plan, kind, norm_type, -1.0);
+  auto res = finish_all(plan, parts, kind, norm_type);
+  return make_stats(plan, res, total_norm(res, kind, norm_type));
+}
+
+Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double norm_type,
+                    double eps, bool error_if_nonfinite) {
+  check_norm_type(norm_type);
+  Plan plan(grads);
+  const double bound = read_bound(max_norm, "max_norm");
+  const NormKind kind = norm_kind(norm_type);
+  auto parts = reduce_all(plan, kind, norm_type, -1.0);
+  auto res = finish_all(plan, parts, kind, norm_type);
+  const double total = total_norm(res, kind, norm_type);
+  TORCH_CHECK(!error_if_nonfinite || std::isfinite(total),
+              nonfinite_message(norm_type, total, plan, res));
+  const double c = clip_coef(bound, total, eps);
+  if (!(c >= 1.0)) {
+    scale_chunks(plan, std::vector<double>(plan.items.size(), c),
+                 std::vector<uint8_t>(plan.items.size(), 0));
+  }
+  return make_stats(plan, res, total);
+}
+
+Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
+                              double norm_type, double eps) {
+  check_norm_type(norm_type);
+  Plan plan(grads);
+  const double bound = read_bound(max_norm, "max_norm");
+  const NormKind kind = norm_kind(norm_type);
+  const size_t n = plan.items.size();
+  std::vector<Partial> parts(plan.chunks.size());
+  std::vector<TensorResult> res(n);
+  std::vector<double> coef(n, 1.0);
+  std::vector<uint8_t> done(n, 0);  // not vector<bool>: written from several threads
+  // One-chunk tensors: reduce, then scale at once while the tensor is in cache.
+  plan.for_each_chunk(false, [&](int64_t k) {
+    const Chunk& c = plan.chunks[k];
+    const Item& it = plan.items[c.item];
+    parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type, -1.0);
+    if (it.num_chunks == 1 && !it.copied) {
+      res[c.item] = finish_tensor(plan, it, &parts[k], kind, norm_type);
+      coef[c.item] = clip_coef(bound, res[c.item].norm, eps);
+      if (!(coef[c.item] >= 1.0)) scale_range(it.dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
+      done[c.item] = 1;
+    }
+  });
+  for (size_t i = 0; i < n; ++i) {
+    const Item& it = plan.items[i];
+    if (done[i]) continue;
+    res[i] = it.numel == 0 ? TensorResult{0.0, 0.0, 0.0, 0}
+                           : finish_tensor(plan, it, parts.data() + it.first_chunk, kind,
+                                           norm_type);
+    coef[i] = clip_coef(bound, res[i].norm, eps);
+  }
+  scale_chunks(plan, coef, done);
+  return make_stats(plan, res, total_norm(res, kind, norm_type));
+}
+
+Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double norm_type) {
+  check_norm_type(norm_type);
+  Plan plan(grads);
+  const double bound = read_bound(clip_value, "clip_value");
+  const NormKind kind = norm_kind(norm_type);
+  auto parts = reduce_all(plan, kind, norm_type, bound);
+  auto res = finish_all(plan, parts, kind, norm_type);
+  for (const Item& it : plan.items) {
+    if (!it.copied) continue;
+    bool wrote = false;
+    for (int64_t c = 0; c < it.num_chunks; ++c) wrote = wrote || parts[it.first_chunk + c].wrote;
+    if (wrote) it.grad->copy_(it.data);
+  }
+  return make_stats(plan, res, total_norm(res, kind, norm_type));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradstab, CPU, m) {
+  m.impl("grad_stats", &grad_stats_cpu);
+  m.impl("clip_norm", &clip_norm_cpu);
+  m.impl("clip_norm_per_layer", &clip_norm_per_layer_cpu);
+  m.impl("clip_value", &clip_value_cpu);
+}
+
+}  // namespace cpu
+}  // namespace gradstab

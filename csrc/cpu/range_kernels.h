@@ -1,0 +1,45 @@
+// Contract: per-range gradient kernels for the CPU backend (no ATen, only c10 dtype headers).
+//
+// reduce_range(dtype, ptr, n, kind, p, clamp): one read of n contiguous elements, returning
+//   sum   = sum of |x|^p (p = 2 for kind kL2 and kLinf, where it only detects non-finite
+//           values; p = 1 for kL1; norm_p for kLp), accumulated so that it is exact to ~1e-9
+//           relative and can neither overflow nor underflow for float16/bfloat16/float32 input:
+//           16-lane float32 partial sums over blocks of <= 2048 elements, each block added in
+//           double, and any block whose float32 sum is non-finite or tiny recomputed in double.
+//           float64 input accumulates in double (overflow is rescued per tensor by the caller).
+//   max_abs = max |x| (NaN if the range holds a NaN), nonfinite = count of NaN/Inf elements;
+//   if clamp >= 0, every block whose max |x| exceeds clamp is clamped to [-clamp, clamp] in
+//   the same pass (the bound rounded to the element dtype, NaN kept), and wrote = true.
+// rescaled_sum(...): sum of (|x| / scale)^p in double, the slow overflow/underflow rescue.
+// scale_range(dtype, ptr, n, coef): x *= coef in place; float32/float64 multiply in double and
+//   round once, float16/bfloat16 multiply in float32 (PyTorch's opmath) and round to nearest even.
+//
+// Results are bit-identical run to run and across the ISA clones (fixed lane and block order,
+// no FMA contraction: build with -ffp-contract=off).
+#pragma once
+
+#include <cstdint>
+
+namespace gradstab {
+namespace cpu {
+
+enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+enum class NormKind : int { kL2 = 0, kL1 = 1, kLinf = 2, kLp = 3 };
+
+struct Partial {
+  double sum = 0.0;
+  double max_abs = 0.0;
+  int64_t nonfinite = 0;
+  bool wrote = false;
+};
+
+Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double norm_p,
+                     double clamp);
+double rescaled_sum(DType dtype, const void* ptr, int64_t n, double norm_p, double scale);
+void scale_range(DType dtype, void* ptr, int64_t n, double coef);
+
+// Name of the instruction-set clone the loader picked for this machine ("x86-64-v4", ...).
+const char* selected_isa();
+
+}  // namespace cpu
+}  // namespace gradstab

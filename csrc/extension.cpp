@@ -1,0 +1,27 @@
+// Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
+// CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
+// exposes build_info() for gradstab.backend_info().
+#include <torch/extension.h>
+
+#include "cpu/range_kernels.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["cpu_isa"] = gradstab::cpu::selected_isa();
+#ifdef GRADSTAB_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["torch_version"] = TORCH_VERSION;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
+  m.def("build_info", &build_info, "What this build of gradstab._C contains.");
+}
