@@ -87,6 +87,8 @@ def backend_info() -> dict[str, dict[str, str]]:
 
 def warn_if_fallback(device: torch.device) -> None:
     """Warn once per device type when the pure-PyTorch kernel serves it."""
+    if torch.compiler.is_compiling():
+        return  # traced code: warnings are for eager calls, and tracing needs no dispatcher query
     kind = device.type
     if kind in _warned or kind not in ("cpu", "cuda") or has_kernel(kind):
         return

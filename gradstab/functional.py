@@ -71,8 +71,12 @@ def _collect_grads(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
                 f"{fn}: parameters must be a tensor or an iterable of tensors, "
                 f"got {type(parameters).__name__}"
             ) from None
+    grads: list[Tensor] = []
     try:
-        return [g for p in params if (g := p.grad) is not None]
+        for p in params:
+            g = p.grad
+            if g is not None:
+                grads.append(g)
     except AttributeError:
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
@@ -80,6 +84,7 @@ def _collect_grads(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
                     f"{fn}: parameters[{i}] is a {type(p).__name__}, not a tensor"
                 ) from None
         raise
+    return grads
 
 
 def _check_norm_type(norm_type: object, fn: str) -> float:
