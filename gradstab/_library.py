@@ -77,5 +77,5 @@ for _name, _schema in SCHEMAS.items():
     _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
     torch.library.register_fake(f"gradstab::{_name}", _fake_stats, lib=_lib)
 
-#: Op name -> ``torch.ops.gradstab`` overload packet.
-OPS = {name: getattr(torch.ops.gradstab, name) for name in SCHEMAS}
+#: Op name -> ``torch.ops.gradstab.<name>.default`` (the resolved overload: no per-call lookup).
+OPS = {name: getattr(torch.ops.gradstab, name).default for name in SCHEMAS}

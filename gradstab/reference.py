@@ -200,8 +200,8 @@ def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
         if g.numel() == 0:
             continue
         v = clip_value.to(device=g.device, dtype=torch.float64)
-        if g.device.type == "cpu" and not bool(m > v):
-            continue  # nothing beyond the bound (or only NaNs): not written
+        if g.device.type == "cpu" and bool(m <= v):
+            continue  # nothing beyond the bound: not written (a NaN max-abs proves nothing)
         # Comparing in g's dtype against v rounded to it gives the same result as PyTorch's
         # float-opmath clamp: no value of g's dtype lies strictly between v and round(v).
         vt = v.to(g.dtype)

@@ -31,8 +31,10 @@ constexpr int64_t kSerialBelow = 1 << 15;      // total elements under which one
 constexpr double kTinySum = 1e-280;            // sums this small may have lost terms to underflow
 
 struct Item {
-  at::Tensor data;     // the grad itself, or a contiguous copy of a strided one
+  char* base;          // first element of the grad, or of its contiguous copy
+  at::Tensor copy;     // the contiguous copy of a strided grad (undefined otherwise)
   const at::Tensor* grad;
+  int64_t element_size;
   DType dtype;
   int64_t numel;
   bool copied;         // data is a copy: write it back if changed
@@ -113,7 +115,9 @@ struct Plan {
       // A dense, non-overlapping tensor (contiguous, channels_last, permuted) is one flat span
       // starting at data_ptr(); anything else is processed on a contiguous copy.
       it.copied = it.numel > 0 && !g.is_non_overlapping_and_dense();
-      it.data = it.copied ? g.contiguous() : g;
+      if (it.copied) it.copy = g.contiguous();
+      it.base = static_cast<char*>(it.copied ? it.copy.data_ptr() : g.data_ptr());
+      it.element_size = static_cast<int64_t>(g.element_size());
       it.first_chunk = static_cast<int64_t>(chunks.size());
       it.num_chunks = (it.numel + kChunk - 1) / kChunk;
       for (int64_t c = 0; c < it.num_chunks; ++c) {
@@ -128,7 +132,7 @@ struct Plan {
 
   char* chunk_ptr(const Chunk& c) const {
     const Item& it = items[c.item];
-    return static_cast<char*>(it.data.data_ptr()) + c.begin * it.data.element_size();
+    return it.base + c.begin * it.element_size;
   }
 
   // Runs body(chunk_index) for every chunk, in parallel when the work is large enough.
@@ -171,7 +175,7 @@ TensorResult finish_tensor(const Plan& plan, const Item& it, const Partial* part
   double scale = 1.0;
   if ((overflowed || underflowed) && std::isfinite(r.max_abs)) {
     scale = r.max_abs;
-    r.sum = rescaled_sum(it.dtype, it.data.data_ptr(), it.numel, p, scale);
+    r.sum = rescaled_sum(it.dtype, it.base, it.numel, p, scale);
   }
   if (kind == NormKind::kL2) {
     r.norm = scale * std::sqrt(r.sum);
@@ -264,7 +268,7 @@ void scale_chunks(const Plan& plan, const std::vector<double>& coef,
   });
   for (size_t i = 0; i < plan.items.size(); ++i) {
     const Item& it = plan.items[i];
-    if (it.copied && !(coef[i] >= 1.0)) it.grad->copy_(it.data);
+    if (it.copied && !(coef[i] >= 1.0)) it.grad->copy_(it.copy);
   }
 }
 
@@ -375,7 +379,7 @@ Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double 
     if (!it.copied) continue;
     bool wrote = false;
     for (int64_t c = 0; c < it.num_chunks; ++c) wrote = wrote || parts[it.first_chunk + c].wrote;
-    if (wrote) it.grad->copy_(it.data);
+    if (wrote) it.grad->copy_(it.copy);
   }
   return make_stats(plan, res, total_norm(res, kind, norm_type));
 }

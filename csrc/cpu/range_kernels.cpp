@@ -124,23 +124,56 @@ GS_INLINE void count_nonfinite(const T* p, int64_t n, Partial& r) {
   r.max_abs = nan ? std::numeric_limits<double>::quiet_NaN() : m;
 }
 
-// Clamp p[0..n) to [-bound, bound] (compared in float32 for float types, as PyTorch's opmath).
+// Clamp p[0..n) to [-bound, bound], compared in float32 for float types (PyTorch's opmath) and
+// in double for float64; NaN stays NaN. Branch-free: each 16-element group is re-stored with
+// the bound's bits selected where the value lies beyond it (the other elements keep their bits).
 template <typename T>
 GS_INLINE void clamp_range(T* p, int64_t n, double bound) {
+  static_assert(sizeof(T) == 2, "16-bit element types");
+  typedef int16_t vs16 __attribute__((vector_size(32)));
   const float bf = static_cast<float>(bound);
-  const T hi = from_float<T>(bf), lo = from_float<T>(-bf);
-  for (int64_t i = 0; i < n; ++i) {
+  const T hi_t = from_float<T>(bf), lo_t = from_float<T>(-bf);
+  int16_t hi, lo;
+  std::memcpy(&hi, &hi_t, 2);
+  std::memcpy(&lo, &lo_t, 2);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vf16 x = load16(p + i);
+    vs16 up = __builtin_convertvector(x > bf, vs16), down = __builtin_convertvector(x < -bf, vs16);
+    vs16 raw;
+    std::memcpy(&raw, p + i, sizeof raw);
+    raw = up ? hi : raw;
+    raw = down ? lo : raw;
+    std::memcpy(p + i, &raw, sizeof raw);
+  }
+  for (; i < n; ++i) {
     float x = to_float(p[i]);
-    if (x > bf) p[i] = hi;
-    if (x < -bf) p[i] = lo;
+    if (x > bf) p[i] = hi_t;
+    if (x < -bf) p[i] = lo_t;
   }
 }
 template <>
-GS_INLINE void clamp_range<double>(double* p, int64_t n, double bound) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (p[i] > bound) p[i] = bound;
-    if (p[i] < -bound) p[i] = -bound;
+GS_INLINE void clamp_range<float>(float* p, int64_t n, double bound) {
+  const float bf = static_cast<float>(bound);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    vf16 x = load16(p + i);
+    x = x > bf ? bf : x;
+    x = x < -bf ? -bf : x;
+    std::memcpy(p + i, &x, sizeof x);
   }
+  for (; i < n; ++i) p[i] = p[i] > bf ? bf : (p[i] < -bf ? -bf : p[i]);
+}
+template <>
+GS_INLINE void clamp_range<double>(double* p, int64_t n, double bound) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vd8 x = load8(p + i);
+    x = x > bound ? bound : x;
+    x = x < -bound ? -bound : x;
+    std::memcpy(p + i, &x, sizeof x);
+  }
+  for (; i < n; ++i) p[i] = p[i] > bound ? bound : (p[i] < -bound ? -bound : p[i]);
 }
 
 // float16 / bfloat16 / float32: float32 lanes per block, blocks added in double.
