@@ -28,7 +28,16 @@ def _load() -> None:
     try:
         from gradstab import _C as ext  # noqa: PLC0415 - optional compiled module
     except ImportError as exc:
-        _load_error = f"gradstab._C could not be imported ({exc})"
+        package_dir = os.path.dirname(os.path.abspath(__file__))
+        if os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
+            _load_error = (
+                f"gradstab was imported from the source tree {package_dir}, which has no built "
+                "extension (an installed copy is shadowed by it when you run from the "
+                "repository root): build it in place with `pip install --no-build-isolation "
+                "-e .`, or run from another directory"
+            )
+        else:
+            _load_error = f"gradstab._C could not be imported ({exc})"
         return
     _C = ext
 
@@ -62,11 +71,10 @@ def backend_info() -> dict[str, dict[str, str]]:
             "code path",
         }
     else:
-        info["cpu"] = {
-            "kernel": "reference",
-            "reason": f"{_load_error or 'no CPU kernel registered'}; build it with "
-            f"`{BUILD_COMMAND}`",
-        }
+        reason = _load_error or "no CPU kernel registered"
+        if "pip install" not in reason:
+            reason += f"; build it with `{BUILD_COMMAND}`"
+        info["cpu"] = {"kernel": "reference", "reason": reason}
     if has_kernel("cuda"):
         info["cuda"] = {"kernel": "cuda", "reason": "gradstab._C built with CUDA kernels"}
     elif _C is not None:
