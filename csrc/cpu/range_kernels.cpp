@@ -3,6 +3,12 @@
 // picks the best one for the CPU it runs on; all helpers are always_inline so they take the
 // clone's instruction set. The hot loops use GCC vector extensions with fixed lane counts, so
 // every clone does the same arithmetic in the same order (bit-identical results).
+//
+// The vectors are 128 bits wide (4 float32 / 2 float64 lanes), the width every x86-64 ISA has
+// registers for: GCC splits a wider generic vector into scalar code for comparisons and selects
+// on an ISA without registers that wide (a 512-bit max ran 5x slower than a plain loop on AVX2).
+// The reductions are organised as 64 float32 (32 float64) logical lanes per step, held in 16
+// vectors, whatever the ISA; the clones differ only in instruction encoding.
 #include "cpu/range_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -24,10 +30,13 @@ namespace gradstab {
 namespace cpu {
 namespace {
 
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef double vd8 __attribute__((vector_size(64)));
-typedef int64_t vl8 __attribute__((vector_size(64)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+typedef uint32_t vu4 __attribute__((vector_size(16)));
+typedef double vd2 __attribute__((vector_size(16)));
+typedef int64_t vl2 __attribute__((vector_size(16)));
+typedef uint16_t vh4 __attribute__((vector_size(8)));
+typedef int16_t vs4 __attribute__((vector_size(8)));
 
 constexpr int64_t kBlock = 2048;       // max elements per float32 partial-sum block
 constexpr double kTinyBlock = 1e-30;   // float32 block sums below this are redone in double
@@ -43,46 +52,66 @@ GS_INLINE T from_float(float x) {
 }
 
 template <typename T>
-GS_INLINE vf16 load16(const T* p) {
-  vf16 v;
-  for (int j = 0; j < 16; ++j) v[j] = to_float(p[j]);
+GS_INLINE vf4 load4(const T* p) {
+  vf4 v;
+  for (int j = 0; j < 4; ++j) v[j] = to_float(p[j]);
   return v;
 }
 template <>
-GS_INLINE vf16 load16<float>(const float* p) {
-  vf16 v;
+GS_INLINE vf4 load4<float>(const float* p) {
+  vf4 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-GS_INLINE vd8 load8(const double* p) {
-  vd8 v;
+template <>
+GS_INLINE vf4 load4<c10::BFloat16>(const c10::BFloat16* p) {
+  vh4 raw;  // bfloat16 is the upper half of a float32: widen and shift, exactly
+  std::memcpy(&raw, p, sizeof raw);
+  return (vf4)(__builtin_convertvector(raw, vu4) << 16);
+}
+GS_INLINE vd2 load2(const double* p) {
+  vd2 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-GS_INLINE vf16 vabs(vf16 x) { return (vf16)((vi16)x & 0x7fffffff); }
-GS_INLINE vd8 vabs(vd8 x) { return (vd8)((vl8)x & 0x7fffffffffffffffLL); }
+GS_INLINE vf4 vabs(vf4 x) { return (vf4)((vi4)x & 0x7fffffff); }
+GS_INLINE vd2 vabs(vd2 x) { return (vd2)((vl2)x & 0x7fffffffffffffffLL); }
+// Lane select as bit operations (mask lanes are all ones or all zeros).
+GS_INLINE vf4 vsel(vi4 m, vf4 a, vf4 b) { return (vf4)((m & (vi4)a) | (~m & (vi4)b)); }
+GS_INLINE vd2 vsel(vl2 m, vd2 a, vd2 b) { return (vd2)((m & (vl2)a) | (~m & (vl2)b)); }
 // max that never lets a NaN candidate into the accumulator (acc starts at 0, stays NaN-free).
-GS_INLINE vf16 vmax_acc(vf16 acc, vf16 x) { return x > acc ? x : acc; }
-GS_INLINE vd8 vmax_acc(vd8 acc, vd8 x) { return x > acc ? x : acc; }
+GS_INLINE vf4 vmax_acc(vf4 acc, vf4 x) { return vsel(x > acc, x, acc); }
+GS_INLINE vd2 vmax_acc(vd2 acc, vd2 x) { return vsel(x > acc, x, acc); }
 
-GS_INLINE double hsum(vf16 a) {
+// Sum of the 16 accumulators' lanes in the fixed order: logical lane L = 4h + l (float32) or
+// 2h + l (float64) is (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]) at lane l; lanes added in
+// double in increasing L.
+GS_INLINE double hsum(const vf4* a) {
   double s = 0.0;
-  for (int j = 0; j < 16; ++j) s += static_cast<double>(a[j]);
+  for (int h = 0; h < 4; ++h) {
+    vf4 t = (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]);
+    for (int l = 0; l < 4; ++l) s += static_cast<double>(t[l]);
+  }
   return s;
 }
-GS_INLINE double hsum(vd8 a) {
+GS_INLINE double hsum(const vd2* a) {
   double s = 0.0;
-  for (int j = 0; j < 8; ++j) s += a[j];
+  for (int h = 0; h < 4; ++h) {
+    vd2 t = (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]);
+    for (int l = 0; l < 2; ++l) s += t[l];
+  }
   return s;
 }
 template <typename V>
-GS_INLINE double hmax(V a) {
-  double m = 0.0;
-  for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(a[0])); ++j) {
-    m = a[j] > m ? static_cast<double>(a[j]) : m;
+GS_INLINE double hmax(const V* a) {
+  V m = a[0];
+  for (int k = 1; k < 16; ++k) m = vmax_acc(m, a[k]);
+  double r = 0.0;
+  for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(m[0])); ++j) {
+    r = m[j] > r ? static_cast<double>(m[j]) : r;
   }
-  return m;
+  return r;
 }
 
 template <typename T>
@@ -125,25 +154,25 @@ GS_INLINE void count_nonfinite(const T* p, int64_t n, Partial& r) {
 }
 
 // Clamp p[0..n) to [-bound, bound], compared in float32 for float types (PyTorch's opmath) and
-// in double for float64; NaN stays NaN. Branch-free: each 16-element group is re-stored with
+// in double for float64; NaN stays NaN. Branch-free: each 4-element group is re-stored with
 // the bound's bits selected where the value lies beyond it (the other elements keep their bits).
 template <typename T>
 GS_INLINE void clamp_range(T* p, int64_t n, double bound) {
   static_assert(sizeof(T) == 2, "16-bit element types");
-  typedef int16_t vs16 __attribute__((vector_size(32)));
   const float bf = static_cast<float>(bound);
   const T hi_t = from_float<T>(bf), lo_t = from_float<T>(-bf);
   int16_t hi, lo;
   std::memcpy(&hi, &hi_t, 2);
   std::memcpy(&lo, &lo_t, 2);
+  const vs4 hiv = {hi, hi, hi, hi}, lov = {lo, lo, lo, lo};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    vf16 x = load16(p + i);
-    vs16 up = __builtin_convertvector(x > bf, vs16), down = __builtin_convertvector(x < -bf, vs16);
-    vs16 raw;
+  for (; i + 4 <= n; i += 4) {
+    vf4 x = load4(p + i);
+    vs4 up = __builtin_convertvector(x > bf, vs4), down = __builtin_convertvector(x < -bf, vs4);
+    vs4 raw;
     std::memcpy(&raw, p + i, sizeof raw);
-    raw = up ? hi : raw;
-    raw = down ? lo : raw;
+    raw = (up & hiv) | (~up & raw);
+    raw = (down & lov) | (~down & raw);
     std::memcpy(p + i, &raw, sizeof raw);
   }
   for (; i < n; ++i) {
@@ -155,22 +184,24 @@ GS_INLINE void clamp_range(T* p, int64_t n, double bound) {
 template <>
 GS_INLINE void clamp_range<float>(float* p, int64_t n, double bound) {
   const float bf = static_cast<float>(bound);
+  const vf4 hi = {bf, bf, bf, bf}, lo = -hi;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    vf16 x = load16(p + i);
-    x = x > bf ? bf : x;
-    x = x < -bf ? -bf : x;
+  for (; i + 4 <= n; i += 4) {
+    vf4 x = load4(p + i);
+    x = vsel(x > hi, hi, x);
+    x = vsel(x < lo, lo, x);
     std::memcpy(p + i, &x, sizeof x);
   }
   for (; i < n; ++i) p[i] = p[i] > bf ? bf : (p[i] < -bf ? -bf : p[i]);
 }
 template <>
 GS_INLINE void clamp_range<double>(double* p, int64_t n, double bound) {
+  const vd2 hi = {bound, bound}, lo = -hi;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    vd8 x = load8(p + i);
-    x = x > bound ? bound : x;
-    x = x < -bound ? -bound : x;
+  for (; i + 2 <= n; i += 2) {
+    vd2 x = load2(p + i);
+    x = vsel(x > hi, hi, x);
+    x = vsel(x < lo, lo, x);
     std::memcpy(p + i, &x, sizeof x);
   }
   for (; i < n; ++i) p[i] = p[i] > bound ? bound : (p[i] < -bound ? -bound : p[i]);
@@ -188,19 +219,16 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
   for (int64_t len = 0; i < n_vec; i += len) {
     len = std::min(kBlock, n_vec - i);
     const T* q = p + i;
-    vf16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, m0 = {}, m1 = {}, m2 = {}, m3 = {};
+    vf4 a[16] = {}, m[16] = {};
     for (int64_t s = 0; s < len; s += 64) {
-      vf16 x0 = vabs(load16(q + s)), x1 = vabs(load16(q + s + 16));
-      vf16 x2 = vabs(load16(q + s + 32)), x3 = vabs(load16(q + s + 48));
-      if (kL1) {
-        a0 += x0, a1 += x1, a2 += x2, a3 += x3;
-      } else {
-        a0 += x0 * x0, a1 += x1 * x1, a2 += x2 * x2, a3 += x3 * x3;
+      for (int k = 0; k < 16; ++k) {
+        vf4 x = vabs(load4(q + s + 4 * k));
+        a[k] += kL1 ? x : x * x;
+        m[k] = vmax_acc(m[k], x);
       }
-      m0 = vmax_acc(m0, x0), m1 = vmax_acc(m1, x1), m2 = vmax_acc(m2, x2), m3 = vmax_acc(m3, x3);
     }
-    double block_sum = hsum((a0 + a1) + (a2 + a3));
-    double block_max = hmax(vmax_acc(vmax_acc(m0, m1), vmax_acc(m2, m3)));
+    double block_sum = hsum(a);
+    double block_max = hmax(m);
     // float32 lanes overflowed (or saw Inf/NaN), or squares may have underflowed: redo exactly.
     if (!(block_sum <= kDblMax) || (!kL1 && block_sum < kTinyBlock && block_max > 0.0)) {
       block_sum = sum_double(q, len, kL1);
@@ -243,19 +271,16 @@ GS_INLINE Partial reduce_double(double* p, int64_t n, double clamp) {
   for (int64_t len = 0; i < n_vec; i += len) {
     len = std::min(kBlock, n_vec - i);
     const double* q = p + i;
-    vd8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, m0 = {}, m1 = {}, m2 = {}, m3 = {};
+    vd2 a[16] = {}, m[16] = {};
     for (int64_t s = 0; s < len; s += 32) {
-      vd8 x0 = vabs(load8(q + s)), x1 = vabs(load8(q + s + 8));
-      vd8 x2 = vabs(load8(q + s + 16)), x3 = vabs(load8(q + s + 24));
-      if (kL1) {
-        a0 += x0, a1 += x1, a2 += x2, a3 += x3;
-      } else {
-        a0 += x0 * x0, a1 += x1 * x1, a2 += x2 * x2, a3 += x3 * x3;
+      for (int k = 0; k < 16; ++k) {
+        vd2 x = vabs(load2(q + s + 2 * k));
+        a[k] += kL1 ? x : x * x;
+        m[k] = vmax_acc(m[k], x);
       }
-      m0 = vmax_acc(m0, x0), m1 = vmax_acc(m1, x1), m2 = vmax_acc(m2, x2), m3 = vmax_acc(m3, x3);
     }
-    sum += hsum((a0 + a1) + (a2 + a3));
-    double block_max = hmax(vmax_acc(vmax_acc(m0, m1), vmax_acc(m2, m3)));
+    sum += hsum(a);
+    double block_max = hmax(m);
     max_abs = block_max > max_abs ? block_max : max_abs;
     if (do_clamp && block_max > clamp) {
       clamp_range(p + i, len, clamp);
