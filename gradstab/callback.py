@@ -1,0 +1,323 @@
+"""``GradStabCallback``: fused gradient clipping and gradient-health monitoring for Lightning.
+
+Example:
+    >>> import lightning.pytorch as pl
+    >>> from gradstab import GradStabCallback
+    >>> trainer = pl.Trainer(callbacks=[GradStabCallback(max_norm=1.0)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.amp.grad_scaler import OptState
+
+from gradstab import _clipping
+from gradstab.optimizer import GradStabOptimizer
+
+__all__ = ["GradStabCallback"]
+
+_OWNER = "GradStabCallback"
+
+
+class GradStabCallback(Callback):
+    r"""Clip gradients with one fused pass and log per-layer gradient health.
+
+    Works in ``on_before_optimizer_step``, which Lightning 2.x calls once per optimizer step:
+    after the closure (forward and backward; after the last micro-batch with
+    ``accumulate_grad_batches``, so the clip sees the accumulated gradients), after fp16 AMP
+    unscaling, and before Lightning's own clipping and ``optimizer.step()``.  Only the
+    parameters of the optimizer being stepped are clipped.
+
+    **Clipping** (``mode``): ``"norm"`` scales all gradients by
+    ``min(1, max_norm / (total_norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` in value);
+    ``"layer"`` does that per tensor, or with ``group_by="module"`` per module (all direct
+    parameters of a module share the coefficient from their joint norm: each module is one
+    fused global clip over its tensors, so no host sync and no write of unclipped modules);
+    ``"value"`` clamps to ``[-clip_value, clip_value]``; ``None`` only monitors.  A dict
+    ``{param_group_index: threshold}`` clips each listed param group on its own; unlisted
+    groups are monitored only.  A healthy step reads every gradient once and writes only the
+    gradients that are clipped.
+
+    **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule:
+    when ``(batches_that_stepped + 1) % n == 0``, logged at ``step=batches_that_stepped`` like
+    the metrics of ``training_step``) the callback writes to every logger of the trainer:
+
+    - ``grad_{p}_norm_total``: pre-clip total norm (Lightning's ``grad_norm`` key);
+    - ``<prefix>/post_clip_norm_total`` and ``<prefix>/clip_coef`` (post / pre; the clip
+      coefficient in ``"norm"`` mode; 0 for a zeroed or skipped step);
+    - ``<prefix>/clip_rate``: fraction of optimizer steps clipped since the last log;
+    - ``<prefix>/nonfinite_count``: optimizer steps whose gradients held a NaN/Inf so far;
+    - ``<prefix>/skipped_steps``: optimizer steps skipped so far;
+    - with ``log_per_layer``: ``grad_{p}_norm/<param name>`` and
+      ``<prefix>/max_abs/<param name>`` (pre-clip).
+
+    ``p`` is ``float(norm_type)`` (``2.0``, ``inf``).  With several optimizers the aggregate
+    keys get a suffix ``_opt<i>``.  The metrics are also kept in :attr:`last_metrics`.  Between
+    logs everything stays on the device: on a step that does not log nothing is read on the
+    host with the ``"ignore"`` and ``"zero"`` policies; a logging step reads once.  The callback
+    writes to ``trainer.loggers`` directly (as ``LearningRateMonitor`` does) rather than through
+    ``self.log``, which Lightning only flushes on its own ``log_every_n_steps`` schedule.
+
+    **Non-finite gradients** (``nonfinite``): ``"ignore"`` (PyTorch's behaviour); ``"zero"``
+    (the step's gradients are zeroed if any holds a NaN/Inf; the optimizer step still runs, so
+    momentum and weight decay still move the parameters; no host sync: on accelerators a masked
+    fill of every gradient, on CPU a free host check); ``"skip"`` (the optimizer step leaves
+    parameters and optimizer state bit-identical: every ``p.grad`` of that optimizer is set to
+    ``None``, and ``torch.optim`` optimizers, including ``foreach`` and ``fused`` ones, skip
+    parameters without a gradient. This reads one flag on the host per step); ``"raise"``
+    (``RuntimeError`` naming the first offending parameter; one host read per step).  Under
+    fp16 AMP the GradScaler already skips steps whose gradients overflowed (and lowers its
+    scale; overflow is routine there): the policy is then left to the scaler and such steps are
+    counted once, as non-finite and skipped.  bf16 and fp32 have no scaler, so there the
+    policy acts.
+
+    **Fused optimizers under fp16 AMP** (``fused=True`` under a GradScaler) unscale inside
+    ``step()``, so they reach the hook still scaled.  The callback then multiplies the
+    thresholds by the scale on the device and divides the logged statistics by it (the clip is
+    that of the unscaled gradients, up to ``eps``); in ``"value"`` mode it unscales the
+    gradients with ``scaler.unscale_(optimizer)`` first (clamping an overflowed scaled
+    gradient would hide the inf from the scaler).
+
+    **Manual optimization**: nothing to add.  ``opt.step()`` on the optimizer returned by
+    ``self.optimizers()`` runs ``on_before_optimizer_step`` for that optimizer, so each
+    optimizer's parameters are clipped when it steps.  Do not also call
+    ``self.clip_gradients``, and do not step the raw ``opt.optimizer``, which bypasses the hook.
+
+    The callback refuses ``Trainer(gradient_clip_val=...)`` (double clipping) and a
+    :class:`~gradstab.GradStabOptimizer` (which clips itself).
+
+    Args:
+        mode: ``"norm"``, ``"layer"``, ``"value"`` or ``None`` (monitor only).
+        max_norm: threshold of ``"norm"``/``"layer"``: a positive number or a dict
+            ``{param_group_index: number}``.
+        clip_value: threshold of ``"value"``, same forms.
+        norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
+        group_by: ``"param"`` or ``"module"`` (for ``mode="layer"``).
+        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
+        log_every_n_steps: logging period in optimizer steps; ``None`` uses the trainer's
+            ``log_every_n_steps``; 0 never logs.
+        log_per_layer: also log per-parameter norms and max-abs.
+        log_prefix: prefix of gradstab's own metric keys.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from gradstab import GradStabCallback
+        >>> cb = GradStabCallback(max_norm=1.0, nonfinite="skip", log_every_n_steps=2)
+        >>> trainer = pl.Trainer(max_steps=4, callbacks=[cb], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)  # doctest: +SKIP
+        >>> trainer.fit(BoringModel())  # doctest: +SKIP
+        >>> cb.counters()["steps"]  # doctest: +SKIP
+        4
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str | None = "norm",
+        max_norm: Union[float, Mapping[int, float], None] = None,
+        clip_value: Union[float, Mapping[int, float], None] = None,
+        norm_type: Union[float, str] = 2.0,
+        group_by: str = "param",
+        nonfinite: str = "ignore",
+        log_every_n_steps: int | None = None,
+        log_per_layer: bool = False,
+        log_prefix: str = "grad",
+    ) -> None:
+        super().__init__()
+        self._config = _clipping.make_config(
+            _OWNER,
+            mode=mode,
+            max_norm=max_norm,
+            clip_value=clip_value,
+            norm_type=norm_type,
+            group_by=group_by,
+            nonfinite=nonfinite,
+            log_per_layer=log_per_layer,
+            log_prefix=log_prefix,
+        )
+        self._log_every = _clipping.check_log_every(_OWNER, log_every_n_steps)
+        self._states: dict[int, _clipping.ClipState] = {}
+        self._plans: dict[int, _clipping.Plan] = {}
+        self._names: dict[int, str] | None = None
+        self._module_of: dict[int, int] | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def mode(self) -> str | None:
+        """The clipping mode."""
+        return self._config.mode
+
+    @property
+    def max_norm(self) -> Union[float, dict[int, float], None]:
+        """The norm threshold(s)."""
+        return self._config.max_norm
+
+    @property
+    def clip_value(self) -> Union[float, dict[int, float], None]:
+        """The value threshold(s)."""
+        return self._config.clip_value
+
+    @property
+    def norm_type(self) -> float:
+        """p of the p-norm."""
+        return self._config.norm_type
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy."""
+        return self._config.nonfinite
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes instances with different options in a checkpoint."""
+        c = self._config
+        return self._generate_state_key(
+            mode=c.mode,
+            max_norm=c.max_norm,
+            clip_value=c.clip_value,
+            norm_type=c.norm_type,
+            group_by=c.group_by,
+            nonfinite=c.nonfinite,
+            log_prefix=c.log_prefix,
+        )
+
+    def counters(self) -> dict[str, int]:
+        """``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps`` over all optimizers.
+
+        Reads the device counters on the host (one transfer per optimizer).
+        """
+        out = dict.fromkeys(("steps", "clipped_steps", "nonfinite_steps", "skipped_steps"), 0)
+        for st in self._states.values():
+            for k, v in st.counters().items():
+                out[k] += v
+        return out
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse ``gradient_clip_val`` (double clipping) and reset the parameter names."""
+        clip_val = trainer.gradient_clip_val
+        if clip_val is not None and clip_val != 0:
+            raise MisconfigurationException(
+                f"{_OWNER}(mode={self.mode!r}) clips and monitors the gradients itself, and "
+                f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm="
+                f"{trainer.gradient_clip_algorithm!r}) would clip them a second time. Remove "
+                f"gradient_clip_val from the Trainer (use {_OWNER}(mode='norm', max_norm=...) or "
+                f"mode='value', clip_value=...), or remove the {_OWNER}"
+            )
+        self._names = None
+        self._module_of = None
+        self._plans = {}
+
+    def _names_for(self, pl_module: pl.LightningModule) -> tuple[dict[int, str], dict[int, int]]:
+        if self._names is None or self._module_of is None:
+            self._names = {id(p): n for n, p in pl_module.named_parameters()}
+            self._module_of = {
+                id(p): id(m) for m in pl_module.modules() for p in m.parameters(recurse=False)
+            }
+        return self._names, self._module_of
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Clip the gradients of ``optimizer``'s parameters, count, apply the policy, log."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        if isinstance(optimizer, GradStabOptimizer):
+            raise MisconfigurationException(
+                f"{_OWNER} and GradStabOptimizer would both clip the same gradients; use one "
+                "of them (the callback for Lightning)"
+            )
+        idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        state = self._states.get(idx)
+        if state is None:
+            state = self._states[idx] = _clipping.ClipState()
+        groups = optimizer.param_groups
+        plan = self._plans.get(idx)
+        if plan is None or plan.key != _clipping.plan_key(groups):
+            names, module_of = self._names_for(pl_module)
+            plan = self._plans[idx] = _clipping.build_plan(
+                self._config, groups, names, module_of, _OWNER
+            )
+
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler_on = isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
+        grad_scale = None
+        if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # A fused optimizer: Lightning left the gradients scaled (it unscales inside step()).
+            if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+                scale = getattr(scaler, "_scale", None)
+                if self._config.mode == "value" or scale is None:
+                    scaler.unscale_(optimizer)
+                else:
+                    grad_scale = scale
+
+        every = trainer.log_every_n_steps if self._log_every is None else self._log_every
+        batches = trainer.fit_loop.epoch_loop._batches_that_stepped
+        log = bool(every) and (batches + 1) % every == 0
+        skip, metrics = _clipping.clip_step(
+            self._config,
+            state,
+            plan,
+            log=log,
+            grad_scale=grad_scale,
+            scaler_skips=scaler_on,
+            step=trainer.global_step,
+        )
+        if skip:
+            for p in plan.params:
+                p.grad = None
+        if metrics is not None:
+            if len(trainer.optimizers) > 1:
+                layer_prefixes = (
+                    f"grad_{self.norm_type}_norm/",
+                    f"{self._config.log_prefix}/max_abs/",
+                )
+                metrics = {
+                    (k if k.startswith(layer_prefixes) else f"{k}_opt{idx}"): v
+                    for k, v in metrics.items()
+                }
+            self.last_metrics.update(metrics)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=batches)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters per optimizer and in total, as Python ints (reads the device counters)."""
+        per = {i: st.state_dict() for i, st in sorted(self._states.items())}
+        totals = dict.fromkeys(("steps", "clipped_steps", "nonfinite_steps", "skipped_steps"), 0)
+        for d in per.values():
+            for k in totals:
+                totals[k] += d[k]
+        return {"version": 1, "optimizers": per, **totals}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; missing keys default to 0."""
+        per = state_dict.get("optimizers")
+        if per is None:  # a bare set of counters: one optimizer
+            per = {0: {k: v for k, v in state_dict.items() if isinstance(v, int)}}
+        self._states = {}
+        for i, d in per.items():
+            st = _clipping.ClipState()
+            st.load_state_dict(d)
+            self._states[int(i)] = st
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_plans"] = {}
+        d["_names"] = None
+        d["_module_of"] = None
+        return d

@@ -1,0 +1,322 @@
+"""``GradStabOptimizer``: fused clipping, monitoring and non-finite handling around any optimizer.
+
+Example:
+    >>> import torch, gradstab
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = gradstab.GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1.0)
+    >>> model(torch.randn(8, 4)).pow(2).sum().backward()
+    >>> opt.step()
+    >>> opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import torch
+from torch.amp.grad_scaler import OptState
+
+from gradstab import _clipping
+
+__all__ = ["GradStabOptimizer"]
+
+_OWNER = "GradStabOptimizer"
+
+
+class GradStabOptimizer(torch.optim.Optimizer):
+    """Wrap a ``torch.optim`` optimizer so that every ``step()`` clips the gradients first.
+
+    ``step()`` clips the gradients of the wrapped optimizer's parameters with one fused
+    ``torch.ops.gradstab`` call (one read of each gradient; only clipped gradients are
+    written), applies the non-finite policy, then calls the wrapped optimizer's ``step()``.
+    Everything else is the wrapped optimizer's: ``param_groups``, ``state``, ``defaults``,
+    ``zero_grad``, ``add_param_group`` and ``state_dict``/``load_state_dict`` forward to it
+    (the state dict gains a ``"gradstab"`` entry with the counters, which
+    ``load_state_dict`` restores and tolerates missing).  It is an ``Optimizer`` subclass, so
+    LR schedulers, ``torch.amp.GradScaler`` and Lightning's ``configure_optimizers`` accept it.
+
+    With a ``torch.amp.GradScaler`` use the usual pattern; the scaler unscales the
+    gradients before it calls ``step()``, so the clip always sees unscaled gradients, and it
+    skips ``step()`` entirely when they hold an inf/NaN (those steps never reach the wrapper
+    and are not counted)::
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)   # optional: scaler.step(opt) unscales if you did not
+        scaler.step(opt)       # calls opt.step() only if the gradients are finite
+        scaler.update()
+
+    The wrapper never lets the scaler hand it still-scaled gradients
+    (``_step_supports_amp_scaling`` is False even around a ``fused=True`` optimizer, which
+    then receives unscaled gradients).  If ``scaler=`` is given and ``opt.step()`` is called
+    directly without ``scaler.unscale_(opt)``, the wrapper unscales itself first, and the
+    non-finite policy, not the scaler, decides about an inf.
+
+    Non-finite policies: ``"ignore"`` (PyTorch's behaviour), ``"zero"`` (the gradients of a
+    step holding a NaN/Inf are zeroed; the step still runs, so momentum and weight decay still
+    move the parameters), ``"skip"`` (the wrapped ``step()`` is not called: parameters and
+    optimizer state stay bit-identical; this reads one flag on the host per step), ``"raise"``
+    (``RuntimeError`` naming the first offending parameter; one host read per step).  With
+    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on CPU
+    ``"zero"`` reads its flag, which costs nothing there).
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
+            the closure).
+        mode: ``"norm"`` (global norm, like ``clip_grad_norm_``), ``"layer"`` (each tensor, or
+            each module with ``group_by="module"``, by its own norm), ``"value"`` (clamp) or
+            ``None`` (monitor only).
+        max_norm: threshold for ``"norm"``/``"layer"``: a positive number, or a dict
+            ``{param_group_index: number}`` to clip each listed group on its own (unlisted
+            groups are monitored only).
+        clip_value: threshold for ``"value"``, same forms.
+        norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
+        group_by: ``"param"`` or ``"module"`` (``mode="layer"`` only; needs ``module``).
+        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
+        scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any.
+        module: the model, to name parameters in errors and metrics and to group them by
+            module; without it parameters are named ``param_groups.<g>.<i>``.
+        log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
+            and pass it to ``log_fn``; 0 never does.
+        log_fn: called as ``log_fn(metrics, step)`` on logging steps.
+        log_per_layer: include per-tensor norms and max-abs in the metrics.
+        log_prefix: prefix of gradstab's own metric names.
+
+    Example:
+        >>> import torch, gradstab
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = gradstab.GradStabOptimizer(
+        ...     torch.optim.AdamW(model.parameters(), lr=1e-3), max_norm=1.0,
+        ...     nonfinite="skip", module=model, log_every_n_steps=10)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5)
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        ...     sched.step()
+        >>> sorted(opt.last_metrics)[:2]
+        ['grad/clip_coef', 'grad/clip_rate']
+        >>> opt.counters()["steps"]
+        10
+    """
+
+    # The scaler must unscale before step(): clipping needs unscaled gradients.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        mode: str | None = "norm",
+        max_norm: Union[float, Mapping[int, float]] | None = None,
+        clip_value: Union[float, Mapping[int, float]] | None = None,
+        norm_type: Union[float, str] = 2.0,
+        group_by: str = "param",
+        nonfinite: str = "ignore",
+        scaler: torch.amp.GradScaler | None = None,
+        module: torch.nn.Module | None = None,
+        log_every_n_steps: int = 0,
+        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        log_per_layer: bool = False,
+        log_prefix: str = "grad",
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"{_OWNER}: optimizer must be a torch.optim.Optimizer; got {optimizer!r} "
+                f"of type {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                f"{_OWNER}: optimizer={type(optimizer).__name__} re-evaluates the closure inside "
+                "step(), so its gradients cannot be clipped once beforehand; use another optimizer"
+            )
+        self._config = _clipping.make_config(
+            _OWNER,
+            mode=mode,
+            max_norm=max_norm,
+            clip_value=clip_value,
+            norm_type=norm_type,
+            group_by=group_by,
+            nonfinite=nonfinite,
+            log_per_layer=log_per_layer,
+            log_prefix=log_prefix,
+        )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"{_OWNER}: scaler must be a torch.amp.GradScaler or None; got {scaler!r}"
+            )
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"{_OWNER}: module must be a torch.nn.Module or None; got {module!r}")
+        if group_by == "module" and module is None:
+            raise ValueError(
+                f"{_OWNER}: group_by='module' needs module= (the model whose modules group the "
+                "parameters); got module=None"
+            )
+        every = _clipping.check_log_every(_OWNER, log_every_n_steps, allow_none=False)
+        if log_fn is not None and not callable(log_fn):
+            raise TypeError(f"{_OWNER}: log_fn must be callable or None; got {log_fn!r}")
+        self._wrapped = optimizer
+        self._scaler = scaler
+        self._log_every = every or 0
+        self._log_fn = log_fn
+        self._names: dict[int, str] = {}
+        self._module_of: dict[int, int] | None = None
+        if module is not None:
+            self._names = {id(p): n for n, p in module.named_parameters()}
+            self._module_of = {
+                id(p): id(m) for m in module.modules() for p in m.parameters(recurse=False)
+            }
+        self._clip_state = _clipping.ClipState()
+        self._plan: _clipping.Plan | None = None
+        # What Optimizer.__init__ sets up for hooks, without re-registering the parameters.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ forwarding
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._wrapped
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The wrapped optimizer's ``param_groups`` (the same list)."""
+        return self._wrapped.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._wrapped.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The wrapped optimizer's ``state``."""
+        return self._wrapped.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._wrapped.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's ``defaults``."""
+        return self._wrapped.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._wrapped.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forwarded to the wrapped optimizer."""
+        self._wrapped.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Forwarded to the wrapped optimizer; the new group is clipped from the next step."""
+        self._wrapped.add_param_group(param_group)
+        self._plan = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus ``"gradstab"``: the counters (Python ints)."""
+        sd = self._wrapped.state_dict()
+        sd["gradstab"] = self._clip_state.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`, or a plain state dict of the wrapped optimizer's type."""
+        sd = dict(state_dict)
+        ours = sd.pop("gradstab", None) or {}
+        self._wrapped.load_state_dict(sd)
+        self._clip_state.load_state_dict(ours)
+        self._plan = None
+
+    def __repr__(self) -> str:
+        cfg = self._config
+        if cfg.mode == "value":
+            bound = f"clip_value={cfg.clip_value}"
+        else:
+            bound = f"max_norm={cfg.max_norm}"
+        inner = repr(self._wrapped).replace("\n", "\n    ")
+        return (
+            f"{_OWNER}(mode={cfg.mode!r}, {bound}, norm_type={cfg.norm_type}, "
+            f"group_by={cfg.group_by!r}, nonfinite={cfg.nonfinite!r},\n    {inner})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_plan"] = None
+        return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ gradstab
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The metrics of the last logging step (empty before the first)."""
+        return self._clip_state.last_metrics
+
+    def counters(self) -> dict[str, int]:
+        """``steps``, ``clipped_steps``, ``nonfinite_steps`` and ``skipped_steps`` so far.
+
+        Reads the device counters on the host (one transfer).
+        """
+        return self._clip_state.counters()
+
+    def _current_plan(self) -> _clipping.Plan:
+        groups = self._wrapped.param_groups
+        plan = self._plan
+        if plan is None or plan.key != _clipping.plan_key(groups):
+            plan = self._plan = _clipping.build_plan(
+                self._config, groups, self._names, self._module_of, _OWNER
+            )
+        return plan
+
+    @torch.no_grad()
+    def clip(self) -> bool:
+        """Clip the current gradients and apply the non-finite policy, without stepping.
+
+        ``step()`` calls this; call it yourself only to clip without an optimizer step.
+
+        Returns:
+            True if the ``"skip"`` policy wants this step skipped.
+        """
+        scaler = self._scaler
+        if scaler is not None and scaler.is_enabled():
+            if scaler._per_optimizer_states[id(self)]["stage"] is OptState.READY:
+                scaler.unscale_(self)  # the user called step() without unscale_()
+        st = self._clip_state
+        every = self._log_every
+        log = every > 0 and (st.steps + 1) % every == 0
+        skip, metrics = _clipping.clip_step(
+            self._config, st, self._current_plan(), log=log, step=st.steps
+        )
+        if metrics is not None and self._log_fn is not None:
+            self._log_fn(metrics, st.steps)
+        return skip
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Evaluate ``closure`` (if any), clip, then step the wrapped optimizer.
+
+        Args:
+            closure: re-computes the loss and the gradients; evaluated once, before the clip.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.clip():
+            return loss
+        self._wrapped.step()
+        return loss
