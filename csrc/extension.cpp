@@ -1,9 +1,18 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
-// exposes build_info() for gradstab.backend_info().
+// exposes build_info() for gradstab.backend_info() (and, in a CUDA build, cuda_fast_path() and
+// test hooks from csrc/cuda/fast_path_cuda.cpp).
 #include <torch/extension.h>
 
 #include "cpu/range_kernels.h"
+#ifdef GRADSTAB_WITH_CUDA
+#include "cuda/ops_cuda.h"
+namespace gradstab {
+namespace cuda {
+void register_fast_path(pybind11::module& m);  // cuda/fast_path_cuda.cpp
+}  // namespace cuda
+}  // namespace gradstab
+#endif
 
 namespace {
 
@@ -12,6 +21,7 @@ pybind11::dict build_info() {
   d["cpu_isa"] = gradstab::cpu::selected_isa();
 #ifdef GRADSTAB_WITH_CUDA
   d["cuda"] = true;
+  d["cuda_kernel"] = gradstab::cuda::build_description();
 #else
   d["cuda"] = false;
 #endif
@@ -24,4 +34,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
+#ifdef GRADSTAB_WITH_CUDA
+  gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks
+#endif
 }
