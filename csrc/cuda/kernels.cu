@@ -25,8 +25,12 @@
 //   p-root of the summed p-powers (from the norms, scaled, if a sum is not exact) and the global
 //   coefficient min(1, bound / (total + eps)) (NaN kept). Statistics are of the data as it was
 //   on entry. Every reduction has a fixed order: results are bit-identical run to run and do
-//   not depend on the grid size. No floating-point atomics; the two integer counters per call
-//   implement the last-block-done hand-off.
+//   not depend on the grid size or on which warp ran which unit. They do depend on where each
+//   gradient starts modulo 16 bytes (that decides the split into scalar head, vectors and tail),
+//   so a view starting mid-vector may differ in the last bit from an aligned copy of the same
+//   values. No floating-point atomics; integer counters implement the last-block-done hand-off.
+// writeback_kernel: copies a strided gradient's contiguous working copy back, only if the call
+//   changed that tensor (a device flag).
 // scale_kernel: clipping; walks the units in reverse order (the reduce kernel's last units are
 //   still in L2) and scales every unit whose coefficient is not >= 1 (a NaN coefficient writes
 //   NaN, as PyTorch does): float32/float64 multiply by the float64 coefficient and round once,
@@ -634,7 +638,7 @@ __device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d
   r.write = 0;
   if (P.mode == kClipPerLayer) {
     r.write = !(r.coef >= 1.0);
-  } else if (P.mode == kClipValueDeferred) {
+  } else if (P.mode == kClipValue || P.mode == kClipValueDeferred) {
     bool any = false;
     for (int64_t k = lane; k < n; k += 32) any = any || __ldcg(&rec[k].clamp) != 0;
     r.write = __any_sync(kFull, any);
@@ -724,7 +728,7 @@ __device__ __forceinline__ double read_bound(const Params& P) {
   return P.bound_ptr != nullptr ? *P.bound_ptr : P.bound_value;
 }
 
-__global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant__ Params P) {
+__global__ void __launch_bounds__(kThreads, 3) reduce_kernel(const __grid_constant__ Params P) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -809,6 +813,31 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
   }
 }
 
+__global__ void __launch_bounds__(kThreads) writeback_kernel(const __grid_constant__ WritebackParams W) {
+  const bool go = W.flag32 != nullptr ? *W.flag32 != 0 : *W.flag64 != 0;
+  if (!go) return;  // nothing changed: the strided gradient is not written
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < W.numel;
+       i += step) {
+    int64_t rem = i, off = 0;
+    for (int d = W.ndim - 1; d >= 0; --d) {
+      off += rem % W.sizes[d] * W.strides[d];
+      rem /= W.sizes[d];
+    }
+    switch (W.elem_size) {
+      case 2:
+        static_cast<uint16_t*>(W.dst)[off] = static_cast<const uint16_t*>(W.src)[i];
+        break;
+      case 4:
+        static_cast<uint32_t*>(W.dst)[off] = static_cast<const uint32_t*>(W.src)[i];
+        break;
+      default:
+        static_cast<uint64_t*>(W.dst)[off] = static_cast<const uint64_t*>(W.src)[i];
+        break;
+    }
+  }
+}
+
 // Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
 std::atomic<int> g_reduce_per_sm[kMaxDevices];
 std::atomic<int> g_scale_per_sm[kMaxDevices];
@@ -863,6 +892,13 @@ cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream) {
 
 cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream) {
   scale_kernel<<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream) {
+  const int64_t blocks = (params.numel + kThreads - 1) / kThreads;
+  const int grid = static_cast<int>(blocks < 1024 ? (blocks < 1 ? 1 : blocks) : 1024);
+  writeback_kernel<<<grid, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 

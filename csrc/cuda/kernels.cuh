@@ -89,7 +89,7 @@ struct TensorRecord {
   double max_abs;
   double coef;  // per-layer clip coefficient (kClipPerLayer)
   int64_t nonfinite;
-  int64_t write;  // the scale kernel has something to write in this tensor
+  int64_t write;  // the call writes this tensor (per-layer: coef not >= 1; value: a clamp)
 };
 static_assert(sizeof(TensorRecord) == 48, "TensorRecord layout");
 
@@ -129,6 +129,22 @@ struct Params {
   int32_t pad;
 };
 
+// Write-back of a strided gradient from the contiguous copy the kernels worked on, done only if
+// the call changed that tensor (a device flag: never read on the host). dst is addressed by
+// sizes/strides (elements; a stride may be 0), src is contiguous; bits are copied as they are.
+constexpr int kMaxWritebackDims = 12;
+struct WritebackParams {
+  const void* src;
+  void* dst;
+  int64_t numel;
+  int32_t ndim;
+  int32_t elem_size;  // 2, 4 or 8
+  int64_t sizes[kMaxWritebackDims];
+  int64_t strides[kMaxWritebackDims];
+  const int32_t* flag32;  // GlobalRecord::scale, or null
+  const int64_t* flag64;  // TensorRecord::write, used when flag32 is null
+};
+
 // Blocks of kThreads threads to launch for `total_units` units on `device`: the resident
 // maximum of the kernel (persistent grid), fewer when there is less work. max_blocks > 0 caps it
 // (a test hook: results must not depend on it).
@@ -138,6 +154,7 @@ int scale_grid(int device, int64_t total_units, int max_blocks);
 // Launch on `stream`; return the launch error (cudaSuccess when queued).
 cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream);
 cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream);
+cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace gradstab

@@ -9,8 +9,10 @@
 // numel, dtype) in a per-process cache, building and uploading it on a miss; allocate the
 // outputs and one scratch buffer from PyTorch's caching allocator; zero the completion counters
 // (cudaMemsetAsync); launch the reduce kernel and, for clipping, the scale kernel, all on the
-// current stream under a device guard. Copies of strided gradients are written back after a
-// clipping op, unconditionally: whether anything changed is known only on the device.
+// current stream under a device guard. After a clipping op, the copy of a strided gradient is
+// written back by a small kernel that first reads the device flag saying whether the call
+// changed that tensor (nothing is written on a healthy step, as on the CPU); a gradient with
+// more than 12 dimensions is copied back with copy_ unconditionally.
 //
 // The descriptor-table cache (why and how it stays correct):
 //   * an entry is immutable: the table of one list of (pointer, numel, dtype) on one device. A
@@ -422,7 +424,29 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
     C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, entry->total_units, cap), stream.stream()));
   }
   if (op != Op::kStats) {
-    for (auto& c : copies) grads[c.first].copy_(c.second);
+    for (auto& c : copies) {
+      const at::Tensor& g = grads[c.first];
+      if (g.dim() > kMaxWritebackDims) {
+        g.copy_(c.second);  // more dimensions than the write-back kernel takes: always copied
+        continue;
+      }
+      WritebackParams W{};
+      W.src = c.second.const_data_ptr();
+      W.dst = g.data_ptr();
+      W.numel = g.numel();
+      W.ndim = static_cast<int32_t>(g.dim());
+      W.elem_size = static_cast<int32_t>(g.element_size());
+      for (int64_t d = 0; d < g.dim(); ++d) {
+        W.sizes[d] = g.size(d);
+        W.strides[d] = g.stride(d);
+      }
+      if (mode == kClipNorm) {
+        W.flag32 = &P.global->scale;
+      } else {
+        W.flag64 = &P.tensors[c.first].write;
+      }
+      C10_CUDA_CHECK(launch_writeback(W, stream.stream()));
+    }
   }
   return {norms, max_abs, nonfinite, total};
 }
