@@ -542,6 +542,27 @@ def test_cuda_graph_capture_and_replay(op, warm):
 
 
 @gpu
+def test_table_built_in_capture_serves_eager_calls_and_other_graphs():
+    grads = [g for g in _clip_list(32) if g.is_non_overlapping_and_dense()]  # stable pointers
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    built = _ext()._cuda_cache_info()["built_in_capture"]
+    first = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first):  # never seen eagerly: the table is built in the capture
+        out_first = OPS.grad_stats(grads, 2.0)
+    second = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(second):  # a hit on a table that no eager call has written yet
+        out_second = OPS.grad_stats(grads, 2.0)
+    assert _ext()._cuda_cache_info()["built_in_capture"] == built + 1
+    second.replay()  # before the first graph ever ran
+    torch.cuda.synchronize()
+    _assert_stats(out_second, want, RTOL32)
+    _assert_stats(OPS.grad_stats(grads, 2.0), want, RTOL32)  # eager hit on that table
+    first.replay()
+    torch.cuda.synchronize()
+    _assert_stats(out_first, want, RTOL32)
+
+
+@gpu
 def test_error_if_nonfinite_refused_during_capture():
     grads = _clip_list(22)
     OPS.clip_norm(grads, _bound(1.0), 2.0, EPS, False)

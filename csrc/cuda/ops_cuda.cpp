@@ -19,17 +19,22 @@
 //     call whose gradients were reallocated (another pointer, shape or dtype) misses and gets a
 //     new entry; the least recently used of 32 entries is dropped.
 //   * eager miss: the table is written to pinned memory and copied with one non_blocking H2D
-//     copy (the pinned block is recycled by PyTorch's host allocator only after the copy ran).
-//   * entries are shared across streams: a table used on a stream other than the one it was
-//     made on is recorded with the caching allocator (recordStream), so its memory is not
-//     reused while that stream may still read it.
+//     copy (the pinned block is recycled by PyTorch's host allocator only after the copy ran);
+//     an event marks the copy's completion.
+//   * entries are shared across streams: the first use on another stream makes that stream wait
+//     for the copy's event (on the device) and records the table with the caching allocator
+//     (recordStream), so its memory is not reused while that stream may still read it.
 //   * CUDA graph capture: an entry used during a capture is referenced by the graph, so it is
 //     never freed or changed again (kept for the life of the process; about 48 bytes per tensor).
 //     A miss during capture cannot use the host allocator (not capture-safe) nor a pageable
 //     copy: the table is written to pinned memory from cudaHostAlloc (under a relaxed capture
 //     mode, as PyTorch's own allocator does for cudaMalloc) that is never freed, and the H2D
-//     copy becomes a node of the graph (re-run by each replay: a few microseconds). Calling the
-//     op once eagerly on the same gradients before capturing keeps that copy out of the graph.
+//     copy becomes a node of the graph (re-run by each replay: a few microseconds). Such a table
+//     holds its data only once a replay ran, so a later eager call writes it first (from the
+//     kept pinned copy), and a later capture reading a table never written eagerly carries its
+//     own copy node. Calling the op once eagerly on the same gradients before capturing keeps
+//     the copy out of the graph (torch.cuda.graph synchronizes the device before capturing,
+//     so the eager copy has completed).
 //   * the scratch buffer and outputs are allocated per call (under capture, from the graph's
 //     private pool), so concurrent calls on different streams never share counters.
 #include "cuda/ops_cuda.h"
@@ -78,12 +83,30 @@ struct Entry {
   int device = -1;
   std::vector<KeyItem> key;
   at::Tensor table;           // TensorDesc[T] on the device
-  void* host_copy = nullptr;  // pinned source of a table built during a capture (never freed)
+  int64_t bytes = 0;          // of the table
+  void* host_copy = nullptr;  // pinned copy of a table built during a capture (never freed)
   int64_t total_units = 0;
   int32_t num_work = 0;
   bool retained = false;      // used by a CUDA graph capture: never freed or changed
-  cudaStream_t home = nullptr;           // the stream the table was made on
-  std::vector<cudaStream_t> recorded;    // other streams recorded with the caching allocator
+  bool filled = false;        // an eager copy has written the device table (see get())
+  cudaEvent_t ready = nullptr;           // recorded on `home` after that copy
+  cudaStream_t home = nullptr;           // the stream of that copy
+  std::vector<cudaStream_t> recorded;    // other streams made to wait for it (and recorded)
+
+  Entry() = default;
+  Entry(const Entry&) = delete;
+  Entry& operator=(const Entry&) = delete;
+  ~Entry() {
+    if (ready != nullptr) (void)cudaEventDestroy(ready);  // deferred by the driver if pending
+  }
+
+  // After an eager copy into the table on `stream`: remember where and when it completes.
+  void mark_filled(cudaStream_t stream) {
+    if (ready == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(ready, stream));
+    home = stream;
+    filled = true;
+  }
 };
 
 int32_t align_offset(uint64_t ptr, int32_t dtype) {
@@ -129,24 +152,29 @@ std::shared_ptr<Entry> build_entry(int device, std::vector<KeyItem>&& key,
   }
   e->total_units = first;
   const int64_t bytes = std::max<int64_t>(T, 1) * static_cast<int64_t>(sizeof(TensorDesc));
+  e->bytes = bytes;
   const auto dev_opts = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device);
   if (!capturing) {
+    // One asynchronous H2D copy from pinned memory; PyTorch's host allocator recycles the
+    // pinned block only after the copy has run.
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memset(host.data_ptr(), 0, bytes);
     std::memcpy(host.data_ptr(), desc.data(), T * sizeof(TensorDesc));
     e->table = at::empty({bytes}, dev_opts);
     e->table.copy_(host, /*non_blocking=*/true);
+    e->mark_filled(stream.stream());
   } else {
+    // Kept for the life of the process: the graph's copy node reads it at every replay.
     void* h = nullptr;
     {
       c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
       C10_CUDA_CHECK(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
     }
+    std::memset(h, 0, bytes);
     std::memcpy(h, desc.data(), T * sizeof(TensorDesc));
     e->host_copy = h;
     e->table = at::empty({bytes}, dev_opts);  // from the graph's private pool; never freed
-    C10_CUDA_CHECK(cudaMemcpyAsync(e->table.data_ptr(), h, bytes, cudaMemcpyHostToDevice,
-                                   stream.stream()));
-    e->retained = true;
+    e->retained = true;  // the copy node itself is added by TableCache::get
   }
   return e;
 }
@@ -177,10 +205,27 @@ class TableCache {
     }
     if (capturing) {
       e->retained = true;
-    } else if (!e->retained && stream.stream() != e->home &&
+      if (!e->filled) {
+        // Built during a capture and never written eagerly: each graph that reads the table
+        // carries its own copy node (a graph may be replayed before any other fills it).
+        C10_CUDA_CHECK(cudaMemcpyAsync(e->table.data_ptr(), e->host_copy, e->bytes,
+                                       cudaMemcpyHostToDevice, stream.stream()));
+      }
+    } else if (!e->filled) {
+      // Built during a capture: the device table holds the data only once a replay ran; write
+      // it now, eagerly, from the kept pinned copy.
+      C10_CUDA_CHECK(cudaMemcpyAsync(e->table.data_ptr(), e->host_copy, e->bytes,
+                                     cudaMemcpyHostToDevice, stream.stream()));
+      e->mark_filled(stream.stream());
+    } else if (stream.stream() != e->home &&
                std::find(e->recorded.begin(), e->recorded.end(), stream.stream()) ==
                    e->recorded.end()) {
-      c10::cuda::CUDACachingAllocator::recordStream(e->table.storage().data_ptr(), stream);
+      // First use on another stream: wait (on the device) for the table's copy, and tell the
+      // caching allocator the table is in use there.
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), e->ready, 0));
+      if (!e->retained) {
+        c10::cuda::CUDACachingAllocator::recordStream(e->table.storage().data_ptr(), stream);
+      }
       e->recorded.push_back(stream.stream());
     }
     return e;
