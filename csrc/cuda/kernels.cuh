@@ -21,6 +21,18 @@
 //   * the scale kernel (clipping only) walks the units in reverse order, so the units the reduce
 //     kernel read last, still in L2, are written first, and skips every unit whose coefficient
 //     is 1.
+//
+// Why last-block-done rather than a cooperative launch with grid-wide syncs: an ordinary launch
+// has no co-residency requirement (a cooperative grid must fit on the GPU at once, which fails
+// or waits beside other kernels, under MPS or green contexts), it is capturable in a CUDA graph
+// on every CUDA version PyTorch supports, and the hand-off costs one integer atomic per 16 KB
+// unit while the finishing work (combining a tensor's partials) overlaps with other warps still
+// reading. The price is a second launch for clipping; on a healthy step its blocks read one flag
+// and exit. Why 16 KB warp units rather than one block per 64K-element chunk: the persistent
+// grid stays balanced to within one unit per warp (a chunk-per-block grid loses up to a wave at
+// the end), and the order of the work is free, so the largest tensors go first and the tensors
+// finishing last are small and quick to combine. To be measured on the GPU (see
+// benchmarks/gpu/run_gpu_checks.sh).
 #pragma once
 
 #include <cstdint>
