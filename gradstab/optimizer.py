@@ -155,13 +155,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         self._wrapped = optimizer
         self._log_every = every or 0
         self._log_fn = log_fn
-        self._names: dict[int, str] = {}
-        self._module_of: dict[int, int] | None = None
-        if module is not None:
-            self._names = {id(p): n for n, p in module.named_parameters()}
-            self._module_of = {
-                id(p): id(m) for m in module.modules() for p in m.parameters(recurse=False)
-            }
+        self._module = module
         self._clip_state = _clipping.ClipState()
         self._plan: _clipping.Plan | None = None
         # What Optimizer.__init__ sets up for hooks, without re-registering the parameters.
@@ -271,9 +265,16 @@ class GradStabOptimizer(torch.optim.Optimizer):
         groups = self._wrapped.param_groups
         plan = self._plan
         if plan is None or plan.key != _clipping.plan_key(groups):
-            plan = self._plan = _clipping.build_plan(
-                self._config, groups, self._names, self._module_of, _OWNER
-            )
+            names: dict[int, str] = {}
+            module_of = None
+            if self._module is not None:  # keyed by id(): rebuilt, never pickled
+                names = {id(p): n for n, p in self._module.named_parameters()}
+                module_of = {
+                    id(p): id(m)
+                    for m in self._module.modules()
+                    for p in m.parameters(recurse=False)
+                }
+            plan = self._plan = _clipping.build_plan(self._config, groups, names, module_of, _OWNER)
         return plan
 
     @torch.no_grad()
