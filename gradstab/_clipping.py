@@ -388,6 +388,7 @@ class ClipState:
     window_steps: int = 0
     window_clipped: int = 0
     pending: Tensor | None = field(default=None, repr=False)
+    head: Tensor | None = field(default=None, repr=False)  # pending[:2], made once
     last_metrics: dict[str, float] = field(default_factory=dict, repr=False)
 
     def _fold(self, vals: Sequence[float]) -> None:
@@ -418,16 +419,28 @@ class ClipState:
         """Restore :meth:`state_dict`; missing keys are 0."""
         for k in (*COUNTERS, "window_steps", "window_clipped"):
             setattr(self, k, int(state.get(k, 0)))
-        self.pending = None
+        self.pending = self.head = None
+
+    def add(self, clipped: Tensor, nonfinite: Tensor, scaler_skips: bool) -> None:
+        """Count one step on the device: 0-d bools, on the device of the statistics."""
+        if self.pending is None or self.pending.device != clipped.device:
+            self.flush()
+            self.pending = torch.zeros(3, dtype=torch.int64, device=clipped.device)
+            self.head = self.pending[:2]
+        if scaler_skips:
+            self.pending.add_(torch.stack((clipped, nonfinite, nonfinite)))
+        else:
+            self.head.add_(torch.stack((clipped, nonfinite)))  # type: ignore[union-attr]
 
     def __getstate__(self) -> dict[str, Any]:
         self.flush()
-        return {**self.__dict__, "pending": None}
+        return {**self.__dict__, "pending": None, "head": None}
 
 
 # ------------------------------------------------------------------------------ one step
 
 _BOUND_CACHE: dict[tuple[float, torch.device], Tensor] = {}
+_KERNEL_CHECKED: set[torch.device] = set()  # devices warn_if_fallback has seen
 
 
 def _bound_tensor(value: float, device: torch.device) -> Tensor:
@@ -504,6 +517,7 @@ class _Part:
     grads: list[list[Tensor]]  # per device, in the order of the statistics
     stats: _Stats  # on the part's first device
     bound: Tensor | None  # the effective bound there (times grad_scale), None for "stats"
+    above: Tensor | None  # clipped where the statistic exceeds this (bound - eps for norms)
     scale: Tensor | None  # the gradients are still multiplied by this (fused optimizer + AMP)
     coefs: Tensor | None = None  # per-tensor coefficients, where the two-phase path made them
 
@@ -511,11 +525,11 @@ class _Part:
         """0-d bool: whether any coefficient is below 1 (``None`` for monitoring)."""
         norms, max_abs, _, total = self.stats
         if self.kind == "norm":
-            return torch.gt(total + EPS, self.bound)
+            return torch.gt(total, self.above)  # min(1, b / (total + eps)) < 1
         if self.kind == "layer":
-            return torch.gt(norms + EPS, self.bound).any()
+            return torch.gt(norms, self.above).any()
         if self.kind == "value":
-            return torch.gt(max_abs, self.bound).any()
+            return torch.gt(max_abs, self.above).any()
         return None
 
     def post_norm(self, p: float) -> Tensor:
@@ -547,13 +561,18 @@ def _run_part(
     d0 = per_dev[0][0]
     names = [n for _, _, ns in per_dev for n in ns]
     grads = [gs for _, gs, _ in per_dev]
-    b = None
+    b = above = None
     if bound is not None and kind != "stats":
-        b = _bound_tensor(bound, d0)
-        if grad_scale is not None:
-            b = b * grad_scale.to(d0)
+        margin = 0.0 if kind == "value" else EPS
+        if grad_scale is None:
+            b, above = _bound_tensor(bound, d0), _bound_tensor(bound - margin, d0)
+        else:
+            b = _bound_tensor(bound, d0) * grad_scale.to(d0)
+            above = b - margin
     for d, _, _ in per_dev:
-        warn_if_fallback(d)
+        if d not in _KERNEL_CHECKED:
+            warn_if_fallback(d)
+            _KERNEL_CHECKED.add(d)
     if _needs_two_phase(kind, per_dev):
         stats = _combine([OPS["grad_stats"](gs, p) for gs in grads], p, d0)
         norms, _, _, total = stats
@@ -565,7 +584,7 @@ def _run_part(
             for g, c in zip(gs, coefs[k : k + len(gs)].to(d).unbind(0)):
                 reference._scale_(g, c)  # the kernels' rounding; skips c >= 1 on the CPU
             k += len(gs)
-        return _Part(kind, names, grads, stats, b, grad_scale, coefs)
+        return _Part(kind, names, grads, stats, b, above, grad_scale, coefs)
     results = []
     for d, gs, _ in per_dev:
         bd = None if b is None else b.to(d)
@@ -578,7 +597,7 @@ def _run_part(
         else:
             results.append(OPS["grad_stats"](gs, p))
     stats = results[0] if len(results) == 1 else _combine(results, p, d0)
-    return _Part(kind, names, grads, stats, b, grad_scale)
+    return _Part(kind, names, grads, stats, b, above, grad_scale)
 
 
 def _nonfinite_error(counts: Sequence[int], names: Sequence[str], step: int | None) -> RuntimeError:
@@ -693,14 +712,9 @@ def clip_step(
         c = part.clipped()
         if c is not None:
             clipped = c if clipped is None else clipped | c.to(dev0)
-    clipped = torch.zeros_like(flag) if clipped is None else clipped & ~flag
-    if state.pending is None or state.pending.device != dev0:
-        state.flush()
-        state.pending = torch.zeros(3, dtype=torch.int64, device=dev0)
-    if scaler_skips:
-        state.pending.add_(torch.stack((clipped, flag, flag)))
-    else:
-        state.pending[:2].add_(torch.stack((clipped, flag)))
+    # clipped on a finite step; for bools a > b is "a and not b", in one op
+    clipped = torch.zeros_like(flag) if clipped is None else torch.gt(clipped, flag)
+    state.add(clipped, flag, scaler_skips)
 
     skip = False
     zeroed: bool | Tensor = False
