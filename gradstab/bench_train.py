@@ -375,8 +375,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.device != "cpu":
         print("gradstab bench --train: only --device cpu is supported", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    # The model is tiny: intra-op threads only add synchronisation (and, on a busy machine,
+    # waits for a descheduled thread), so one thread unless --threads says otherwise.
+    torch.set_num_threads(1 if args.threads is None else args.threads)
     rounds, steps, warmup = QUICK_PLAN if args.quick else DEFAULT_PLAN
     rounds = args.repeats or rounds
     steps = args.train_steps or steps
@@ -449,7 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time a small Lightning training loop without clipping, with Lightning's "
         "gradient_clip_val + grad_norm logging, and with GradStabCallback (needs lightning); "
-        "--repeats = rounds, --warmup = untimed steps per fit",
+        "--repeats = rounds, --warmup = untimed steps per fit, --threads defaults to 1",
     )
     parser.add_argument("--train-width", type=int, default=64, help="--train: MLP width (64)")
     parser.add_argument("--train-depth", type=int, default=8, help="--train: hidden layers (8)")

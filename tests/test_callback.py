@@ -41,6 +41,15 @@ NAMES = ["layer.0.weight", "layer.0.bias", "layer.2.weight", "layer.2.bias"]
 # ---------------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a busy machine's stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Net(BoringModel):
     """BoringModel with two Linear layers (4 parameter tensors, 2 modules).
 
