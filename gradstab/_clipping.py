@@ -28,12 +28,14 @@ How a step runs (:func:`clip_step`):
 4. On a logging step the metrics (pre/post-clip totals, coefficient, counters and, on request,
    per-tensor norms and max-abs) are assembled on the device and read in one transfer.
 
-Where distributed training plugs in: :func:`_combine` is the one place where statistics of
-different pieces of the gradients meet (today the devices of one process).  For sharded
-gradients (FSDP2 ``DTensor``, ZeRO) a cross-process all-reduce of the per-tensor p-power sums
-and non-finite counts (``SUM``) and max-abs (``MAX``) goes there, before the total is taken;
-:func:`_needs_two_phase` must then answer True for norm-clipped parts, so that coefficients
-come from the reduced norms.  Replicated (DDP) gradients need nothing.
+Where distributed training plugs in: every part's statistics pass through :func:`_combine`,
+the one place where pieces of the gradients meet (today the devices of one process).  For
+sharded gradients (FSDP2 ``DTensor``, ZeRO) a cross-process all-reduce of the per-tensor p-power
+sums and non-finite counts (``SUM``) and max-abs (``MAX``) goes there, before the total is
+taken; :func:`_needs_two_phase` must then answer True for norm-clipped parts, so that their
+coefficients come from the reduced norms, and the read-only check of ``nonfinite="raise"``
+(:func:`_find_nonfinite`) must use reduced counts so that all ranks agree.  Replicated (DDP)
+gradients need nothing.
 
 Where other clipping rules plug in: a unit's threshold is turned into a device tensor by
 :func:`_bound_tensor` (an adaptive rule would supply its own 0-d tensor per step, computed on
@@ -494,13 +496,18 @@ def _needs_two_phase(kind: str, per_dev: _PerDevice) -> bool:
 
 
 def _combine(stats: Sequence[_Stats], p: float, device: torch.device) -> _Stats:
-    """Statistics of several pieces of a part's gradients as one set, float64 on ``device``.
+    """The statistics of all pieces of a part's gradients as one set, on ``device``.
 
-    The per-tensor vectors are concatenated in the order of the pieces and the total is the
-    p-norm of the per-tensor norms.  The single place where pieces of the gradients meet: a
-    cross-process all-reduce for sharded gradients belongs here, before the total is taken
-    (``SUM`` of ``norms ** p`` and of ``nonfinite``, ``MAX`` of ``max_abs``).
+    Every part's statistics pass through here.  One piece is returned as the op gave it.
+    Several pieces (devices) are concatenated in their order, in float64, and the total is the
+    p-norm of the per-tensor norms.
+
+    The single place where pieces of the gradients meet: for sharded gradients a cross-process
+    all-reduce goes here, before the early return (``SUM`` of ``norms ** p`` and of
+    ``nonfinite``, ``MAX`` of ``max_abs``, then the total from the reduced norms).
     """
+    if len(stats) == 1:
+        return stats[0]
     f64 = torch.float64
     norms = torch.cat([s[0].to(device, f64) for s in stats])
     max_abs = torch.cat([s[1].to(device, f64) for s in stats])
@@ -596,7 +603,7 @@ def _run_part(
             results.append(OPS["clip_value"](gs, bd, p))
         else:
             results.append(OPS["grad_stats"](gs, p))
-    stats = results[0] if len(results) == 1 else _combine(results, p, d0)
+    stats = _combine(results, p, d0)
     return _Part(kind, names, grads, stats, b, above, grad_scale)
 
 
@@ -676,9 +683,14 @@ def clip_step(
                 jobs.append((kind, unit.bound, per_dev))
 
     check = cfg.nonfinite == "raise" and not scaler_skips
-    # One norm-clipped job on one device: its kernel checks the total before writing anything
+    # One norm-clipped job in one fused op: its kernel checks the total before writing anything
     # (error_if_nonfinite).  Otherwise a read-only check must come before any gradient changes.
-    kernel_checks = check and len(jobs) == 1 and jobs[0][0] == "norm" and len(jobs[0][2]) == 1
+    kernel_checks = (
+        check
+        and len(jobs) == 1
+        and jobs[0][0] == "norm"
+        and not _needs_two_phase("norm", jobs[0][2])
+    )
     if check and not kernel_checks:
         err = _find_nonfinite(jobs, p, step)
         if err is not None:

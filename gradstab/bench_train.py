@@ -347,6 +347,8 @@ def format_report(summary: dict[str, Any]) -> str:
             lines.append(f"{head} Lightning's overhead was not positive: no ratio (too noisy)")
         else:
             verdict = "met" if ratio <= 1 / 3 else "NOT met"
+            if ratio < 0:
+                verdict += " (gradstab's overhead is below the noise)"
             lines.append(
                 f"{head} gradstab overhead / Lightning overhead = {ratio:.3f} "
                 f"(target <= 0.333): {verdict}"

@@ -153,6 +153,55 @@ def test_clip_matches_float64_oracle(kw, dtype):
     assert min(coefs) < 1
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"mode": "norm", "max_norm": 0.4},
+        {"mode": "layer", "max_norm": 0.3},
+        {"mode": "layer", "max_norm": 0.3, "group_by": "module"},
+        {"mode": "norm", "max_norm": 0.4, "nonfinite": "raise"},
+    ],
+)
+def test_two_phase_path_equals_the_fused_ops(kw, monkeypatch):
+    """The path of parts whose norms must be combined first (several devices; sharded
+    gradients later), forced on one CPU device: statistics, coefficients, then scaling."""
+    from gradstab import _clipping  # noqa: PLC0415
+
+    models, metrics = [], []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(
+                _clipping, "_needs_two_phase", lambda kind, per_dev: kind != "stats"
+            )
+        model = make_model()
+        opt = GradStabOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            module=model,
+            log_every_n_steps=1,
+            log_per_layer=True,
+            **kw,
+        )
+        for x in batches(3):
+            opt.zero_grad()
+            loss_of(model, x).backward()
+            opt.step()
+        models.append(model)
+        metrics.append(opt.last_metrics)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert metrics[0].keys() == metrics[1].keys()
+    for k in metrics[0]:
+        assert metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-6), k
+    if kw.get("nonfinite") == "raise":  # the forced path still refuses before changing anything
+        model[0].weight.grad[0, 0] = math.nan
+        before = grads_of(model)
+        with pytest.raises(RuntimeError, match=r"parameter '0\.weight'"):
+            opt.step()
+        assert all(
+            torch.equal(g.nan_to_num(), before[n].nan_to_num()) for n, g in grads_of(model).items()
+        )
+
+
 def test_per_param_group_thresholds_and_add_param_group():
     model = make_model()
     inner = torch.optim.SGD(model[0].parameters(), lr=0.1)
