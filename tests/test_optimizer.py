@@ -18,8 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-import gradstab
-from gradstab import GradStabOptimizer
+from gradstab import GradStabOptimizer, reference
 
 EPS = 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +73,8 @@ class HostReads:
             orig = getattr(torch.Tensor, name)
 
             def counted(t, *args, _orig=orig, **kw):
-                if self.active:
+                # the pure-PyTorch kernel reads CPU values by design (free there): not counted
+                if self.active and sys._getframe(1).f_code.co_filename != reference.__file__:
                     self.count += 1
                 return _orig(t, *args, **kw)
 
@@ -582,8 +582,6 @@ def test_constructor_errors(make, exc, match):
     ],
 )
 def test_no_host_read_on_steps_that_do_not_log(kw, monkeypatch):
-    if gradstab.backend_info()["cpu"]["kernel"] != "cpp":
-        pytest.skip("the pure-PyTorch CPU kernel reads its coefficients on the host (free on CPU)")
     from gradstab import _clipping  # noqa: PLC0415
 
     monkeypatch.setattr(_clipping, "_host_read_is_free", lambda parts: False)
