@@ -68,7 +68,8 @@ class GradStabCallback(Callback):
 
     **Non-finite gradients** (``nonfinite``): ``"ignore"`` (PyTorch's behaviour); ``"zero"``
     (a step's gradients are zeroed when any holds a NaN/Inf; the optimizer step still runs, so
-    momentum and weight decay still move the parameters); ``"skip"`` (the optimizer step leaves
+    momentum and weight decay still move the parameters; off the CPU this costs a masked fill
+    of every gradient each step instead of a host read); ``"skip"`` (the optimizer step leaves
     parameters and optimizer state bit-identical: the ``.grad`` of every parameter of the
     optimizer is set to ``None``, and ``torch.optim`` optimizers, ``foreach`` and ``fused``
     ones included, leave parameters without a gradient alone; reads one flag on the host per
@@ -231,7 +232,9 @@ class GradStabCallback(Callback):
                     f"callback and return the plain optimizer (GradStabOptimizer.optimizer)"
                 )
 
-    def _plan_for(self, idx: int, optimizer: Any, pl_module: pl.LightningModule) -> Any:
+    def _plan_for(
+        self, idx: int, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule
+    ) -> _clipping.Plan:
         groups = optimizer.param_groups
         plan = self._plans.get(idx)
         if plan is None or plan.key != _clipping.plan_key(groups):
@@ -262,7 +265,7 @@ class GradStabCallback(Callback):
         if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
             # A fused optimizer: Lightning left the gradients scaled; step() unscales them.
             if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-                if self._config.mode == "value":
+                if self._config.mode == "value" or scaler._scale is None:
                     scaler.unscale_(optimizer)
                 else:
                     grad_scale = scaler._scale

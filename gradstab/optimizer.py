@@ -52,8 +52,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
     optimizer state stay bit-identical; this reads one flag on the host per step), ``"raise"``
     (``RuntimeError`` naming the first offending parameter, before any gradient is changed;
     one host read per step).  With
-    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on CPU
-    ``"zero"`` reads its flag, which costs nothing there).
+    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on the CPU
+    ``"zero"`` reads its flag, which costs nothing there; elsewhere it masks every gradient
+    each step, a read and a write, instead).
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
