@@ -18,13 +18,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/ops_cpu.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
 namespace cpu {
 namespace {
-
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr int64_t kChunk = 1 << 16;            // elements per parallel work item
 constexpr int64_t kSerialBelow = 1 << 15;      // total elements under which one thread is faster
@@ -303,6 +302,8 @@ std::string nonfinite_message(double p, double total, const Plan& plan,
   return os.str();
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------- the ops --
 
 Stats grad_stats_cpu(at::TensorList grads, double norm_type) {
@@ -383,8 +384,6 @@ Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double 
   }
   return make_stats(plan, res, total_norm(res, kind, norm_type));
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(gradstab, CPU, m) {
   m.impl("grad_stats", &grad_stats_cpu);
