@@ -120,7 +120,7 @@ def _check_bound(value: object, name: str, fn: str, device: torch.device | None)
                 f"{fn}: {name} as a tensor must hold one real number, got shape "
                 f"{list(value.shape)} and dtype {value.dtype}"
             )
-        if value.device.type == "cpu":
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
             v = float(value.reshape(()))
             if math.isnan(v) or v < 0:
                 raise ValueError(f"{fn}: {name} must be a non-negative number, got {v}")
