@@ -541,8 +541,9 @@ def add_normalization_(
         exclude: names of modules to leave alone (with everything under them).
 
     Returns:
-        A :class:`NormInsertions` list (one :class:`NormInsertion` per new module), which
-        prints as a table.
+        A :class:`NormInsertions` list (one :class:`NormInsertion` per new module, in the
+        model's ``named_modules`` order, with the names valid after the call), which prints
+        as a table.
 
     Raises:
         ValueError: a bad ``kind``, ``groups`` or ``eps``; a name in ``exclude`` that names no
@@ -601,7 +602,8 @@ def add_normalization_(
             continue
         plan.setdefault(parent_name, []).append((key, module))
 
-    records = NormInsertions()
+    inserted: dict[int, tuple[nn.Module, str, int]] = {}  # id(norm) -> (its Sequential, key
+    # of the layer before it, groups)
     for parent_name, items in plan.items():
         seq = named[parent_name]
         old = list(seq._modules.items())
@@ -631,21 +633,30 @@ def add_normalization_(
         seq._modules.clear()
         seq._modules.update(new)
         for index, norm, g in pending:
-            if isinstance(norm, nn.LayerNorm):
-                features = norm.normalized_shape[0]
-            elif isinstance(norm, nn.GroupNorm):
-                features = norm.num_channels
-            else:
-                features = norm.num_features
-            records.append(
-                NormInsertion(
-                    name=qualified(parent_name, new[index][0]),
-                    after=qualified(parent_name, new[index - 1][0]),
-                    type=type(norm).__name__,
-                    num_features=int(features),
-                    groups=g,
-                )
+            inserted[id(norm)] = (seq, new[index - 1][0], g)
+
+    # names are final only now (an outer Sequential may have been renumbered after an inner one)
+    final = {id(m): name for name, m in model.named_modules()}
+    records = NormInsertions()
+    for name, norm in model.named_modules():
+        if id(norm) not in inserted:
+            continue
+        seq, layer_key, g = inserted[id(norm)]
+        if isinstance(norm, nn.LayerNorm):
+            features = norm.normalized_shape[0]
+        elif isinstance(norm, nn.GroupNorm):
+            features = norm.num_channels
+        else:
+            features = norm.num_features
+        records.append(
+            NormInsertion(
+                name=name,
+                after=qualified(final[id(seq)], layer_key),
+                type=type(norm).__name__,
+                num_features=int(features),
+                groups=g,
             )
+        )
     if unreachable:
         shown = ", ".join(unreachable[:20]) + (
             f", ... ({len(unreachable)} in all)" if len(unreachable) > 20 else ""
