@@ -1110,10 +1110,11 @@ def lsuv_(
         did not converge.
 
     Raises:
-        ValueError: bad ``target_std``/``tol``/``max_iter``; a batch with fewer than 2 samples;
-            no layer to process; a name in ``modules`` that is not such a layer; a layer that
-            never runs on ``batch`` (named); a layer whose output has fewer than 2 elements, or
-            whose output std is 0 or not finite (named).
+        ValueError: bad ``target_std``/``tol``/``max_iter``; a batch with fewer than 2
+            samples; no layer to process; a name in ``modules`` that is not such a layer; a
+            layer that never runs on ``batch`` (named); a layer whose output has fewer than 2
+            elements, or whose output std is 0 or not finite (named). The weights and biases
+            are then left as they were.
 
     Example:
         >>> import torch
@@ -1162,21 +1163,17 @@ def lsuv_(
     device = next(model.parameters()).device
     batch = _to_device(batch, device)
     training = {m: m.training for m in model.modules()}
+    backup = [
+        (t, t.detach().clone())
+        for m in layers.values()
+        for t in (m.weight, m.bias)
+        if t is not None
+    ]
     handles: list[Any] = []
     try:
         model.eval()
         with torch.no_grad():
-            if orthonormal:
-                for m in layers.values():
-                    w = m.weight
-                    if w.numel():
-                        w.copy_(_orthogonal(w.shape[0], w[0].numel(), w, generator).view_as(w))
-            if zero_bias:
-                for m in layers.values():
-                    if m.bias is not None:
-                        m.bias.zero_()
-
-            # forward order (first call) and output sizes
+            # forward order (first call) and output sizes, before anything changes
             order: list[str] = []
             sizes: dict[str, int] = {}
 
@@ -1208,6 +1205,16 @@ def lsuv_(
                     f"lsuv_: the batch is too small: the output of {small} has fewer than 2 "
                     "elements, so it has no std; use a larger batch"
                 )
+
+            if orthonormal:
+                for m in layers.values():
+                    w = m.weight
+                    if w.numel():
+                        w.copy_(_orthogonal(w.shape[0], w[0].numel(), w, generator).view_as(w))
+            if zero_bias:
+                for m in layers.values():
+                    if m.bias is not None:
+                        m.bias.zero_()
 
             report = LSUVReport()
             not_converged = []
@@ -1241,6 +1248,11 @@ def lsuv_(
                 if not converged:
                     not_converged.append(name)
                 report.append(LSUVRecord(name, type(layer).__name__, iterations, std, converged))
+    except BaseException:
+        with torch.no_grad():  # an error leaves the weights as they were
+            for t, saved in backup:
+                t.copy_(saved)
+        raise
     finally:
         for h in handles:
             h.remove()

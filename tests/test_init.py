@@ -634,8 +634,11 @@ def test_lsuv_errors():
 
     with pytest.raises(ValueError, match=r"scalar \(1 elements\)"):
         lsuv_(Collapse(), torch.randn(16, 8))
+    before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(ValueError, match="layer '0' has std 0"):
         lsuv_(net, torch.zeros(16, 8))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # restored
+    assert all(m.training for m in net.modules())
 
 
 def test_lsuv_warns_when_not_converged():
