@@ -19,6 +19,7 @@ from gradstab.functional import (
     clip_grad_norm_per_layer_,
     clip_grad_value_,
     grad_stats,
+    normalize_grad_per_layer_,
 )
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "grad_stats",
     "init",
     "norm",
+    "normalize_grad_per_layer_",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "grad_stats",
+    "normalize_grad_per_layer_",
 ]
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -140,7 +141,7 @@ def _check_bound(value: object, name: str, fn: str, device: torch.device | None)
 
 
 #: ``gradstab._C.cpu_fast_path`` op codes.
-_FAST_STATS, _FAST_CLIP_NORM, _FAST_CLIP_LAYER, _FAST_CLIP_VALUE = 0, 1, 2, 3
+_FAST_STATS, _FAST_CLIP_NORM, _FAST_CLIP_LAYER, _FAST_CLIP_VALUE, _FAST_NORMALIZE = 0, 1, 2, 3, 4
 
 
 def _as_sequence(parameters: TensorOrTensors) -> TensorOrTensors:
@@ -304,6 +305,53 @@ def clip_grad_norm_per_layer_(
     bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
     warn_if_fallback(device)
     return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
+
+
+def normalize_grad_per_layer_(
+    parameters: TensorOrTensors, target_norm: float | Tensor = 1.0, norm_type: float = 2.0
+) -> Tensor:
+    """Rescale each gradient to a target norm, in place (LARS-style gradient normalization).
+
+    Gradient ``i`` is multiplied by ``target_norm / (norm_i + 1e-6)``, up or down, so every
+    layer takes a step of the same size whatever its gradient's scale: a cure for layers
+    whose gradients vanish (made larger) or explode (made smaller).  An all-zero gradient
+    stays zero; a gradient holding NaN/Inf becomes NaN.  Gradients whose coefficient is
+    exactly 1 are not written.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is rescaled.
+        target_norm: the norm every gradient gets (non-negative number or 0-d device tensor).
+        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+
+    Returns:
+        ``[T]`` per-gradient norms before rescaling.
+
+    Example:
+        >>> import torch, gradstab
+        >>> a = torch.nn.Parameter(torch.zeros(2)); a.grad = torch.tensor([3.0, 4.0])
+        >>> b = torch.nn.Parameter(torch.zeros(1)); b.grad = torch.tensor([1e-3])
+        >>> gradstab.normalize_grad_per_layer_([a, b], target_norm=1.0)
+        tensor([5.0000e+00, 1.0000e-03])
+        >>> a.grad, b.grad
+        (tensor([0.6000, 0.8000]), tensor([0.9990]))
+    """
+    fn = "gradstab.normalize_grad_per_layer_"
+    p = _check_norm_type(norm_type, fn)
+    checked = _check_bound(target_norm, "target_norm", fn, None)
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        bound = _fast_bound(checked)
+        if bound is not None:
+            parameters = _as_sequence(parameters)
+            out = cpu_fast_path(_FAST_NORMALIZE, parameters, p, bound, EPS, False)
+            if out is not None:
+                return out[0]
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        return torch.zeros((0,))
+    device = grads[0].device
+    bound = _device_scalar(_check_bound(target_norm, "target_norm", fn, device), device)
+    warn_if_fallback(device)
+    return OPS["normalize_per_layer"](grads, bound, p, EPS)[0]
 
 
 def clip_grad_value_(

@@ -1,4 +1,5 @@
 // Contract: gradstab._C.cpu_fast_path(op, parameters, norm_type, bound, eps, error_if_nonfinite),
+// op: 0 grad_stats, 1 clip_norm, 2 clip_norm_per_layer, 3 clip_value, 4 normalize_per_layer;
 // the eager shortcut of gradstab.functional for gradients on the CPU.
 //
 // `parameters` is a list or tuple of tensors. For each one with a gradient, the gradient is
@@ -31,7 +32,13 @@ namespace {
 
 namespace py = pybind11;
 
-enum Op : int { kStats = 0, kClipNorm = 1, kClipNormPerLayer = 2, kClipValue = 3 };
+enum Op : int {
+  kStats = 0,
+  kClipNorm = 1,
+  kClipNormPerLayer = 2,
+  kClipValue = 3,
+  kNormalizePerLayer = 4
+};
 
 // torch.nn.Parameter, looked up once (with the GIL held).
 PyTypeObject* parameter_type() {
@@ -92,6 +99,10 @@ py::object cpu_fast_path(int op, py::handle parameters, double norm_type, double
         out = clip_norm_per_layer_cpu(grads, at::scalar_tensor(bound, at::kDouble), norm_type,
                                       eps);
         break;
+      case kNormalizePerLayer:
+        out = normalize_per_layer_cpu(grads, at::scalar_tensor(bound, at::kDouble), norm_type,
+                                      eps);
+        break;
       case kClipValue:
         out = clip_value_cpu(grads, at::scalar_tensor(bound, at::kDouble), norm_type);
         break;
@@ -107,8 +118,8 @@ py::object cpu_fast_path(int op, py::handle parameters, double norm_type, double
 
 void register_fast_path(pybind11::module& m) {
   m.def("cpu_fast_path", &cpu_fast_path,
-        "Eager CPU shortcut of gradstab.functional: run op 0-3 (grad_stats, clip_norm, "
-        "clip_norm_per_layer, clip_value) over the gradients of a list of parameters; None "
+        "Eager CPU shortcut of gradstab.functional: run op 0-4 (grad_stats, clip_norm, "
+        "clip_norm_per_layer, clip_value, normalize_per_layer) over the gradients of a list of parameters; None "
         "when the shortcut does not apply.",
         py::arg("op"), py::arg("parameters"), py::arg("norm_type"), py::arg("bound"),
         py::arg("eps"), py::arg("error_if_nonfinite"));

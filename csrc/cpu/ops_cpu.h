@@ -19,6 +19,8 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
                     double eps, bool error_if_nonfinite);
 Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
                               double norm_type, double eps);
+Stats normalize_per_layer_cpu(at::TensorList grads, const at::Tensor& target_norm,
+                              double norm_type, double eps);
 Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double norm_type);
 
 }  // namespace cpu
