@@ -9,6 +9,7 @@ Example:
 
 from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
 from gradstab._extension import backend_info
+from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
     GradStats,
     clip_grad_norm_,
@@ -20,11 +21,15 @@ from gradstab.functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diagnosis",
+    "GradHistory",
     "GradStats",
+    "HistoryData",
     "__version__",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "diagnose",
     "grad_stats",
 ]
