@@ -534,8 +534,8 @@ class GradHistory:
             >>> w = torch.nn.Parameter(torch.ones(3)); w.grad = torch.tensor([0.0, 3.0, 4.0])
             >>> h = gradstab.GradHistory([("w", w)])
             >>> h.record(gradstab.grad_stats([w]), ["w"], grads=[w.grad], step=7)
-            >>> d = h.data(); d.steps, d.norms.tolist(), d.zero_fraction.tolist()
-            ([7], [[5.0]], [[0.3333333432674408]])
+            >>> d = h.data(); d.steps, d.norms.tolist(), round(d.zero_fraction.item(), 6)
+            ([7], [[5.0]], 0.333333)
         """
         parts = [stats] if _is_stats(stats) else list(stats)  # type: ignore[list-item]
         for i, part in enumerate(parts):
@@ -567,6 +567,15 @@ class GradHistory:
         dev = self._device
         assert dev is not None
         idx, pos_list = self._index(names)
+        # validate everything before the row is touched
+        post = _as_device_scalar(post_clip_norm, dev, "post_clip_norm", self._owner)
+        thr = _as_device_scalar(clip_threshold, dev, "clip_threshold", self._owner)
+        if skipped is not None and not isinstance(skipped, (bool, Tensor)):
+            raise TypeError(
+                f"{self._owner}.record: skipped must be a bool or a bool tensor, got {skipped!r}"
+            )
+        if scale is not None and (not isinstance(scale, Tensor) or scale.numel() != 1):
+            raise TypeError(f"{self._owner}.record: scale must be a 0-d tensor, got {scale!r}")
 
         merge = self._last_step is not None and step == self._last_step and self._rows > 0
         if not merge:
@@ -596,7 +605,6 @@ class GradHistory:
             norms = max_abs = torch.zeros((0,), dtype=_F64, device=dev)
             nonfinite = torch.zeros((0,), dtype=torch.int32, device=dev)
             total = torch.zeros((), dtype=_F64, device=dev)
-        post = _as_device_scalar(post_clip_norm, dev, "post_clip_norm", self._owner)
         if scale is not None:
             s = scale.to(dev, _F64).reshape(())
             norms, max_abs, total = norms / s, max_abs / s, total / s
@@ -624,20 +632,12 @@ class GradHistory:
             self._s[row, _TOTAL] = total
             if post is not None:
                 self._s[row, _POST] = post
-        thr = _as_device_scalar(clip_threshold, dev, "clip_threshold", self._owner)
         if thr is not None:
             self._s[row, _THRESH] = thr
-        if skipped is not None:
-            if isinstance(skipped, Tensor):
-                self._skipped[row].logical_or_(skipped.to(dev).reshape(()).bool())
-            elif isinstance(skipped, bool):
-                if skipped:
-                    self._skipped[row].fill_(True)
-            else:
-                raise TypeError(
-                    f"{self._owner}.record: skipped must be a bool or a bool tensor, "
-                    f"got {skipped!r}"
-                )
+        if isinstance(skipped, Tensor):
+            self._skipped[row].logical_or_(skipped.to(dev).reshape(()).bool())
+        elif skipped:
+            self._skipped[row].fill_(True)
 
         # First step with a non-finite gradient (survives the ring): set once, or refined
         # by a merged record of the same step.
@@ -894,24 +894,32 @@ def _as_device_scalar(
 
 
 def _foreach_norm_f32(tensors: list[Tensor], ord: float) -> Tensor:
-    """Per-tensor ``ord``-norms in float32 (ord 0: the count of non-zeros), stacked on one device.
+    """Per-tensor ``ord``-norms (ord 0: the count of non-zeros), stacked, float32 at least.
 
-    ``torch._foreach_norm`` with ``dtype`` (counts in float32 even for float16 input, which
-    would overflow at 65,504); per-tensor ``vector_norm`` where that is unavailable or the
-    tensors span devices.
+    One ``torch._foreach_norm`` call with ``dtype=float32`` for float16/bfloat16/float32
+    tensors (counts stay exact past float16's 65,504), or without ``dtype`` when all are
+    float64; per-tensor ``vector_norm`` for a mix of float64 and narrower dtypes, for tensors
+    on several devices, or where ``_foreach_norm`` has no ``dtype`` argument.
     """
     if not tensors:
         return torch.zeros((0,), dtype=_F32)
     dev = tensors[0].device
     if all(t.device == dev for t in tensors):
+        n64 = sum(t.dtype == _F64 for t in tensors)
         try:
-            out = torch._foreach_norm(tensors, ord, dtype=_F32)
-            return torch.stack(list(out))
+            if n64 == 0:
+                return torch.stack(list(torch._foreach_norm(tensors, ord, dtype=_F32)))
+            if n64 == len(tensors):
+                return torch.stack(list(torch._foreach_norm(tensors, ord)))
         except (TypeError, RuntimeError):
             pass
-    return torch.stack(
-        [torch.linalg.vector_norm(t.detach(), ord=ord, dtype=_F32).to(dev) for t in tensors]
-    )
+    out = [
+        torch.linalg.vector_norm(t.detach(), ord=ord, dtype=torch.promote_types(t.dtype, _F32)).to(
+            dev, _F64
+        )
+        for t in tensors
+    ]
+    return torch.stack(out)
 
 
 # =========================================================================== the report
@@ -1080,7 +1088,9 @@ class Diagnosis:
         dead: dead parameters and units.
         spikes: total-norm spikes.
         large_steps: steps whose total norm reached ``large_norm``.
-        depth_trend: the depth fit, or ``None`` with too few weight tensors.
+        depth_trend: the depth fit with the largest change over the depth (a flat weight fit
+            when all are flat), or ``None`` with too few tensors.
+        depth_trends: every depth fit made (one per group: weights, biases).
         nonfinite: where NaN/Inf first appeared, or ``None``.
         skipped_steps: steps whose optimizer step was skipped.
         thresholds: the thresholds used.
@@ -1102,6 +1112,7 @@ class Diagnosis:
     skipped_steps: list[int]
     thresholds: Thresholds
     source: str = ""
+    depth_trends: list[DepthTrend] = field(default_factory=list)
 
     @property
     def exploding(self) -> bool:
@@ -1190,8 +1201,9 @@ class Diagnosis:
         Example:
             >>> import gradstab, torch
             >>> m = torch.nn.Linear(2, 1); h = gradstab.GradHistory(m)
-            >>> sorted(gradstab.diagnose(h).to_dict())[:3]
-            ['dead', 'depth_trend', 'exploding']
+            >>> d = gradstab.diagnose(h).to_dict()
+            >>> d["healthy"], d["steps"]
+            (True, 0)
         """
         d = dataclasses.asdict(self)
         d["exploding"] = self.exploding
@@ -1216,7 +1228,9 @@ class Diagnosis:
         has_ratio = any(r.grad_weight_ratio is not None for r in self.layers)
         has_max = any(r.max_abs is not None for r in self.layers)
         has_zero = any(r.zero_fraction is not None for r in self.layers)
-        header = ["#", "parameter", "grad norm", self.metric, "vs median"]
+        show_metric = self.metric != "norm"
+        header = ["#", "parameter", "grad norm"] + ([self.metric] if show_metric else [])
+        header.append("vs median")
         if has_ratio:
             header.append("|g|/|w|")
         if has_max:
@@ -1226,13 +1240,11 @@ class Diagnosis:
         header += ["NaN steps", "status"]
         body = []
         for r in rows:
-            cells = [
-                str(r.index),
-                r.name,
-                _fmt(r.median_norm),
-                _fmt(r.median_metric),
-                "-" if math.isnan(r.decades_vs_median) else f"{r.decades_vs_median:+.1f} dec",
-            ]
+            cells = [str(r.index), r.name, _fmt(r.median_norm)]
+            if show_metric:
+                cells.append(_fmt(r.median_metric))
+            dev = r.decades_vs_median
+            cells.append("-" if math.isnan(dev) else f"{dev:+.1f} dec")
             if has_ratio:
                 cells.append(_fmt(r.grad_weight_ratio))
             if has_max:
@@ -1682,6 +1694,7 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
         skipped_steps=skipped,
         thresholds=th,
         source=data.source,
+        depth_trends=trends,
     )
 
 

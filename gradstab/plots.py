@@ -83,6 +83,10 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
+def _short(source: str, n: int = 70) -> str:
+    return source if len(source) <= n else "..." + source[-(n - 3) :]
+
+
 def _edges(steps: list[int]) -> list[float]:
     """Cell edges around each step: midpoints between neighbours, half a gap at the ends."""
     if len(steps) == 1:
@@ -128,7 +132,7 @@ def plot_layer_heatmap(
 
     p = data.norm_type
     p_txt = "inf" if math.isinf(p) else f"{p:g}"
-    ax.set_title(title or f"Per-layer gradient {p_txt}-norm ({data.source})")
+    ax.set_title(title or f"Per-layer gradient {p_txt}-norm ({_short(data.source)})")
     s_n, t_n = data.num_steps, len(data.names)
     if s_n == 0 or t_n == 0:
         ax.text(0.5, 0.5, "no steps recorded", ha="center", va="center", transform=ax.transAxes)
@@ -171,6 +175,8 @@ def plot_layer_heatmap(
     ax.set_yticklabels([data.names[t] for t in ticks], fontsize=7 if t_n > 20 else 9)
     ax.set_xlabel("step")
     ax.set_ylabel("parameter (network order)")
+    fig.text(0.01, 0.01, "grey: no value   black: zero gradient   red: NaN/Inf gradient",
+             fontsize=8, color="#555555")  # fmt: skip
     fig.subplots_adjust(left=0.22, right=0.98, top=0.94, bottom=0.08)
     return _save(fig, path)
 
@@ -209,7 +215,7 @@ def plot_total_norm(
         'total.png'
     """
     fig, ax = _figure(size, dpi)
-    ax.set_title(title or f"Total gradient norm ({data.source})")
+    ax.set_title(title or f"Total gradient norm ({_short(data.source)})")
     s_n = data.num_steps
     if s_n == 0:
         ax.text(0.5, 0.5, "no steps recorded", ha="center", va="center", transform=ax.transAxes)

@@ -19,9 +19,11 @@ Keys understood (any subset; other columns are ignored):
 
 ``CSVLogger`` writes one row per ``log_metrics`` call, with empty cells for the keys not logged
 then; rows of the same step are merged.  It sorts its columns by name, which loses the
-network order: when the per-layer keys appear sorted, they are re-ordered by a natural sort
-(digit runs compared as numbers: ``layers.2`` before ``layers.10``), which restores the order
-of numbered containers (``nn.Sequential``, ``nn.ModuleList``); other names stay alphabetical.
+network order: when the per-layer keys appear sorted, they are re-ordered by module path with
+a natural sort (digit runs compared as numbers: ``layers.2`` before ``layers.10``) and, within
+a module, ``weight`` before ``bias`` (the registration order of PyTorch's layers).  That
+restores the order of numbered containers (``nn.Sequential``, ``nn.ModuleList``); sibling
+modules with other names stay alphabetical (``read_log(order=...)`` takes the true order).
 TensorBoard tags keep the order in which they were first written.
 
 The log is looked for under the directory given: ``metrics.csv`` files and folders holding
@@ -195,6 +197,12 @@ def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _param_key(name: str) -> tuple[Any, ...]:
+    """Sort key approximating registration order: module path naturally, then weight, bias."""
+    prefix, _, leaf = name.rpartition(".")
+    return (_natural_key(prefix), {"weight": 0, "bias": 1}.get(leaf, 2), _natural_key(leaf))
+
+
 def _combine_opt(rows: Mapping[int, Mapping[str, float]], p: float) -> dict[int, dict[str, float]]:
     """Fold ``<key>_opt<i>`` columns into ``<key>`` (norms as p-norms, counters summed)."""
     out: dict[int, dict[str, float]] = {}
@@ -289,10 +297,10 @@ def read_log(
         dict.fromkeys(c[len(layer_prefix) :] for c in columns if c.startswith(layer_prefix))
     )
     if names == sorted(names):
-        names.sort(key=_natural_key)
+        names.sort(key=_param_key)
     if order is not None:
         pos = {n: i for i, n in enumerate(order)}
-        names = sorted(names, key=lambda n: (pos.get(n, len(pos)), _natural_key(n)))
+        names = sorted(names, key=lambda n: (pos.get(n, len(pos)), _param_key(n)))
     total_key = f"grad_{want}_norm_total"
     g = f"{prefix}/"
     keys = {
