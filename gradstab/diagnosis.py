@@ -1088,8 +1088,8 @@ class Diagnosis:
         dead: dead parameters and units.
         spikes: total-norm spikes.
         large_steps: steps whose total norm reached ``large_norm``.
-        depth_trend: the depth fit with the largest change over the depth (a flat weight fit
-            when all are flat), or ``None`` with too few tensors.
+        depth_trend: the weights' depth fit, or the biases' where that one finds a trend and
+            the weights' does not; ``None`` with too few tensors.
         depth_trends: every depth fit made (one per group: weights, biases).
         nonfinite: where NaN/Inf first appeared, or ``None``.
         skipped_steps: steps whose optimizer step was skipped.
@@ -1580,9 +1580,9 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
     run_high = _longest_run(high)
     vanishing_mask = run_low >= need
     exploding_mask = run_high >= need
-    depth = max(trends, key=lambda t: abs(t.decades_toward_input), default=None)
-    if depth is not None and depth.direction == "flat":
-        depth = next((t for t in trends if t.kind == "weight"), depth)
+    # the weights' fit unless it is flat and the biases' is not
+    trends.sort(key=lambda t: (t.direction == "flat", t.kind != "weight"))
+    depth = trends[0] if trends else None
 
     # ---- dead tensors
     nonzero = finite & (norms > 0)
