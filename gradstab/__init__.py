@@ -13,6 +13,7 @@ from gradstab import (
     norm,
 )
 from gradstab._extension import backend_info
+from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
     GradStats,
     clip_grad_norm_,
@@ -25,12 +26,16 @@ from gradstab.functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diagnosis",
+    "GradHistory",
     "GradStats",
+    "HistoryData",
     "__version__",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "diagnose",
     "grad_stats",
     "init",
     "norm",
