@@ -7,7 +7,10 @@ Example:
     >>> total = gradstab.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
+from gradstab import (
+    _library,  # noqa: F401  (defines the ops before the extension registers kernels)
+    distributed,
+)
 from gradstab._extension import backend_info
 from gradstab.functional import (
     GradStats,
@@ -26,5 +29,6 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "distributed",
     "grad_stats",
 ]
