@@ -6,12 +6,13 @@ compute on the full model is a reduction across ranks.  :func:`gradstab.grad_sta
 to this module: gradients that are DTensors (as ``torch.distributed.fsdp.fully_shard`` makes
 them), or any call with ``process_group=``.  Then:
 
-1. :func:`layout` sorts the gradients: the local shard of a DTensor (``.to_local()``, a view,
-   so clipping it clips the DTensor) is *sharded* over the process groups of the mesh
-   dimensions it is split on (``Shard``/``_StridedShard``), and *local* when it is replicated on
-   every mesh dimension (a mesh dimension of size 1 counts as replicated).  A plain tensor is
-   sharded over ``process_group`` when one is given (ZeRO: each rank holds a disjoint part),
-   unless it was marked with :func:`mark_replicated`; without ``process_group`` it is local.
+1. :func:`layout` sorts the gradients: the local shard of a DTensor (what ``.to_local()``
+   returns: the DTensor's own storage, so clipping it clips the DTensor) is *sharded* over
+   the process groups of the mesh dimensions it is split on (``Shard``/``_StridedShard``),
+   and *local* when it is replicated on every mesh dimension (a mesh dimension of size 1
+   counts as replicated).  A plain tensor is sharded over ``process_group`` when one is
+   given (ZeRO: each rank holds a disjoint part), unless it was marked with
+   :func:`mark_replicated`; without ``process_group`` it is local.
    Local (replicated) tensors are counted once, not once per rank.  ``Partial`` placements
    (a reduction still pending) are refused.
 2. One ``torch.ops.gradstab.grad_stats`` call reads every local shard once and returns
@@ -228,8 +229,9 @@ class ShardLayout:
     """How a list of gradients is spread over ranks (see :func:`layout`).
 
     Attributes:
-        local: ``[T]`` the tensors this rank reads and clips, in input order: local shards
-            of DTensors (views: scaling them scales the DTensor) and plain tensors.
+        local: ``[T]`` the tensors this rank reads and clips, in input order: the local
+            tensors of DTensors (their storage: scaling them scales the DTensor) and plain
+            tensors.
         domain: ``[T]`` per tensor, the index into ``groups`` it is sharded over, or ``-1``
             for a tensor that is whole on this rank (replicated or not distributed).
         groups: per sharding domain, the process groups to reduce over (in order).
@@ -296,10 +298,17 @@ def layout(
         index[(process_group,)] = 0
     local: list[Tensor] = []
     domain: list[int] = []
+    seen: dict[tuple[int, tuple], Groups] = {}  # (mesh, placements) -> groups, per call
     for i, g in enumerate(grads):
         if is_dtensor(g):
-            key = _dtensor_groups(g, i, n, fn)
-            local.append(g.to_local())
+            spec = (id(g.device_mesh), tuple(g.placements))
+            key = seen.get(spec)
+            if key is None:
+                key = seen[spec] = _dtensor_groups(g, i, n, fn)
+            # The local shard itself (``to_local()`` is the same storage through an autograd
+            # function, ~20 us a call: too slow for thousands of parameters every step).
+            lt = getattr(g, "_local_tensor", None)
+            local.append(lt if lt is not None else g.to_local())
         else:
             marked = replicated is not None and replicated[i]
             key = (process_group,) if process_group is not None and not marked else ()

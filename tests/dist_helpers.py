@@ -548,6 +548,30 @@ def scenario_dtensor_mixed(rank: int) -> None:
     ck.done()
 
 
+def scenario_reduce_api(rank: int) -> None:
+    """The low-level API for the callback: reduce_stats / reduce_total on op statistics."""
+    ck = Checks(rank)
+    group = dist.group.WORLD
+    for p in (2.0, math.inf, 3.0):
+        full, params, _cuts, reps = _zero_setup(rank, 8, [torch.float32, torch.float16])
+        sharded = [q.grad for q in params[: len(params) - len(reps)]]
+        n64, m64, nf, _ = oracle(full[: len(sharded)], p)
+        norms, maxabs, nonfinite, _ = torch.ops.gradstab.grad_stats(sharded, p)
+        st = gradstab.distributed.reduce_stats(norms, maxabs, nonfinite, p, group)
+        ck.close(f"reduce_stats p={p} norms", st.norms, n64, 1e-6)
+        ck.close(f"reduce_stats p={p} max_abs", st.max_abs, m64, 1e-6)
+        ck.true(f"reduce_stats p={p} counts", st.nonfinite.tolist() == nf.tolist())
+        ck.close(f"reduce_stats p={p} total", st.total_norm, pnorm64(n64, p), 1e-6)
+        # reduce_total takes any split: here rank 1 passes its parts in reverse order.
+        total = gradstab.distributed.reduce_total(norms if rank == 0 else norms.flip(0), p, group)
+        ck.close(f"reduce_total p={p}", total, pnorm64(n64, p), 1e-6)
+        ck.same_on_all_ranks(f"reduce_total p={p}", total)
+        per_group = gradstab.distributed.reduce_stats(norms, None, None, p, [group])
+        ck.true(f"reduce_stats without max_abs p={p}", per_group.max_abs is None)
+        ck.close(f"reduce_stats group list p={p}", per_group.norms, n64, 1e-6)
+    ck.done()
+
+
 SCENARIOS: dict[str, Callable[[int], None]] = {
     "zero_shards": scenario_zero_shards,
     "zero_overflow": scenario_zero_overflow,
@@ -555,6 +579,7 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "zero_empty_rank": scenario_zero_empty_rank,
     "fsdp2": scenario_fsdp2,
     "dtensor_mixed": scenario_dtensor_mixed,
+    "reduce_api": scenario_reduce_api,
 }
 
 
