@@ -734,8 +734,17 @@ def scale_each_(tensors: Sequence[Tensor], coefs: Tensor) -> None:
 # --------------------------------------------------------------------------- public entry points
 
 
-def _coef(bound: Union[float, Tensor], norm: Tensor, eps: float) -> Tensor:
-    b = bound.to(device=norm.device, dtype=torch.float64) if isinstance(bound, Tensor) else bound
+def _coef(bound: Union[float, Tensor], norm: Tensor, eps: float, fn: str) -> Tensor:
+    """``min(1, bound / (norm + eps))`` in float64 on ``norm``'s device, NaN kept.
+
+    ``bound`` is checked as :mod:`gradstab.functional` checks it: a number, or a 0-d tensor
+    on the gradients' device (a CPU tensor is read on the host for free).
+    """
+    from gradstab.functional import _check_bound  # noqa: PLC0415
+
+    b = _check_bound(bound, "max_norm", fn, norm.device)
+    if isinstance(b, Tensor):
+        b = b.to(torch.float64)
     return torch.clamp(b / (norm + eps), max=1.0)
 
 
@@ -789,7 +798,7 @@ def clip_grad_norm_(
     total = layout_total(lay, norms, norm_type)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # host read: the caller asked
         raise RuntimeError(_nonfinite_message(norm_type, float(total), nonfinite, lay))
-    scale_(lay.local, _coef(max_norm, total, eps))
+    scale_(lay.local, _coef(max_norm, total, eps, fn))
     return total.to(_result_dtype(lay))
 
 
@@ -813,7 +822,7 @@ def clip_grad_norm_per_layer_(
     """
     lay = layout(grads, replicated, process_group, fn)
     norms, _, _, _ = layout_stats(lay, _op_stats(lay, norm_type), norm_type, with_max_abs=False)
-    scale_each_(lay.local, _coef(max_norm, norms.to(torch.float64), eps))
+    scale_each_(lay.local, _coef(max_norm, norms.to(torch.float64), eps, fn))
     return norms
 
 

@@ -474,13 +474,19 @@ def scenario_dtensor_mixed(rank: int) -> None:
     ck = Checks(rank)
     mesh = init_device_mesh("cpu", (WORLD,))
     gen = torch.Generator().manual_seed(21)
+    # A 2-D mesh (1 x 2, as HSDP with one replica): its sharded dimension is another process
+    # group, so the tensors on it form a second sharding domain, interleaved with the first.
+    mesh2 = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replica", "shard"))
     specs = [
         (None, (4,)),  # plain tensor first: whole on every rank, counted once
         ([Shard(0)], (5, 3)),  # uneven: 3 + 2 rows
         ([Replicate()], (6,)),  # replicated: counted once
         ([Shard(1)], (2, 7)),
         ([Shard(0)], (1,)),  # rank 1's shard is empty
+        ([Replicate(), Shard(0)], (3, 2)),  # on mesh2
         ([Shard(0)], (0, 3)),  # zero-size
+        ([Shard(0), Replicate()], (4,)),  # on mesh2: size-1 dim sharded = whole on each rank
+        ([Replicate(), Shard(1)], (2, 5)),  # on mesh2
     ]
 
     def build(dtype: torch.dtype, nan_on_rank1: bool = False):
@@ -492,10 +498,11 @@ def scenario_dtensor_mixed(rank: int) -> None:
                 prm = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
                 prm.grad = g.clone()
             else:
+                m = mesh2 if len(placements) == 2 else mesh
                 prm = torch.nn.Parameter(
-                    distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, placements)
+                    distribute_tensor(torch.zeros(shape, dtype=dtype), m, placements)
                 )
-                prm.grad = distribute_tensor(g.clone(), mesh, placements)
+                prm.grad = distribute_tensor(g.clone(), m, placements)
             params.append(prm)
         if nan_on_rank1:
             full[3][1, -1] = math.nan  # Shard(1) of 7 columns: the last is on rank 1
@@ -507,6 +514,8 @@ def scenario_dtensor_mixed(rank: int) -> None:
         for p in (2.0, math.inf, 1.0):
             tag = f"mixed {dtype} p={p}"
             full, params = build(dtype)
+            lay = gradstab.distributed.layout([q.grad for q in params])
+            ck.true(f"{tag} domains {lay.domain}", lay.domain == [-1, 0, -1, 0, 0, 0, 0, -1, 0])
             n64, m64, nf, tot64 = oracle(full, p)
             st = gradstab.grad_stats(params, p)
             rt = 1e-12 if dtype == torch.float64 else 1e-6
@@ -536,6 +545,37 @@ def scenario_dtensor_mixed(rank: int) -> None:
         ck.true(f"{tag} total", bool(st.total_norm.isnan()))
         total = gradstab.clip_grad_norm_(params, 1.0, p)
         ck.true(f"{tag} clip total {total}", bool(total.isnan()))
+
+    # Two sharding domains interleaved: ZeRO-style plain shards over a group of their own
+    # (process_group=) between DTensors on the default group; the plain tensor that every rank
+    # holds whole is marked replicated.
+    pg = dist.new_group(list(range(WORLD)))
+    for p in (2.0, math.inf):
+        tag = f"two domains p={p}"
+        full, params = build(torch.float32)
+        gradstab.distributed.mark_replicated(params[0])
+        z = torch.randn(9, generator=gen)
+        zp = torch.nn.Parameter(torch.zeros(4 if rank == 0 else 5))
+        zp.grad = (z[:4] if rank == 0 else z[4:]).clone()
+        full.insert(2, z)
+        params.insert(2, zp)
+        lay = gradstab.distributed.layout(
+            [q.grad for q in params], [gradstab.distributed.is_replicated(q) for q in params], pg
+        )
+        ck.true(f"{tag} domains {lay.domain}", lay.domain == [-1, 1, 0, -1, 1, 1, 1, 1, -1, 1])
+        n64, m64, nf, tot64 = oracle(full, p)
+        st = gradstab.grad_stats(params, p, process_group=pg)
+        ck.close(f"{tag} norms", st.norms, n64, 1e-6)
+        ck.close(f"{tag} max_abs", st.max_abs, m64, 1e-6)
+        ck.close(f"{tag} total", st.total_norm, tot64, 1e-6)
+        max_norm = float(tot64) / 2
+        total = gradstab.clip_grad_norm_(params, max_norm, p, process_group=pg)
+        ck.close(f"{tag} clip total", total, tot64, 1e-6)
+        coef = clip_coef(max_norm, tot64)
+        got = params[2].grad
+        want = (z[:4] if rank == 0 else z[4:]).double() * coef
+        ck.close(f"{tag} clipped plain shard", got, want, 2e-6)
+        ck.close(f"{tag} clipped DTensor", params[1].grad.full_tensor(), full[1] * coef, 2e-6)
 
     # A Partial gradient (reduction pending) is refused before any collective or write.
     prm = torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
