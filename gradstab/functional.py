@@ -335,7 +335,8 @@ def clip_grad_value_(
     """Clamp every gradient to ``[-clip_value, clip_value]`` in place.
 
     A drop-in for ``torch.nn.utils.clip_grad_value_``: NaNs stay NaN, and blocks of a
-    gradient with nothing beyond the bound are not written.
+    gradient with nothing beyond the bound are not written.  DTensor (FSDP2) gradients are
+    clamped shard by shard, with no communication.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
@@ -356,10 +357,17 @@ def clip_grad_value_(
     grads = _collect_grads(parameters, fn)
     if not grads:
         return
+    if _is_dtensor(grads[0]):  # elementwise: each rank clamps its local shards
+        grads = _distributed().layout(grads, fn=fn).local
     device = grads[0].device
     bound = _device_scalar(_check_bound(clip_value, "clip_value", fn, device), device)
     warn_if_fallback(device)
-    OPS["clip_value"](grads, bound, 2.0)
+    try:
+        OPS["clip_value"](grads, bound, 2.0)
+    except (RuntimeError, NotImplementedError):
+        if not _distributed()._holds_dtensor(grads):
+            raise
+        OPS["clip_value"](_distributed().layout(grads, fn=fn).local, bound, 2.0)
 
 
 def _check_flag(value: object, name: str, fn: str) -> None:

@@ -577,6 +577,14 @@ def scenario_dtensor_mixed(rank: int) -> None:
         ck.close(f"{tag} clipped plain shard", got, want, 2e-6)
         ck.close(f"{tag} clipped DTensor", params[1].grad.full_tensor(), full[1] * coef, 2e-6)
 
+    # clip_grad_value_ is elementwise: DTensors (first or later in the list) clamp shard-wise.
+    full, params = build(torch.float32)
+    for order in (params, params[1:] + params[:1]):
+        gradstab.clip_grad_value_(order, 0.5)
+    for i, (q, f) in enumerate(zip(params, full)):
+        got = q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad
+        ck.close(f"clip_grad_value_ {i}", got, f.double().clamp(-0.5, 0.5), 1e-7)
+
     # A Partial gradient (reduction pending) is refused before any collective or write.
     prm = torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
     prm.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()])
