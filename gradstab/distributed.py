@@ -35,10 +35,11 @@ overflows, but the *sum* of ``norm ** p`` over ranks can: ``(1e200) ** 2`` is no
 Reducing ``(norm / m) ** p`` with a global scale ``m`` would need a ``MAX`` all-reduce first
 (two collectives and a round of latency on every step).  Instead each value ``norm ** p`` is
 split exactly into a power of two and a mantissa (``frexp``) and stored in one of a few
-fixed *exponent bins* of 960 bits each (7 bins for ``p = 2``, 4 for ``p = 1``): the bin
-layout depends on ``p`` alone, so every rank agrees on it without communicating, a bin's sum
-of up to ``2**60`` values cannot overflow, and one float64 ``SUM`` all-reduce over the bins
-adds numbers of any magnitude that float16, bfloat16, float32 or float64 gradients can have.
+fixed *exponent bins* of 960 bits each (7 bins for ``p = 2`` and 5 for ``p = 1``, the last
+one for inf and NaN): the bin layout depends on ``p`` alone, so every rank agrees on it
+without communicating, a bin's sum of up to ``2**60`` values cannot overflow, and one
+float64 ``SUM`` all-reduce over the bins adds numbers of any magnitude that float16,
+bfloat16, float32 or float64 gradients can have.
 The root is taken from the highest non-empty bin down.  For integer ``p`` the binning is
 exact; the result differs from one process on the full gradients only by the rounding of
 the per-shard norms (float32 for non-float64 gradients: well under 1e-6 relative).  NaN and
