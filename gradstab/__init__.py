@@ -9,6 +9,7 @@ Example:
 
 from gradstab import (
     _library,  # noqa: F401  (defines the ops before the extension registers kernels)
+    distributed,
     init,
     norm,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "diagnose",
+    "distributed",
     "grad_stats",
     "init",
     "norm",
