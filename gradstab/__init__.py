@@ -9,28 +9,43 @@ Example:
 
 import importlib.util
 
-from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
+from gradstab import (
+    _library,  # noqa: F401  (defines the ops before the extension registers kernels)
+    distributed,
+    init,
+    norm,
+)
 from gradstab._extension import backend_info
+from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
     GradStats,
     clip_grad_norm_,
     clip_grad_norm_per_layer_,
     clip_grad_value_,
     grad_stats,
+    normalize_grad_per_layer_,
 )
 from gradstab.optimizer import GradStabOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diagnosis",
+    "GradHistory",
     "GradStabOptimizer",
     "GradStats",
+    "HistoryData",
     "__version__",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "diagnose",
+    "distributed",
     "grad_stats",
+    "init",
+    "norm",
+    "normalize_grad_per_layer_",
 ]
 if importlib.util.find_spec("lightning") is not None:
     __all__.append("GradStabCallback")  # lightning is an optional extra

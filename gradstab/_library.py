@@ -7,7 +7,7 @@ when built, ``CUDA``) dispatch keys; the reference kernels in
 so serve every other device.  The fake kernels make the ops traceable by
 ``torch.compile`` and checkable by ``torch.library.opcheck``.
 
-All four ops take the gradients of one device as a list (any mix of float16,
+All ops take the gradients of one device as a list (any mix of float16,
 bfloat16, float32 and float64) and return per-tensor statistics of the gradients
 *as they were on entry*::
 
@@ -47,6 +47,10 @@ SCHEMAS = {
     "clip_value": (
         f"clip_value(Tensor(a!)[] grads, Tensor clip_value, float norm_type) -> {_STATS}"
     ),
+    "normalize_per_layer": (
+        "normalize_per_layer(Tensor(a!)[] grads, Tensor target_norm, float norm_type, "
+        f"float eps) -> {_STATS}"
+    ),
 }
 
 _REFERENCE = {
@@ -54,6 +58,7 @@ _REFERENCE = {
     "clip_norm": reference.clip_norm,
     "clip_norm_per_layer": reference.clip_norm_per_layer,
     "clip_value": reference.clip_value,
+    "normalize_per_layer": reference.normalize_per_layer,
 }
 
 _lib = torch.library.Library("gradstab", "DEF")
