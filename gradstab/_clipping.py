@@ -66,7 +66,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from gradstab import reference
+from gradstab import functional, reference
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
 from gradstab.functional import EPS, _check_flag, _check_norm_type
@@ -681,6 +681,17 @@ def clip_step(
             per_dev = _grads_by_device(unit.params, unit.names, idx)
             if per_dev:
                 jobs.append((kind, unit.bound, per_dev))
+
+    for _, _, per_dev in jobs:
+        for _, gs, ns in per_dev:
+            if functional._is_dtensor(gs[0]):
+                raise TypeError(
+                    f"gradstab: the gradient of {ns[0]!r} is a DTensor (sharded, e.g. FSDP2); "
+                    "GradStabCallback and GradStabOptimizer do not combine sharded statistics "
+                    "across ranks yet. Clip with gradstab.clip_grad_norm_(model.parameters(), "
+                    "max_norm), which does, in on_before_optimizer_step (Lightning) or before "
+                    "optimizer.step()"
+                )
 
     check = cfg.nonfinite == "raise" and not scaler_skips
     # One norm-clipped job in one fused op: its kernel checks the total before writing anything
