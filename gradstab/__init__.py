@@ -7,6 +7,8 @@ Example:
     >>> total = gradstab.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
+import importlib.util
+
 from gradstab import (
     _library,  # noqa: F401  (defines the ops before the extension registers kernels)
     distributed,
@@ -23,12 +25,14 @@ from gradstab.functional import (
     grad_stats,
     normalize_grad_per_layer_,
 )
+from gradstab.optimizer import GradStabOptimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Diagnosis",
     "GradHistory",
+    "GradStabOptimizer",
     "GradStats",
     "HistoryData",
     "__version__",
@@ -43,3 +47,21 @@ __all__ = [
     "norm",
     "normalize_grad_per_layer_",
 ]
+if importlib.util.find_spec("lightning") is not None:
+    __all__.append("GradStabCallback")  # lightning is an optional extra
+
+
+def __getattr__(name: str) -> object:
+    # GradStabCallback needs lightning, an optional extra: imported on first use only.
+    if name == "GradStabCallback":
+        try:
+            from gradstab.callback import GradStabCallback  # noqa: PLC0415
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not exc.name.startswith("lightning"):
+                raise
+            raise ImportError(
+                "gradstab.GradStabCallback needs Lightning: pip install 'lightning>=2.2' "
+                "(or gradstab[lightning]); gradstab.GradStabOptimizer works without it"
+            ) from exc
+        return GradStabCallback
+    raise AttributeError(f"module 'gradstab' has no attribute {name!r}")

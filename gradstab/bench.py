@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 import gradstab
+from gradstab import bench_train
 
 __all__ = [
     "PARAM_SETS",
@@ -981,6 +982,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="small smoke run (many-small + resnet50, fp32, few repeats; under ~30 s)",
     )
+    bench_train.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -999,6 +1001,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ...     ["bench", "--quick"])  # doctest: +SKIP
         0
     """
+    if getattr(args, "train", False):
+        return bench_train.run(args, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gradstab bench: --device cuda but no CUDA device is visible", file=sys.stderr)
