@@ -10,7 +10,9 @@ Example:
 from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
 from gradstab._extension import backend_info
 from gradstab.functional import (
+    AGCStats,
     GradStats,
+    adaptive_clip_grad_,
     clip_grad_norm_,
     clip_grad_norm_per_layer_,
     clip_grad_value_,
@@ -20,8 +22,10 @@ from gradstab.functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGCStats",
     "GradStats",
     "__version__",
+    "adaptive_clip_grad_",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
