@@ -9,6 +9,7 @@ Example:
 
 from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
 from gradstab._extension import backend_info
+from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
 from gradstab.functional import (
     AGCStats,
     GradStats,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AGCStats",
     "GradStats",
+    "PercentileThreshold",
+    "ZScoreThreshold",
     "__version__",
     "adaptive_clip_grad_",
     "backend_info",
