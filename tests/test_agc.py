@@ -406,3 +406,44 @@ print("ok")
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_timm_style_baseline_agrees_and_differs_only_below_1e_6():
+    from gradstab.bench import timm_style_agc  # noqa: PLC0415
+
+    grads, params = make_pairs([(6, 3, 3, 3), (5, 7), (9,)], torch.float64, torch.float64, 8)
+    ours = [torch.nn.Parameter(w.clone()) for w in params]
+    theirs = [torch.nn.Parameter(w.clone()) for w in params]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    gradstab.adaptive_clip_grad_(ours, 0.01)
+    timm_style_agc(theirs, 0.01)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    # max_norm = 1e-4 * max(0, 1e-3) = 1e-7 < 1e-6: timm divides by max(||g||, 1e-6) and so
+    # over-clips a gradient of norm 5e-7 by 1e-7 / 1e-6 to 5e-8; the paper's rule to 1e-7.
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([3e-7, 4e-7], dtype=torch.float32)
+    b.grad = a.grad.clone()
+    gradstab.adaptive_clip_grad_([a], 1e-4)
+    timm_style_agc([b], 1e-4)
+    assert float(torch.linalg.vector_norm(a.grad)) == pytest.approx(1e-7, rel=1e-6)
+    assert float(torch.linalg.vector_norm(b.grad)) == pytest.approx(5e-8, rel=1e-6)
+
+
+def test_bench_agc_mode_smoke():
+    from gradstab.bench import bench_one  # noqa: PLC0415
+
+    rows = bench_one(
+        "many-small",
+        "fp32",
+        ["agc", "agc-healthy"],
+        device=torch.device("cpu"),
+        warmup=0,
+        repeats=1,
+    )
+    names = {(r.mode, r.contestant) for r in rows}
+    assert ("agc", "timm-style loop") in names and ("agc-healthy", "gradstab") in names
+    ours = [r for r in rows if r.kind == "gradstab"]
+    assert all(r.floor_fraction is not None and r.floor_fraction > 0 for r in ours)
