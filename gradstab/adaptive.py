@@ -65,6 +65,7 @@ from torch import Tensor
 
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
+from gradstab.functional import _check_norm_type, _collect_grads
 
 __all__ = ["AdaptiveThreshold", "PercentileThreshold", "ZScoreThreshold", "clip_"]
 
@@ -677,8 +678,6 @@ def clip_(
         )
     if mode not in ("norm", "layer"):
         raise ValueError(f"{fn}: mode must be 'norm' or 'layer', got {mode!r}")
-    from gradstab.functional import _check_norm_type, _collect_grads  # noqa: PLC0415
-
     p = _check_norm_type(norm_type, fn)
     grads = _collect_grads(parameters, fn)
     if not grads:
