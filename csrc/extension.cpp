@@ -1,9 +1,16 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
-// exposes build_info() for gradstab.backend_info().
+// exposes build_info() for gradstab.backend_info() and cpu_fast_path() (csrc/cpu/fast_path.cpp)
+// for gradstab.functional.
 #include <torch/extension.h>
 
 #include "cpu/range_kernels.h"
+
+namespace gradstab {
+namespace cpu {
+void register_fast_path(pybind11::module& m);  // fast_path.cpp
+}  // namespace cpu
+}  // namespace gradstab
 
 namespace {
 
@@ -24,4 +31,5 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
+  gradstab::cpu::register_fast_path(m);
 }

@@ -7,9 +7,15 @@ Example:
     >>> total = gradstab.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from gradstab import _library  # noqa: F401  (defines the ops before the extension registers kernels)
+from gradstab import (
+    _library,  # noqa: F401  (defines the ops before the extension registers kernels)
+    distributed,
+    init,
+    norm,
+)
 from gradstab._extension import backend_info
 from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
+from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
     AGCStats,
     GradStats,
@@ -18,13 +24,17 @@ from gradstab.functional import (
     clip_grad_norm_per_layer_,
     clip_grad_value_,
     grad_stats,
+    normalize_grad_per_layer_,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGCStats",
+    "Diagnosis",
+    "GradHistory",
     "GradStats",
+    "HistoryData",
     "PercentileThreshold",
     "ZScoreThreshold",
     "__version__",
@@ -33,5 +43,10 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "diagnose",
+    "distributed",
     "grad_stats",
+    "init",
+    "norm",
+    "normalize_grad_per_layer_",
 ]

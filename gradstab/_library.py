@@ -49,6 +49,10 @@ SCHEMAS = {
     "clip_value": (
         f"clip_value(Tensor(a!)[] grads, Tensor clip_value, float norm_type) -> {_STATS}"
     ),
+    "normalize_per_layer": (
+        "normalize_per_layer(Tensor(a!)[] grads, Tensor target_norm, float norm_type, "
+        f"float eps) -> {_STATS}"
+    ),
 }
 
 #: Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021): ``params`` are read only.
@@ -64,6 +68,7 @@ _REFERENCE = {
     "clip_norm": reference.clip_norm,
     "clip_norm_per_layer": reference.clip_norm_per_layer,
     "clip_value": reference.clip_value,
+    "normalize_per_layer": reference.normalize_per_layer,
     "adaptive_clip": reference.adaptive_clip,
 }
 

@@ -41,6 +41,7 @@ __all__ = [
     "clip_norm_per_layer",
     "clip_value",
     "grad_stats",
+    "normalize_per_layer",
     "result_dtype",
     "unit_view",
 ]
@@ -141,7 +142,7 @@ def _scale_(g: Tensor, coef: Tensor) -> None:
     """Multiply ``g`` in place by the float64 0-d ``coef`` with the kernels' rounding."""
     if g.numel() == 0:
         return
-    if g.device.type == "cpu" and bool(coef >= 1):
+    if g.device.type == "cpu" and bool(coef == 1):
         return  # coefficient 1: not written (NaN coefficients are written, as in PyTorch)
     opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
     g.copy_(g.to(opmath) * coef.to(opmath))
@@ -191,6 +192,16 @@ def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float,
     _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
     coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0)
+    for g, c in zip(grads, coefs.unbind(0)):
+        _scale_(g, c)
+    return _finish(grads, stats)
+
+
+def normalize_per_layer(grads: list[Tensor], target_norm: Tensor, norm_type: float, eps: float):
+    """Reference for ``gradstab::normalize_per_layer``: grad i times target / (norm_i + eps)."""
+    _read_bound(target_norm, "target_norm")
+    stats = _stats64(grads, norm_type)
+    coefs = target_norm.to(torch.float64) / (stats[0] + eps)
     for g, c in zip(grads, coefs.unbind(0)):
         _scale_(g, c)
     return _finish(grads, stats)
