@@ -16,9 +16,12 @@ from gradstab import (
     norm,
 )
 from gradstab._extension import backend_info
+from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
 from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
+    AGCStats,
     GradStats,
+    adaptive_clip_grad_,
     clip_grad_norm_,
     clip_grad_norm_per_layer_,
     clip_grad_value_,
@@ -30,12 +33,16 @@ from gradstab.optimizer import GradStabOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGCStats",
     "Diagnosis",
     "GradHistory",
     "GradStabOptimizer",
     "GradStats",
     "HistoryData",
+    "PercentileThreshold",
+    "ZScoreThreshold",
     "__version__",
+    "adaptive_clip_grad_",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",

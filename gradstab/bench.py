@@ -20,6 +20,12 @@ Modes:
     ``torch._foreach_norm`` alone (and Lightning's ``grad_norm`` when installed).
     ``value``: ``clip_grad_value_`` at the 99.9th percentile of ``|g|``; the few
     clamped elements are restored (untimed) after each call.
+    ``agc``: ``gradstab.adaptive_clip_grad_`` (unit-wise AGC, clip factor 0.01, on
+    ``randn`` weights) against the per-parameter PyTorch loop of timm's
+    ``adaptive_clip_grad`` (the same formula); every unit is clipped, and the gradients
+    are restored (untimed) after each call.  ``agc-healthy``: the same with clip factor
+    1000, so no unit is clipped.  The floor of AGC reads the weights as well: one read
+    plus one read+write (``agc``), two reads (``agc-healthy``).
 
 Example:
     $ python -m gradstab bench --quick
@@ -59,11 +65,13 @@ __all__ = [
     "many_small_shapes",
     "resnet50_shapes",
     "run",
+    "timm_style_agc",
 ]
 
 Shapes = list[tuple[str, tuple[int, ...]]]
 
-MODES = ("healthy", "clip", "stats", "value")
+AGC_MODES = ("agc", "agc-healthy")
+MODES = ("healthy", "clip", "stats", "value", *AGC_MODES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Default timed rounds per set, chosen so ``--set all`` (fp32 and bf16, healthy and
@@ -493,6 +501,8 @@ def _contestants(
     value_bound: float,
     outliers: _Outliers | None,
 ) -> list[_Contestant]:
+    if mode in AGC_MODES:
+        return _agc_contestants(mode, params, flat)
     grads = [p.grad for p in params]
     clip_fn = torch.nn.utils.clip_grad_norm_
     floors = [
@@ -579,6 +589,9 @@ def _check_mode(
     outliers: _Outliers | None,
 ) -> None:
     """One untimed call of gradstab in ``mode``, checked against a float64 reference."""
+    if mode in AGC_MODES:
+        _agc_check(mode, where, params)
+        return
     grads = [p.grad for p in params]
     if mode == "clip":
         gradstab.clip_grad_norm_(params, 0.5 * total)
@@ -610,10 +623,120 @@ def _floor_ms(mode: str, rows: Sequence[Result]) -> float:
     cache) it reads once and then reads and writes once: read + read+write.
     """
     read = min(r.median_ms for r in rows if r.floor == "read")
+    if mode in AGC_MODES:  # the weights are read too (same bytes as the gradients here)
+        if mode == "agc-healthy":
+            return 2 * read
+        return read + min(r.median_ms for r in rows if r.floor == "read+write")
     if mode in ("healthy", "stats"):
         return read
     write = min(r.median_ms for r in rows if r.floor == "read+write")
     return write if mode == "value" else read + write
+
+
+# --------------------------------------------------------------------------------------
+# Adaptive gradient clipping (modes agc, agc-healthy)
+# --------------------------------------------------------------------------------------
+
+#: Clip factor per AGC mode: 0.01 clips every unit of randn gradients on randn weights,
+#: 1000 clips none.
+AGC_CLIP_FACTOR = {"agc": 0.01, "agc-healthy": 1000.0}
+
+
+def _fill_weights(params: list[nn.Parameter], seed: int) -> None:
+    """``randn`` weights (AGC reads them; the other modes never do)."""
+    gen = torch.Generator(device=params[0].device).manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(generator=gen)
+
+
+def timm_style_agc(
+    params: Sequence[nn.Parameter], clip_factor: float, eps: float = 1e-3, norm_type: float = 2.0
+) -> None:
+    """The baseline: timm's ``adaptive_clip_grad`` loop, one parameter at a time.
+
+    Unit-wise norms over every dimension but the first (the whole tensor for 0-/1-D
+    parameters); ``max_norm = clip_factor * max(||W_i||, eps)``; units with
+    ``||G_i|| >= max_norm`` are scaled by ``max_norm / max(||G_i||, 1e-6)``.  The same
+    values as gradstab's rule whenever ``max_norm >= 1e-6`` (always, with these defaults).
+
+    Args:
+        params: parameters whose ``.grad`` is clipped in place.
+        clip_factor: lambda.
+        eps: floor of the weight norm.
+        norm_type: p of the norms.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2, 2)); w.grad = torch.ones(2, 2)
+        >>> timm_style_agc([w], 0.5); w.grad
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        w, g = p.detach(), p.grad.detach()
+        dims = tuple(range(1, w.ndim)) if w.ndim > 1 else None
+        keep = w.ndim > 1
+        max_norm = torch.linalg.vector_norm(w, norm_type, dim=dims, keepdim=keep)
+        max_norm = max_norm.clamp_(min=eps).mul_(clip_factor)
+        grad_norm = torch.linalg.vector_norm(g, norm_type, dim=dims, keepdim=keep)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        g.copy_(torch.where(grad_norm < max_norm, g, clipped))
+
+
+def _agc_contestants(mode: str, params: list[nn.Parameter], flat: Tensor) -> list[_Contestant]:
+    grads = [p.grad for p in params]
+    cf = AGC_CLIP_FACTOR[mode]
+    after = None
+    if mode == "agc":  # every unit is clipped: restore the gradients after each call
+        saved = [g.clone() for g in grads]
+
+        def after() -> None:
+            torch._foreach_copy_(grads, saved)
+
+    floors = [
+        _Contestant("floor: read (flat.sum)", "floor", flat.sum, floor="read"),
+        _Contestant("floor: read (flat.amax)", "floor", flat.amax, floor="read"),
+    ]
+    if mode == "agc":
+        floors.append(
+            _Contestant(
+                "floor: read+write (flat.mul_)", "floor", lambda: flat.mul_(1.0), floor="read+write"
+            )
+        )
+    return [
+        _Contestant(
+            "gradstab", "gradstab", lambda: gradstab.adaptive_clip_grad_(params, cf), after
+        ),
+        _Contestant("timm-style loop", "baseline", lambda: timm_style_agc(params, cf), after),
+        *floors,
+    ]
+
+
+def _agc_check(mode: str, where: str, params: list[nn.Parameter]) -> None:
+    """gradstab's AGC against the timm-style loop in float64, one tensor at a time."""
+    cf = AGC_CLIP_FACTOR[mode]
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+    stats = gradstab.adaptive_clip_grad_(params, cf)
+    units = sum(p.shape[0] if p.dim() >= 2 else 1 for p in params)
+    want = units if mode == "agc" else 0
+    if int(stats.clipped.sum()) != want:
+        raise BenchError(f"{where}: {int(stats.clipped.sum())} units clipped, expected {want}")
+    rtol = 1e-5 if grads[0].dtype == torch.float32 else 1e-2
+    for i, (p, g0) in enumerate(zip(params, saved)):
+        p64 = nn.Parameter(p.detach().double())
+        p64.grad = g0.double()
+        timm_style_agc([p64], cf)
+        err = float(torch.linalg.vector_norm(p.grad.double() - p64.grad))
+        ref = float(torch.linalg.vector_norm(p64.grad))
+        if err > rtol * ref:
+            raise BenchError(
+                f"{where}: tensor {i}: gradstab AGC differs from the float64 timm-style loop "
+                f"by {err / ref:.2e} relative (tolerance {rtol})"
+            )
+    torch._foreach_copy_(grads, saved)
 
 
 def bench_one(
@@ -655,6 +778,8 @@ def bench_one(
     shapes = PARAM_SETS[set_name]()
     dtype = DTYPES[dtype_name]
     params = _make_params(shapes, dtype, device, seed)
+    if any(m in AGC_MODES for m in modes):
+        _fill_weights(params, seed)
     grads = [p.grad for p in params]
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     where = f"{set_name}/{dtype_name}"
@@ -956,7 +1081,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         type=_csv(MODES),
         default=None,
-        help="modes, comma-separated: healthy, clip, stats, value (default: healthy,clip)",
+        help="modes, comma-separated: healthy, clip, stats, value, agc, agc-healthy "
+        "(default: healthy,clip)",
     )
     parser.add_argument(
         "--repeats",

@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = [
+    "AGCStats",
     "GradStats",
+    "adaptive_clip_grad_",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
@@ -473,6 +475,111 @@ def clip_grad_value_(
         if not _distributed()._holds_dtensor(grads):
             raise
         OPS["clip_value"](_distributed().layout(grads, fn=fn).local, bound, 2.0)
+
+
+class AGCStats(NamedTuple):
+    """What :func:`adaptive_clip_grad_` returns, all on the gradients' device.
+
+    Attributes:
+        norms: ``[T]`` p-norm of each gradient before clipping.
+        clipped: ``[T]`` int64 number of units of each gradient that were clipped.
+        nonfinite: ``[T]`` int64 count of NaN/Inf elements of each gradient.
+        total_norm: ``[]`` p-norm of all gradients (as one vector) before clipping.
+
+    Floating fields are float64 if any gradient is float64, float32 otherwise.  The number
+    of units of a parameter ``p`` is ``p.shape[0]`` if ``p.dim() >= 2``, else 1.
+    """
+
+    norms: Tensor
+    clipped: Tensor
+    nonfinite: Tensor
+    total_norm: Tensor
+
+
+def _check_real(value: object, name: str, fn: str, what: str, ok) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be {what}, got {value!r}")
+    v = float(value)
+    if not ok(v):
+        raise ValueError(f"{fn}: {name} must be {what}, got {value!r}")
+    return v
+
+
+def adaptive_clip_grad_(
+    parameters: TensorOrTensors,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float = 2.0,
+) -> AGCStats:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, NFNets), in place.
+
+    A *unit* is a slice along dim 0 of a parameter with two or more dimensions (an
+    output channel of a convolution, a row of a linear weight); a 0-/1-D parameter is
+    one unit.  For every unit ``i`` of every parameter ``W`` with gradient ``G``::
+
+        max_norm_i = clip_factor * max(||W_i||_p, eps)
+        G_i <- G_i * max_norm_i / ||G_i||_p     if ||G_i||_p > max_norm_i, else unchanged
+
+    the paper's rule: ``eps`` floors the *weight* norm (so zero-initialised weights can
+    still learn); no epsilon is added to ``||G_i||`` (timm clamps it at ``1e-6``, which
+    differs only when ``max_norm_i < 1e-6``).  One fused call reads every parameter and
+    gradient once and writes a unit only when it is clipped; nothing is read on the host.
+
+    Non-finite values follow the formula in float64: a unit whose gradient norm or weight
+    norm is NaN is left unchanged (the comparison is false); a unit whose gradient holds
+    ``inf`` (and no NaN) has norm ``inf`` and coefficient 0, so its finite elements become
+    0 and its infinite ones NaN.  Pair with a non-finite policy (skip the step) if that matters.
+
+    Args:
+        parameters: a tensor or an iterable of tensors; those whose ``.grad`` is ``None``
+            are skipped.  Parameters and gradients may have different dtypes (float16,
+            bfloat16, float32, float64) but must have the same shape and device.
+        clip_factor: lambda of the paper, ``> 0`` (NFNets use 0.01 to 0.16 depending on
+            batch size).
+        eps: floor of the weight norm, finite and ``>= 0`` (paper and timm: ``1e-3``).
+        norm_type: p of the unit-wise p-norms (``> 0``, ``inf`` allowed).
+
+    Returns:
+        An :class:`AGCStats` with the pre-clip norms and the number of clipped units.
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        >>> w.grad = torch.tensor([[0.3, 0.4], [0.1, 0.0]])
+        >>> gradstab.adaptive_clip_grad_([w], clip_factor=0.01).clipped
+        tensor([2])
+        >>> w.grad  # row 0 to 0.01 * 5 = 0.05, row 1 to 0.01 * max(0, 1e-3) = 1e-5
+        tensor([[3.0000e-02, 4.0000e-02],
+                [1.0000e-05, 0.0000e+00]])
+    """
+    fn = "gradstab.adaptive_clip_grad_"
+    lam = _check_real(clip_factor, "clip_factor", fn, "a positive number", lambda v: v > 0)
+    floor = _check_real(
+        eps, "eps", fn, "a finite number >= 0", lambda v: v >= 0 and math.isfinite(v)
+    )
+    p = _check_norm_type(norm_type, fn)
+    if isinstance(parameters, Tensor):
+        params = [parameters]
+    else:
+        try:
+            params = list(parameters)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: parameters must be a tensor or an iterable of tensors, "
+                f"got {type(parameters).__name__}"
+            ) from None
+    for i, q in enumerate(params):
+        if not isinstance(q, Tensor):
+            raise TypeError(f"{fn}: parameters[{i}] is a {type(q).__name__}, not a tensor")
+    pairs = [(q.grad, q.detach()) for q in params if q.grad is not None]
+    if not pairs:
+        empty = torch.zeros((0,))
+        zeros = torch.zeros((0,), dtype=torch.int64)
+        return AGCStats(empty, zeros, zeros.clone(), torch.tensor(0.0))
+    grads = [g for g, _ in pairs]
+    weights = [w for _, w in pairs]
+    warn_if_fallback(grads[0].device)
+    return AGCStats(*OPS["adaptive_clip"](grads, weights, lam, floor, p))
 
 
 def _check_flag(value: object, name: str, fn: str) -> None:
