@@ -1,7 +1,8 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
-// exposes build_info() for gradstab.backend_info() (and, in a CUDA build, cuda_fast_path() and
-// test hooks from csrc/cuda/fast_path_cuda.cpp).
+// exposes build_info() for gradstab.backend_info() and cpu_fast_path() (csrc/cpu/fast_path.cpp)
+// for gradstab.functional (and, in a CUDA build, cuda_fast_path() and test hooks from
+// csrc/cuda/fast_path_cuda.cpp).
 #include <torch/extension.h>
 
 #include "cpu/range_kernels.h"
@@ -13,6 +14,12 @@ void register_fast_path(pybind11::module& m);  // cuda/fast_path_cuda.cpp
 }  // namespace cuda
 }  // namespace gradstab
 #endif
+
+namespace gradstab {
+namespace cpu {
+void register_fast_path(pybind11::module& m);  // fast_path.cpp
+}  // namespace cpu
+}  // namespace gradstab
 
 namespace {
 
@@ -34,6 +41,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
+  gradstab::cpu::register_fast_path(m);
 #ifdef GRADSTAB_WITH_CUDA
   gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks
 #endif

@@ -16,12 +16,14 @@ BUILD_COMMAND = "pip install --no-build-isolation ."
 CUDA_BUILD_COMMAND = "GRADSTAB_FORCE_CUDA=1 pip install --no-build-isolation ."
 
 _C = None
+#: ``gradstab._C.cpu_fast_path`` (see gradstab.functional), or None without the extension.
+cpu_fast_path = None
 _load_error: str | None = None
 _warned: set[str] = set()
 
 
 def _load() -> None:
-    global _C, _load_error
+    global _C, _load_error, cpu_fast_path
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
         _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"
         return
@@ -40,6 +42,7 @@ def _load() -> None:
             _load_error = f"gradstab._C could not be imported ({exc})"
         return
     _C = ext
+    cpu_fast_path = getattr(ext, "cpu_fast_path", None)
 
 
 def has_kernel(device_type: str) -> bool:

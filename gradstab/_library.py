@@ -7,13 +7,15 @@ when built, ``CUDA``) dispatch keys; the reference kernels in
 so serve every other device.  The fake kernels make the ops traceable by
 ``torch.compile`` and checkable by ``torch.library.opcheck``.
 
-All four ops take the gradients of one device as a list (any mix of float16,
+The norm-clipping ops take the gradients of one device as a list (any mix of float16,
 bfloat16, float32 and float64) and return per-tensor statistics of the gradients
 *as they were on entry*::
 
     (norms [T], max_abs [T], nonfinite [T] int64, total_norm [])
 
 with floating results in float64 if any gradient is float64, float32 otherwise.
+``adaptive_clip`` (unit-wise AGC) also takes the parameters, read only, and returns
+``(norms [T], clipped [T] int64, nonfinite [T] int64, total_norm [])``.
 
 Example:
     >>> import torch, gradstab
@@ -47,13 +49,27 @@ SCHEMAS = {
     "clip_value": (
         f"clip_value(Tensor(a!)[] grads, Tensor clip_value, float norm_type) -> {_STATS}"
     ),
+    "normalize_per_layer": (
+        "normalize_per_layer(Tensor(a!)[] grads, Tensor target_norm, float norm_type, "
+        f"float eps) -> {_STATS}"
+    ),
 }
+
+#: Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021): ``params`` are read only.
+#: Returns the gradients' pre-clip norms [T], the number of clipped units per gradient [T]
+#: (int64), non-finite element counts [T] (int64) and the pre-clip total norm [].
+SCHEMAS["adaptive_clip"] = (
+    "adaptive_clip(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps, "
+    "float norm_type) -> (Tensor norms, Tensor clipped, Tensor nonfinite, Tensor total_norm)"
+)
 
 _REFERENCE = {
     "grad_stats": reference.grad_stats,
     "clip_norm": reference.clip_norm,
     "clip_norm_per_layer": reference.clip_norm_per_layer,
     "clip_value": reference.clip_value,
+    "normalize_per_layer": reference.normalize_per_layer,
+    "adaptive_clip": reference.adaptive_clip,
 }
 
 _lib = torch.library.Library("gradstab", "DEF")
@@ -72,10 +88,27 @@ def _fake_stats(grads: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Ten
     )
 
 
+def _fake_adaptive_clip(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reference.check_agc_args(grads, params, clip_factor, eps, norm_type)
+    n = len(grads)
+    device = grads[0].device if n else torch.device("cpu")
+    rd = reference.result_dtype(grads)
+    return (
+        torch.empty((n,), dtype=rd, device=device),
+        torch.empty((n,), dtype=torch.int64, device=device),
+        torch.empty((n,), dtype=torch.int64, device=device),
+        torch.empty((), dtype=rd, device=device),
+    )
+
+
+_FAKE = {"adaptive_clip": _fake_adaptive_clip}
+
 for _name, _schema in SCHEMAS.items():
     _lib.define(_schema)
     _lib.impl(_name, _REFERENCE[_name], "CompositeExplicitAutograd")
-    torch.library.register_fake(f"gradstab::{_name}", _fake_stats, lib=_lib)
+    torch.library.register_fake(f"gradstab::{_name}", _FAKE.get(_name, _fake_stats), lib=_lib)
 
 #: Op name -> ``torch.ops.gradstab.<name>.default`` (the resolved overload: no per-call lookup).
 OPS = {name: getattr(torch.ops.gradstab, name).default for name in SCHEMAS}

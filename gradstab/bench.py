@@ -20,6 +20,12 @@ Modes:
     ``torch._foreach_norm`` alone (and Lightning's ``grad_norm`` when installed).
     ``value``: ``clip_grad_value_`` at the 99.9th percentile of ``|g|``; the few
     clamped elements are restored (untimed) after each call.
+    ``agc``: ``gradstab.adaptive_clip_grad_`` (unit-wise AGC, clip factor 0.01, on
+    ``randn`` weights) against the per-parameter PyTorch loop of timm's
+    ``adaptive_clip_grad`` (the same formula); every unit is clipped, and the gradients
+    are restored (untimed) after each call.  ``agc-healthy``: the same with clip factor
+    1000, so no unit is clipped.  The floor of AGC reads the weights as well: one read
+    plus one read+write (``agc``), two reads (``agc-healthy``).
 
 On CUDA (``--device cuda``; CUDA events time each call) three things are added, and the CPU
 run is unchanged: the ``llama1b`` set (Llama 3.2 1B, 1.24 B parameters; timed by default only on
@@ -60,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 import gradstab
+from gradstab import bench_train
 
 __all__ = [
     "PARAM_SETS",
@@ -71,11 +78,13 @@ __all__ = [
     "many_small_shapes",
     "resnet50_shapes",
     "run",
+    "timm_style_agc",
 ]
 
 Shapes = list[tuple[str, tuple[int, ...]]]
 
-MODES = ("healthy", "clip", "stats", "value")
+AGC_MODES = ("agc", "agc-healthy")
+MODES = ("healthy", "clip", "stats", "value", *AGC_MODES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Default timed rounds per set, chosen so ``--set all`` (fp32 and bf16, healthy and
@@ -505,6 +514,8 @@ def _contestants(
     value_bound: float,
     outliers: _Outliers | None,
 ) -> list[_Contestant]:
+    if mode in AGC_MODES:
+        return _agc_contestants(mode, params, flat)
     grads = [p.grad for p in params]
     clip_fn = torch.nn.utils.clip_grad_norm_
     floors = [
@@ -591,6 +602,9 @@ def _check_mode(
     outliers: _Outliers | None,
 ) -> None:
     """One untimed call of gradstab in ``mode``, checked against a float64 reference."""
+    if mode in AGC_MODES:
+        _agc_check(mode, where, params)
+        return
     grads = [p.grad for p in params]
     if mode == "clip":
         gradstab.clip_grad_norm_(params, 0.5 * total)
@@ -622,10 +636,120 @@ def _floor_ms(mode: str, rows: Sequence[Result]) -> float:
     cache) it reads once and then reads and writes once: read + read+write.
     """
     read = min(r.median_ms for r in rows if r.floor == "read")
+    if mode in AGC_MODES:  # the weights are read too (same bytes as the gradients here)
+        if mode == "agc-healthy":
+            return 2 * read
+        return read + min(r.median_ms for r in rows if r.floor == "read+write")
     if mode in ("healthy", "stats"):
         return read
     write = min(r.median_ms for r in rows if r.floor == "read+write")
     return write if mode == "value" else read + write
+
+
+# --------------------------------------------------------------------------------------
+# Adaptive gradient clipping (modes agc, agc-healthy)
+# --------------------------------------------------------------------------------------
+
+#: Clip factor per AGC mode: 0.01 clips every unit of randn gradients on randn weights,
+#: 1000 clips none.
+AGC_CLIP_FACTOR = {"agc": 0.01, "agc-healthy": 1000.0}
+
+
+def _fill_weights(params: list[nn.Parameter], seed: int) -> None:
+    """``randn`` weights (AGC reads them; the other modes never do)."""
+    gen = torch.Generator(device=params[0].device).manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(generator=gen)
+
+
+def timm_style_agc(
+    params: Sequence[nn.Parameter], clip_factor: float, eps: float = 1e-3, norm_type: float = 2.0
+) -> None:
+    """The baseline: timm's ``adaptive_clip_grad`` loop, one parameter at a time.
+
+    Unit-wise norms over every dimension but the first (the whole tensor for 0-/1-D
+    parameters); ``max_norm = clip_factor * max(||W_i||, eps)``; units with
+    ``||G_i|| >= max_norm`` are scaled by ``max_norm / max(||G_i||, 1e-6)``.  The same
+    values as gradstab's rule whenever ``max_norm >= 1e-6`` (always, with these defaults).
+
+    Args:
+        params: parameters whose ``.grad`` is clipped in place.
+        clip_factor: lambda.
+        eps: floor of the weight norm.
+        norm_type: p of the norms.
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2, 2)); w.grad = torch.ones(2, 2)
+        >>> timm_style_agc([w], 0.5); w.grad
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        w, g = p.detach(), p.grad.detach()
+        dims = tuple(range(1, w.ndim)) if w.ndim > 1 else None
+        keep = w.ndim > 1
+        max_norm = torch.linalg.vector_norm(w, norm_type, dim=dims, keepdim=keep)
+        max_norm = max_norm.clamp_(min=eps).mul_(clip_factor)
+        grad_norm = torch.linalg.vector_norm(g, norm_type, dim=dims, keepdim=keep)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        g.copy_(torch.where(grad_norm < max_norm, g, clipped))
+
+
+def _agc_contestants(mode: str, params: list[nn.Parameter], flat: Tensor) -> list[_Contestant]:
+    grads = [p.grad for p in params]
+    cf = AGC_CLIP_FACTOR[mode]
+    after = None
+    if mode == "agc":  # every unit is clipped: restore the gradients after each call
+        saved = [g.clone() for g in grads]
+
+        def after() -> None:
+            torch._foreach_copy_(grads, saved)
+
+    floors = [
+        _Contestant("floor: read (flat.sum)", "floor", flat.sum, floor="read"),
+        _Contestant("floor: read (flat.amax)", "floor", flat.amax, floor="read"),
+    ]
+    if mode == "agc":
+        floors.append(
+            _Contestant(
+                "floor: read+write (flat.mul_)", "floor", lambda: flat.mul_(1.0), floor="read+write"
+            )
+        )
+    return [
+        _Contestant(
+            "gradstab", "gradstab", lambda: gradstab.adaptive_clip_grad_(params, cf), after
+        ),
+        _Contestant("timm-style loop", "baseline", lambda: timm_style_agc(params, cf), after),
+        *floors,
+    ]
+
+
+def _agc_check(mode: str, where: str, params: list[nn.Parameter]) -> None:
+    """gradstab's AGC against the timm-style loop in float64, one tensor at a time."""
+    cf = AGC_CLIP_FACTOR[mode]
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+    stats = gradstab.adaptive_clip_grad_(params, cf)
+    units = sum(p.shape[0] if p.dim() >= 2 else 1 for p in params)
+    want = units if mode == "agc" else 0
+    if int(stats.clipped.sum()) != want:
+        raise BenchError(f"{where}: {int(stats.clipped.sum())} units clipped, expected {want}")
+    rtol = 1e-5 if grads[0].dtype == torch.float32 else 1e-2
+    for i, (p, g0) in enumerate(zip(params, saved)):
+        p64 = nn.Parameter(p.detach().double())
+        p64.grad = g0.double()
+        timm_style_agc([p64], cf)
+        err = float(torch.linalg.vector_norm(p.grad.double() - p64.grad))
+        ref = float(torch.linalg.vector_norm(p64.grad))
+        if err > rtol * ref:
+            raise BenchError(
+                f"{where}: tensor {i}: gradstab AGC differs from the float64 timm-style loop "
+                f"by {err / ref:.2e} relative (tolerance {rtol})"
+            )
+    torch._foreach_copy_(grads, saved)
 
 
 def bench_one(
@@ -670,6 +794,8 @@ def bench_one(
     shapes = {**PARAM_SETS, **GPU_SETS}[set_name]()
     dtype = DTYPES[dtype_name]
     params = _make_params(shapes, dtype, device, seed)
+    if any(m in AGC_MODES for m in modes):
+        _fill_weights(params, seed)
     grads = [p.grad for p in params]
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     where = f"{set_name}/{dtype_name}"
@@ -816,14 +942,28 @@ CUDA_TARGETS = (
     (None, None, "stats", "torch._foreach_norm", 1.0, None),
 )
 
-#: Bytes each mode must move, in passes over the gradients (see ``_floor_ms``).
-_TRAFFIC = {"healthy": 1, "stats": 1, "value": 2, "clip": 3}
+#: Bytes each mode must move, in passes over the gradients (see ``_floor_ms``; AGC reads the
+#: weights as well).
+_TRAFFIC = {"healthy": 1, "stats": 1, "value": 2, "clip": 3, "agc": 3, "agc-healthy": 2}
+#: The baseline each mode's ratio is reported against in the CUDA summary.
+_SUMMARY_BASELINE = {
+    "stats": "torch._foreach_norm",
+    "agc": "timm-style loop",
+    "agc-healthy": "timm-style loop",
+}
 
 
 def _parse_sets(text: str) -> list[str]:
     if [t.strip() for t in text.split(",") if t.strip()] == ["all"]:
         return ["all"]  # resolved by _resolve_sets: GPU-only sets join on CUDA
     return _csv([*PARAM_SETS, *GPU_SETS], allow_all=True)(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _resolve_sets(sets: list[str] | None, quick: bool, device: torch.device) -> list[str]:
@@ -884,7 +1024,7 @@ def _rotation_copies(
     for _ in range(1, copies):
         clones = []
         for p in params:
-            q = nn.Parameter(torch.empty_like(p))
+            q = nn.Parameter(p.detach().clone())  # the weights too: AGC reads them
             q.grad = p.grad.clone()
             clones.append(q)
         outliers = None
@@ -923,6 +1063,8 @@ def _direct_contestant(
     if fast is None:
         return None
     eps = 1e-6
+    if mode not in ("healthy", "clip", "stats", "value"):
+        return None  # AGC has no direct entry point
     if mode in ("healthy", "clip"):
         bound = total * (1e6 if mode == "healthy" else 0.5)
         fn = lambda: fast(1, params, 2.0, bound, eps, False)  # noqa: E731
@@ -981,7 +1123,8 @@ def cuda_summary(results: Sequence[Result]) -> str:
     lines = [
         "CUDA summary: achieved bandwidth = least traffic of the mode / median time.",
         "Traffic = gradient bytes x passes (healthy, stats: 1 read; value: 1 read+write = 2;",
-        "clip: 1 read + 1 read+write = 3). floor GB/s = the same traffic / the floor's time.",
+        "clip: 1 read + 1 read+write = 3; agc: weights read too, 3; agc-healthy: 2).",
+        "floor GB/s = the same traffic / the floor's time (flat buffer, same run).",
         "",
         "| set | dtype | mode | entry | GB/s | floor GB/s | of floor | vs baseline |",
         "|---|---|---|---|---|---|---|---|",
@@ -999,7 +1142,7 @@ def cuda_summary(results: Sequence[Result]) -> str:
         for r in rows:
             if r.kind not in ("gradstab", "gradstab-direct"):
                 continue
-            base_name = "torch._foreach_norm" if mode == "stats" else "torch foreach=True"
+            base_name = _SUMMARY_BASELINE.get(mode, "torch foreach=True")
             base = next((b for b in rows if b.contestant == base_name), None)
             ratio = base.median_ms / r.median_ms if base is not None else None
             lines.append(
@@ -1269,7 +1412,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         type=_csv(MODES),
         default=None,
-        help="modes, comma-separated: healthy, clip, stats, value (default: healthy,clip)",
+        help="modes, comma-separated: healthy, clip, stats, value, agc, agc-healthy "
+        "(default: healthy,clip)",
     )
     parser.add_argument(
         "--repeats",
@@ -1291,7 +1435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the gradients (default 0)")
     parser.add_argument(
         "--rotate",
-        type=int,
+        type=_positive_int,
         default=None,
         help="CUDA only: time each set on N identical copies, cycled call by call (default: "
         f"enough for {ROTATE_L2_MULTIPLE}x the L2 cache, at most {MAX_ROTATE}; 1 disables)",
@@ -1302,6 +1446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="small smoke run (many-small + resnet50, fp32, few repeats; under ~30 s)",
     )
+    bench_train.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1320,6 +1465,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         ...     ["bench", "--quick"])  # doctest: +SKIP
         0
     """
+    if getattr(args, "train", False):
+        return bench_train.run(args, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gradstab bench: --device cuda but no CUDA device is visible", file=sys.stderr)
@@ -1335,9 +1482,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     warmup = args.warmup
     if warmup is None:
         warmup = QUICK_WARMUP if args.quick else DEFAULT_WARMUP
-    if getattr(args, "rotate", None) is not None and args.rotate < 1:
-        print("gradstab bench: --rotate must be >= 1", file=sys.stderr)
-        return 2
     if (args.repeats is not None and args.repeats < 1) or warmup < 0:
         print("gradstab bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2

@@ -1,5 +1,7 @@
 """``GradStabCallback``: fused gradient clipping and gradient-health monitoring for Lightning.
 
+Needs ``lightning`` (``pip install "gradstab[lightning]"``); the rest of gradstab does not.
+
 Example:
     >>> import lightning.pytorch as pl
     >>> from gradstab import GradStabCallback
@@ -14,7 +16,6 @@ from typing import Any, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.amp.grad_scaler import OptState
 
@@ -27,7 +28,7 @@ _OWNER = "GradStabCallback"
 
 
 class GradStabCallback(Callback):
-    r"""Clip gradients with one fused pass and log per-layer gradient health.
+    r"""Clip gradients in one fused pass and log per-layer gradient health.
 
     Works in ``on_before_optimizer_step``, which Lightning 2.x calls once per optimizer step:
     after the closure (forward and backward; after the last micro-batch with
@@ -37,61 +38,62 @@ class GradStabCallback(Callback):
 
     **Clipping** (``mode``): ``"norm"`` scales all gradients by
     ``min(1, max_norm / (total_norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` in value);
-    ``"layer"`` does that per tensor, or with ``group_by="module"`` per module (all direct
-    parameters of a module share the coefficient from their joint norm: each module is one
-    fused global clip over its tensors, so no host sync and no write of unclipped modules);
-    ``"value"`` clamps to ``[-clip_value, clip_value]``; ``None`` only monitors.  A dict
-    ``{param_group_index: threshold}`` clips each listed param group on its own; unlisted
-    groups are monitored only.  A healthy step reads every gradient once and writes only the
-    gradients that are clipped.
+    ``"layer"`` does that per tensor or, with ``group_by="module"``, per module (the direct
+    parameters of a module share the coefficient of their joint norm); ``"value"`` clamps to
+    ``[-clip_value, clip_value]``; ``None`` only monitors.  A dict
+    ``{param_group_index: threshold}`` clips each listed param group on its own; unlisted groups
+    are monitored only.  A healthy step reads every gradient once and writes only the gradients
+    that are clipped.
 
-    **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule:
-    when ``(batches_that_stepped + 1) % n == 0``, logged at ``step=batches_that_stepped`` like
-    the metrics of ``training_step``) the callback writes to every logger of the trainer:
+    **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule, logged at
+    the same ``step`` as the metrics of ``training_step``) the callback writes to every logger
+    of the trainer:
 
-    - ``grad_{p}_norm_total``: pre-clip total norm (Lightning's ``grad_norm`` key);
-    - ``<prefix>/post_clip_norm_total`` and ``<prefix>/clip_coef`` (post / pre; the clip
+    - ``grad_{p}_norm_total``: the pre-clip total norm (the key of Lightning's ``grad_norm``);
+    - ``<prefix>/post_clip_norm_total`` and ``<prefix>/clip_coef`` (post / pre: the clip
       coefficient in ``"norm"`` mode; 0 for a zeroed or skipped step);
-    - ``<prefix>/clip_rate``: fraction of optimizer steps clipped since the last log;
-    - ``<prefix>/nonfinite_count``: optimizer steps whose gradients held a NaN/Inf so far;
-    - ``<prefix>/skipped_steps``: optimizer steps skipped so far;
-    - with ``log_per_layer``: ``grad_{p}_norm/<param name>`` and
+    - ``<prefix>/clip_rate``: the fraction of optimizer steps clipped since the last log;
+    - ``<prefix>/nonfinite_steps``: optimizer steps whose gradients held a NaN/Inf, so far;
+    - ``<prefix>/skipped_steps``: optimizer steps skipped so far (by ``nonfinite="skip"`` or
+      by fp16 AMP's GradScaler);
+    - with ``log_per_layer=True``: ``grad_{p}_norm/<param name>`` and
       ``<prefix>/max_abs/<param name>`` (pre-clip).
 
     ``p`` is ``float(norm_type)`` (``2.0``, ``inf``).  With several optimizers the aggregate
-    keys get a suffix ``_opt<i>``.  The metrics are also kept in :attr:`last_metrics`.  Between
-    logs everything stays on the device: on a step that does not log nothing is read on the
-    host with the ``"ignore"`` and ``"zero"`` policies; a logging step reads once.  The callback
-    writes to ``trainer.loggers`` directly (as ``LearningRateMonitor`` does) rather than through
-    ``self.log``, which Lightning only flushes on its own ``log_every_n_steps`` schedule.
+    keys get a suffix ``_opt<i>``.  The last metrics are also kept in :attr:`last_metrics`.
+    Between logs the statistics stay on the device: on a step that does not log nothing is read
+    on the host with the ``"ignore"`` policy (nor with ``"zero"`` off the CPU); a logging step
+    reads once.  The callback writes to ``trainer.loggers`` directly (as Lightning's
+    ``LearningRateMonitor`` does), so its schedule does not depend on ``self.log``'s.
 
     **Non-finite gradients** (``nonfinite``): ``"ignore"`` (PyTorch's behaviour); ``"zero"``
-    (the step's gradients are zeroed if any holds a NaN/Inf; the optimizer step still runs, so
-    momentum and weight decay still move the parameters; no host sync: on accelerators a masked
-    fill of every gradient, on CPU a free host check); ``"skip"`` (the optimizer step leaves
-    parameters and optimizer state bit-identical: every ``p.grad`` of that optimizer is set to
-    ``None``, and ``torch.optim`` optimizers, including ``foreach`` and ``fused`` ones, skip
-    parameters without a gradient. This reads one flag on the host per step); ``"raise"``
-    (``RuntimeError`` naming the first offending parameter; one host read per step).  Under
-    fp16 AMP the GradScaler already skips steps whose gradients overflowed (and lowers its
-    scale; overflow is routine there): the policy is then left to the scaler and such steps are
-    counted once, as non-finite and skipped.  bf16 and fp32 have no scaler, so there the
-    policy acts.
+    (a step's gradients are zeroed when any holds a NaN/Inf; the optimizer step still runs, so
+    momentum and weight decay still move the parameters; off the CPU this costs a masked fill
+    of every gradient each step instead of a host read); ``"skip"`` (the optimizer step leaves
+    parameters and optimizer state bit-identical: the ``.grad`` of every parameter of the
+    optimizer is set to ``None``, and ``torch.optim`` optimizers, ``foreach`` and ``fused``
+    ones included, leave parameters without a gradient alone; reads one flag on the host per
+    step); ``"raise"`` (``RuntimeError`` naming the first offending parameter, raised before
+    any gradient is changed; reads the counts on the host each step).  Under fp16 AMP the
+    GradScaler already skips the steps whose gradients overflowed (routine while it calibrates
+    its scale): the policy is then left to it and such steps count as non-finite and skipped.
+    bf16 and fp32 have no scaler, so there the policy acts.
 
-    **Fused optimizers under fp16 AMP** (``fused=True`` under a GradScaler) unscale inside
-    ``step()``, so they reach the hook still scaled.  The callback then multiplies the
-    thresholds by the scale on the device and divides the logged statistics by it (the clip is
-    that of the unscaled gradients, up to ``eps``); in ``"value"`` mode it unscales the
-    gradients with ``scaler.unscale_(optimizer)`` first (clamping an overflowed scaled
-    gradient would hide the inf from the scaler).
+    **Fused optimizers** (``fused=True``) under fp16 AMP unscale inside ``step()``, so their
+    gradients reach the hook still scaled.  The callback then multiplies its thresholds by the
+    scale on the device and divides the logged statistics by it: the clip is that of the
+    unscaled gradients (up to ``eps``) and never of the scaled ones.  In ``"value"`` mode it
+    calls ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the
+    scaler).
 
-    **Manual optimization**: nothing to add.  ``opt.step()`` on the optimizer returned by
+    **Manual optimization**: nothing to add.  ``opt.step()`` on an optimizer from
     ``self.optimizers()`` runs ``on_before_optimizer_step`` for that optimizer, so each
-    optimizer's parameters are clipped when it steps.  Do not also call
-    ``self.clip_gradients``, and do not step the raw ``opt.optimizer``, which bypasses the hook.
+    optimizer's gradients are clipped when it steps.  Do not also call
+    ``self.clip_gradients``, and do not step the raw ``opt.optimizer``, which bypasses the
+    hook.
 
-    The callback refuses ``Trainer(gradient_clip_val=...)`` (double clipping) and a
-    :class:`~gradstab.GradStabOptimizer` (which clips itself).
+    The callback refuses ``Trainer(gradient_clip_val=...)`` and a
+    :class:`~gradstab.GradStabOptimizer` (both would clip a second time).
 
     Args:
         mode: ``"norm"``, ``"layer"``, ``"value"`` or ``None`` (monitor only).
@@ -180,7 +182,7 @@ class GradStabCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        """Distinguishes instances with different options in a checkpoint."""
+        """Tells instances with different options apart in a checkpoint."""
         c = self._config
         return self._generate_state_key(
             mode=c.mode,
@@ -193,11 +195,11 @@ class GradStabCallback(Callback):
         )
 
     def counters(self) -> dict[str, int]:
-        """``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps`` over all optimizers.
+        """``steps``, ``clipped_steps``, ``nonfinite_steps``, ``skipped_steps``, all optimizers.
 
         Reads the device counters on the host (one transfer per optimizer).
         """
-        out = dict.fromkeys(("steps", "clipped_steps", "nonfinite_steps", "skipped_steps"), 0)
+        out = dict.fromkeys(_clipping.COUNTERS, 0)
         for st in self._states.values():
             for k, v in st.counters().items():
                 out[k] += v
@@ -206,63 +208,67 @@ class GradStabCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse ``gradient_clip_val`` (double clipping) and reset the parameter names."""
+        """Refuse ``Trainer(gradient_clip_val=...)`` (double clipping); forget cached names."""
         clip_val = trainer.gradient_clip_val
         if clip_val is not None and clip_val != 0:
             raise MisconfigurationException(
                 f"{_OWNER}(mode={self.mode!r}) clips and monitors the gradients itself, and "
                 f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm="
                 f"{trainer.gradient_clip_algorithm!r}) would clip them a second time. Remove "
-                f"gradient_clip_val from the Trainer (use {_OWNER}(mode='norm', max_norm=...) or "
-                f"mode='value', clip_value=...), or remove the {_OWNER}"
+                f"gradient_clip_val from the Trainer (use {_OWNER}(mode='norm', max_norm=...) "
+                f"or {_OWNER}(mode='value', clip_value=...) instead), or remove the {_OWNER}"
             )
         self._names = None
         self._module_of = None
         self._plans = {}
 
-    def _names_for(self, pl_module: pl.LightningModule) -> tuple[dict[int, str], dict[int, int]]:
-        if self._names is None or self._module_of is None:
-            self._names = {id(p): n for n, p in pl_module.named_parameters()}
-            self._module_of = {
-                id(p): id(m) for m in pl_module.modules() for p in m.parameters(recurse=False)
-            }
-        return self._names, self._module_of
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step)."""
+        for i, opt in enumerate(trainer.optimizers):
+            if isinstance(opt, GradStabOptimizer):
+                raise MisconfigurationException(
+                    f"{_OWNER} and the GradStabOptimizer returned by configure_optimizers "
+                    f"(optimizer {i}) would both clip the same gradients: in Lightning use the "
+                    f"callback and return the plain optimizer (GradStabOptimizer.optimizer)"
+                )
+
+    def _plan_for(
+        self, idx: int, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule
+    ) -> _clipping.Plan:
+        groups = optimizer.param_groups
+        plan = self._plans.get(idx)
+        if plan is None or plan.key != _clipping.plan_key(groups):
+            if self._names is None or self._module_of is None:
+                self._names = {id(p): n for n, p in pl_module.named_parameters()}
+                self._module_of = {
+                    id(p): id(m) for m in pl_module.modules() for p in m.parameters(recurse=False)
+                }
+            plan = self._plans[idx] = _clipping.build_plan(
+                self._config, groups, self._names, self._module_of, _OWNER
+            )
+        return plan
 
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Clip the gradients of ``optimizer``'s parameters, count, apply the policy, log."""
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer.optimizer
-        if isinstance(optimizer, GradStabOptimizer):
-            raise MisconfigurationException(
-                f"{_OWNER} and GradStabOptimizer would both clip the same gradients; use one "
-                "of them (the callback for Lightning)"
-            )
         idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         state = self._states.get(idx)
         if state is None:
             state = self._states[idx] = _clipping.ClipState()
-        groups = optimizer.param_groups
-        plan = self._plans.get(idx)
-        if plan is None or plan.key != _clipping.plan_key(groups):
-            names, module_of = self._names_for(pl_module)
-            plan = self._plans[idx] = _clipping.build_plan(
-                self._config, groups, names, module_of, _OWNER
-            )
+        plan = self._plan_for(idx, optimizer, pl_module)
 
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scaler_on = isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
         grad_scale = None
         if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # A fused optimizer: Lightning left the gradients scaled (it unscales inside step()).
+            # A fused optimizer: Lightning left the gradients scaled; step() unscales them.
             if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-                scale = getattr(scaler, "_scale", None)
-                if self._config.mode == "value" or scale is None:
+                if self._config.mode == "value" or scaler._scale is None:
                     scaler.unscale_(optimizer)
                 else:
-                    grad_scale = scale
+                    grad_scale = scaler._scale
 
         every = trainer.log_every_n_steps if self._log_every is None else self._log_every
         batches = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -281,12 +287,10 @@ class GradStabCallback(Callback):
                 p.grad = None
         if metrics is not None:
             if len(trainer.optimizers) > 1:
-                layer_prefixes = (
-                    f"grad_{self.norm_type}_norm/",
-                    f"{self._config.log_prefix}/max_abs/",
-                )
+                keys = _clipping.metric_names(self._config)
+                per_param = (keys["layer"], keys["max_abs"])
                 metrics = {
-                    (k if k.startswith(layer_prefixes) else f"{k}_opt{idx}"): v
+                    (k if k.startswith(per_param) else f"{k}_opt{idx}"): v
                     for k, v in metrics.items()
                 }
             self.last_metrics.update(metrics)
@@ -296,28 +300,19 @@ class GradStabCallback(Callback):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters per optimizer and in total, as Python ints (reads the device counters)."""
-        per = {i: st.state_dict() for i, st in sorted(self._states.items())}
-        totals = dict.fromkeys(("steps", "clipped_steps", "nonfinite_steps", "skipped_steps"), 0)
-        for d in per.values():
-            for k in totals:
-                totals[k] += d[k]
-        return {"version": 1, "optimizers": per, **totals}
+        """The counters per optimizer, as Python ints (reads the device counters)."""
+        return {
+            "version": 1,
+            "optimizers": {i: st.state_dict() for i, st in sorted(self._states.items())},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; missing keys default to 0."""
-        per = state_dict.get("optimizers")
-        if per is None:  # a bare set of counters: one optimizer
-            per = {0: {k: v for k, v in state_dict.items() if isinstance(v, int)}}
+        """Restore :meth:`state_dict`; missing keys are 0."""
         self._states = {}
-        for i, d in per.items():
+        for i, d in state_dict.get("optimizers", {}).items():
             st = _clipping.ClipState()
             st.load_state_dict(d)
             self._states[int(i)] = st
 
     def __getstate__(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["_plans"] = {}
-        d["_names"] = None
-        d["_module_of"] = None
-        return d
+        return {**self.__dict__, "_plans": {}, "_names": None, "_module_of": None}

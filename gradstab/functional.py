@@ -8,27 +8,41 @@ gradients of the given parameters (``None`` grads are skipped) and runs one
 
 Nothing here reads a device value on the host, except
 ``clip_grad_norm_(..., error_if_nonfinite=True)``, which must.
+
+Eager calls whose gradients all live on the CPU take a shortcut into the compiled extension
+(``gradstab._C.cpu_fast_path``): it reads ``p.grad`` in C++ and runs the same CPU kernel as
+the op, without the dispatcher's per-tensor boxing cost (about 0.3-0.4 us per tensor, which
+dominates for a thousand small gradients). It declines -- and the op runs through the
+dispatcher -- under ``torch.compile``, with a bound given as a non-CPU tensor, and for anything
+but plain CPU tensors (subclasses, ``__torch_function__``, dispatch or function modes).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Iterable
-from typing import NamedTuple, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import torch
 from torch import Tensor
 
-from gradstab._extension import warn_if_fallback
+from gradstab._extension import cpu_fast_path, warn_if_fallback
 from gradstab._library import OPS
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 __all__ = [
+    "AGCStats",
     "GradStats",
+    "adaptive_clip_grad_",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
     "grad_stats",
+    "normalize_grad_per_layer_",
 ]
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -113,7 +127,7 @@ def _check_bound(value: object, name: str, fn: str, device: torch.device | None)
                 f"{fn}: {name} as a tensor must hold one real number, got shape "
                 f"{list(value.shape)} and dtype {value.dtype}"
             )
-        if value.device.type == "cpu":
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
             v = float(value.reshape(()))
             if math.isnan(v) or v < 0:
                 raise ValueError(f"{fn}: {name} must be a non-negative number, got {v}")
@@ -132,6 +146,31 @@ def _check_bound(value: object, name: str, fn: str, device: torch.device | None)
     return v
 
 
+#: ``gradstab._C.cpu_fast_path`` op codes.
+_FAST_STATS, _FAST_CLIP_NORM, _FAST_CLIP_LAYER, _FAST_CLIP_VALUE, _FAST_NORMALIZE = 0, 1, 2, 3, 4
+
+
+def _as_sequence(parameters: TensorOrTensors) -> TensorOrTensors:
+    """``parameters`` as a list or tuple (a generator is consumed once, here)."""
+    if isinstance(parameters, (list, tuple)):
+        return parameters
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    try:
+        return list(parameters)
+    except TypeError:
+        return parameters  # not iterable: the regular path raises the error
+
+
+def _fast_bound(bound: Tensor | float) -> float | None:
+    """The bound as a float when the CPU shortcut may use it (numbers and CPU tensors)."""
+    if isinstance(bound, float):
+        return bound
+    if bound.device.type == "cpu":
+        return float(bound)
+    return None
+
+
 def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
     """``value`` as a 0-d float64 tensor on ``device`` without a host sync (a fill kernel)."""
     if isinstance(value, Tensor):
@@ -139,13 +178,22 @@ def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
-def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats:
+def grad_stats(
+    parameters: TensorOrTensors,
+    norm_type: float = 2.0,
+    *,
+    process_group: ProcessGroup | None = None,
+) -> GradStats:
     """Per-tensor norms, max-abs and non-finite counts of the gradients, in one read.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is examined;
             ``None`` grads are skipped, so ``T`` counts the parameters with a grad.
         norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        process_group: the group over which plain gradients are sharded (ZeRO-style
+            disjoint parts; see :mod:`gradstab.distributed`), or ``None``.  DTensor gradients
+            (FSDP2) need no group: their mesh says it.  Sharded tensors get the statistics
+            of the full tensors; every rank gets the same result.
 
     Returns:
         A :class:`GradStats` on the gradients' device, computed without a host sync.
@@ -160,14 +208,31 @@ def grad_stats(parameters: TensorOrTensors, norm_type: float = 2.0) -> GradStats
     """
     fn = "gradstab.grad_stats"
     p = _check_norm_type(norm_type, fn)
+    if process_group is not None:
+        grads, marks = _distributed().collect(parameters, fn)
+        return _distributed().grad_stats(
+            grads, p, replicated=marks, process_group=process_group, fn=fn
+        )
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        parameters = _as_sequence(parameters)
+        out = cpu_fast_path(_FAST_STATS, parameters, p, 0.0, EPS, False)
+        if out is not None:
+            return GradStats(*out)
     grads = _collect_grads(parameters, fn)
     if not grads:
         empty = torch.zeros((0,))
         return GradStats(
             empty, empty.clone(), torch.zeros((0,), dtype=torch.int64), torch.tensor(0.0)
         )
+    if _is_dtensor(grads[0]):
+        return _distributed().grad_stats(grads, p, fn=fn)
     warn_if_fallback(grads[0].device)
-    return GradStats(*OPS["grad_stats"](grads, p))
+    try:
+        return GradStats(*OPS["grad_stats"](grads, p))
+    except (RuntimeError, NotImplementedError):
+        if not _distributed()._holds_dtensor(grads):
+            raise
+    return _distributed().grad_stats(grads, p, fn=fn)
 
 
 def clip_grad_norm_(
@@ -176,6 +241,8 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Clip the gradients' global norm in place; a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 
@@ -192,6 +259,10 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError`` before changing any gradient if the
             total norm is NaN or inf (this reads the norm on the host).
         foreach: accepted for signature compatibility; the fused kernel is always used.
+        process_group: the group over which plain gradients are sharded (ZeRO-style
+            disjoint parts; see :mod:`gradstab.distributed`), or ``None``.  DTensor gradients
+            (FSDP2) need no group.  With sharded gradients the norm is that of the full
+            model (one all-reduce) and every rank scales its shards by the same coefficient.
 
     Returns:
         The total norm of the gradients before clipping (0-d tensor).
@@ -208,18 +279,52 @@ def clip_grad_norm_(
     p = _check_norm_type(norm_type, fn)
     _check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
     _check_foreach(foreach, fn)
-    _check_bound(max_norm, "max_norm", fn, None)
+    checked = _check_bound(max_norm, "max_norm", fn, None)
+    if process_group is not None:
+        grads, marks = _distributed().collect(parameters, fn)
+        return _distributed().clip_grad_norm_(
+            grads,
+            max_norm,
+            p,
+            replicated=marks,
+            eps=EPS,
+            error_if_nonfinite=error_if_nonfinite,
+            process_group=process_group,
+            fn=fn,
+        )
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        bound = _fast_bound(checked)
+        if bound is not None:
+            parameters = _as_sequence(parameters)
+            out = cpu_fast_path(_FAST_CLIP_NORM, parameters, p, bound, EPS, error_if_nonfinite)
+            if out is not None:
+                return out[3]
     grads = _collect_grads(parameters, fn)
     if not grads:
         return torch.tensor(0.0)
+    if _is_dtensor(grads[0]):
+        return _distributed().clip_grad_norm_(
+            grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
+        )
     device = grads[0].device
     bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
     warn_if_fallback(device)
-    return OPS["clip_norm"](grads, bound, p, EPS, error_if_nonfinite)[3]
+    try:
+        return OPS["clip_norm"](grads, bound, p, EPS, error_if_nonfinite)[3]
+    except (RuntimeError, NotImplementedError):
+        if not _distributed()._holds_dtensor(grads):
+            raise
+    return _distributed().clip_grad_norm_(
+        grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
+    )
 
 
 def clip_grad_norm_per_layer_(
-    parameters: TensorOrTensors, max_norm: float | Tensor, norm_type: float = 2.0
+    parameters: TensorOrTensors,
+    max_norm: float | Tensor,
+    norm_type: float = 2.0,
+    *,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Clip each gradient to its own norm bound, in place.
 
@@ -230,6 +335,10 @@ def clip_grad_norm_per_layer_(
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
         max_norm: the largest allowed norm per gradient (number or 0-d device tensor).
         norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        process_group: the group over which plain gradients are sharded (ZeRO-style; every
+            rank passes its part of the same tensors in the same order; see
+            :mod:`gradstab.distributed`), or ``None``.  A sharded tensor is clipped by the
+            norm of the full tensor.
 
     Returns:
         ``[T]`` per-gradient norms before clipping.
@@ -245,14 +354,80 @@ def clip_grad_norm_per_layer_(
     """
     fn = "gradstab.clip_grad_norm_per_layer_"
     p = _check_norm_type(norm_type, fn)
-    _check_bound(max_norm, "max_norm", fn, None)
+    checked = _check_bound(max_norm, "max_norm", fn, None)
+    if process_group is not None:
+        grads, marks = _distributed().collect(parameters, fn)
+        return _distributed().clip_grad_norm_per_layer_(
+            grads, max_norm, p, replicated=marks, eps=EPS, process_group=process_group, fn=fn
+        )
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        bound = _fast_bound(checked)
+        if bound is not None:
+            parameters = _as_sequence(parameters)
+            out = cpu_fast_path(_FAST_CLIP_LAYER, parameters, p, bound, EPS, False)
+            if out is not None:
+                return out[0]
+    grads = _collect_grads(parameters, fn)
+    if not grads:
+        return torch.zeros((0,))
+    if _is_dtensor(grads[0]):
+        return _distributed().clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
+    device = grads[0].device
+    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    warn_if_fallback(device)
+    try:
+        return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
+    except (RuntimeError, NotImplementedError):
+        if not _distributed()._holds_dtensor(grads):
+            raise
+    return _distributed().clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
+
+
+def normalize_grad_per_layer_(
+    parameters: TensorOrTensors, target_norm: float | Tensor = 1.0, norm_type: float = 2.0
+) -> Tensor:
+    """Rescale each gradient to a target norm, in place (LARS-style gradient normalization).
+
+    Gradient ``i`` is multiplied by ``target_norm / (norm_i + 1e-6)``, up or down, so every
+    layer takes a step of the same size whatever its gradient's scale: a cure for layers
+    whose gradients vanish (made larger) or explode (made smaller).  An all-zero gradient
+    stays zero; a gradient holding NaN/Inf becomes NaN.  Gradients whose coefficient is
+    exactly 1 are not written.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is rescaled.
+        target_norm: the norm every gradient gets (non-negative number or 0-d device tensor).
+        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+
+    Returns:
+        ``[T]`` per-gradient norms before rescaling.
+
+    Example:
+        >>> import torch, gradstab
+        >>> a = torch.nn.Parameter(torch.zeros(2)); a.grad = torch.tensor([3.0, 4.0])
+        >>> b = torch.nn.Parameter(torch.zeros(1)); b.grad = torch.tensor([1e-3])
+        >>> gradstab.normalize_grad_per_layer_([a, b], target_norm=1.0)
+        tensor([5.0000e+00, 1.0000e-03])
+        >>> a.grad, b.grad
+        (tensor([0.6000, 0.8000]), tensor([0.9990]))
+    """
+    fn = "gradstab.normalize_grad_per_layer_"
+    p = _check_norm_type(norm_type, fn)
+    checked = _check_bound(target_norm, "target_norm", fn, None)
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        bound = _fast_bound(checked)
+        if bound is not None:
+            parameters = _as_sequence(parameters)
+            out = cpu_fast_path(_FAST_NORMALIZE, parameters, p, bound, EPS, False)
+            if out is not None:
+                return out[0]
     grads = _collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
     device = grads[0].device
-    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    bound = _device_scalar(_check_bound(target_norm, "target_norm", fn, device), device)
     warn_if_fallback(device)
-    return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
+    return OPS["normalize_per_layer"](grads, bound, p, EPS)[0]
 
 
 def clip_grad_value_(
@@ -261,7 +436,8 @@ def clip_grad_value_(
     """Clamp every gradient to ``[-clip_value, clip_value]`` in place.
 
     A drop-in for ``torch.nn.utils.clip_grad_value_``: NaNs stay NaN, and blocks of a
-    gradient with nothing beyond the bound are not written.
+    gradient with nothing beyond the bound are not written.  DTensor (FSDP2) gradients are
+    clamped shard by shard, with no communication.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
@@ -278,14 +454,132 @@ def clip_grad_value_(
     """
     fn = "gradstab.clip_grad_value_"
     _check_foreach(foreach, fn)
-    _check_bound(clip_value, "clip_value", fn, None)
+    checked = _check_bound(clip_value, "clip_value", fn, None)
+    if cpu_fast_path is not None and not torch.compiler.is_compiling():
+        bound = _fast_bound(checked)
+        if bound is not None:
+            parameters = _as_sequence(parameters)
+            if cpu_fast_path(_FAST_CLIP_VALUE, parameters, 2.0, bound, EPS, False) is not None:
+                return
     grads = _collect_grads(parameters, fn)
     if not grads:
         return
+    if _is_dtensor(grads[0]):  # elementwise: each rank clamps its local shards
+        grads = _distributed().layout(grads, fn=fn).local
     device = grads[0].device
     bound = _device_scalar(_check_bound(clip_value, "clip_value", fn, device), device)
     warn_if_fallback(device)
-    OPS["clip_value"](grads, bound, 2.0)
+    try:
+        OPS["clip_value"](grads, bound, 2.0)
+    except (RuntimeError, NotImplementedError):
+        if not _distributed()._holds_dtensor(grads):
+            raise
+        OPS["clip_value"](_distributed().layout(grads, fn=fn).local, bound, 2.0)
+
+
+class AGCStats(NamedTuple):
+    """What :func:`adaptive_clip_grad_` returns, all on the gradients' device.
+
+    Attributes:
+        norms: ``[T]`` p-norm of each gradient before clipping.
+        clipped: ``[T]`` int64 number of units of each gradient that were clipped.
+        nonfinite: ``[T]`` int64 count of NaN/Inf elements of each gradient.
+        total_norm: ``[]`` p-norm of all gradients (as one vector) before clipping.
+
+    Floating fields are float64 if any gradient is float64, float32 otherwise.  The number
+    of units of a parameter ``p`` is ``p.shape[0]`` if ``p.dim() >= 2``, else 1.
+    """
+
+    norms: Tensor
+    clipped: Tensor
+    nonfinite: Tensor
+    total_norm: Tensor
+
+
+def _check_real(value: object, name: str, fn: str, what: str, ok) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be {what}, got {value!r}")
+    v = float(value)
+    if not ok(v):
+        raise ValueError(f"{fn}: {name} must be {what}, got {value!r}")
+    return v
+
+
+def adaptive_clip_grad_(
+    parameters: TensorOrTensors,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float = 2.0,
+) -> AGCStats:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, NFNets), in place.
+
+    A *unit* is a slice along dim 0 of a parameter with two or more dimensions (an
+    output channel of a convolution, a row of a linear weight); a 0-/1-D parameter is
+    one unit.  For every unit ``i`` of every parameter ``W`` with gradient ``G``::
+
+        max_norm_i = clip_factor * max(||W_i||_p, eps)
+        G_i <- G_i * max_norm_i / ||G_i||_p     if ||G_i||_p > max_norm_i, else unchanged
+
+    the paper's rule: ``eps`` floors the *weight* norm (so zero-initialised weights can
+    still learn); no epsilon is added to ``||G_i||`` (timm clamps it at ``1e-6``, which
+    differs only when ``max_norm_i < 1e-6``).  One fused call reads every parameter and
+    gradient once and writes a unit only when it is clipped; nothing is read on the host.
+
+    Non-finite values follow the formula in float64: a unit whose gradient norm or weight
+    norm is NaN is left unchanged (the comparison is false); a unit whose gradient holds
+    ``inf`` (and no NaN) has norm ``inf`` and coefficient 0, so its finite elements become
+    0 and its infinite ones NaN.  Pair with a non-finite policy (skip the step) if that matters.
+
+    Args:
+        parameters: a tensor or an iterable of tensors; those whose ``.grad`` is ``None``
+            are skipped.  Parameters and gradients may have different dtypes (float16,
+            bfloat16, float32, float64) but must have the same shape and device.
+        clip_factor: lambda of the paper, ``> 0`` (NFNets use 0.01 to 0.16 depending on
+            batch size).
+        eps: floor of the weight norm, finite and ``>= 0`` (paper and timm: ``1e-3``).
+        norm_type: p of the unit-wise p-norms (``> 0``, ``inf`` allowed).
+
+    Returns:
+        An :class:`AGCStats` with the pre-clip norms and the number of clipped units.
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+        >>> w.grad = torch.tensor([[0.3, 0.4], [0.1, 0.0]])
+        >>> gradstab.adaptive_clip_grad_([w], clip_factor=0.01).clipped
+        tensor([2])
+        >>> w.grad  # row 0 to 0.01 * 5 = 0.05, row 1 to 0.01 * max(0, 1e-3) = 1e-5
+        tensor([[3.0000e-02, 4.0000e-02],
+                [1.0000e-05, 0.0000e+00]])
+    """
+    fn = "gradstab.adaptive_clip_grad_"
+    lam = _check_real(clip_factor, "clip_factor", fn, "a positive number", lambda v: v > 0)
+    floor = _check_real(
+        eps, "eps", fn, "a finite number >= 0", lambda v: v >= 0 and math.isfinite(v)
+    )
+    p = _check_norm_type(norm_type, fn)
+    if isinstance(parameters, Tensor):
+        params = [parameters]
+    else:
+        try:
+            params = list(parameters)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: parameters must be a tensor or an iterable of tensors, "
+                f"got {type(parameters).__name__}"
+            ) from None
+    for i, q in enumerate(params):
+        if not isinstance(q, Tensor):
+            raise TypeError(f"{fn}: parameters[{i}] is a {type(q).__name__}, not a tensor")
+    pairs = [(q.grad, q.detach()) for q in params if q.grad is not None]
+    if not pairs:
+        empty = torch.zeros((0,))
+        zeros = torch.zeros((0,), dtype=torch.int64)
+        return AGCStats(empty, zeros, zeros.clone(), torch.tensor(0.0))
+    grads = [g for g, _ in pairs]
+    weights = [w for _, w in pairs]
+    warn_if_fallback(grads[0].device)
+    return AGCStats(*OPS["adaptive_clip"](grads, weights, lam, floor, p))
 
 
 def _check_flag(value: object, name: str, fn: str) -> None:
@@ -296,3 +590,22 @@ def _check_flag(value: object, name: str, fn: str) -> None:
 def _check_foreach(foreach: object, fn: str) -> None:
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(f"{fn}: foreach must be None, True or False, got {foreach!r}")
+
+
+def _is_dtensor(grad: Tensor) -> bool:
+    """Whether ``grad`` is a DTensor (FSDP2 shard): O(1), imports nothing.
+
+    Only the first gradient is checked on the hot path; a list that holds DTensors further
+    on is refused by the op (DTensor has no rule for it) and then rerouted.
+    """
+    if type(grad) is Tensor:
+        return False
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(grad, mod.DTensor)
+
+
+def _distributed():
+    """:mod:`gradstab.distributed`, imported on first use (not on the single-process path)."""
+    from gradstab import distributed  # noqa: PLC0415
+
+    return distributed

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import torch
-from torch.amp.grad_scaler import OptState
 
 from gradstab import _clipping
 
@@ -37,29 +36,25 @@ class GradStabOptimizer(torch.optim.Optimizer):
     ``load_state_dict`` restores and tolerates missing).  It is an ``Optimizer`` subclass, so
     LR schedulers, ``torch.amp.GradScaler`` and Lightning's ``configure_optimizers`` accept it.
 
-    With a ``torch.amp.GradScaler`` use the usual pattern; the scaler unscales the
-    gradients before it calls ``step()``, so the clip always sees unscaled gradients, and it
-    skips ``step()`` entirely when they hold an inf/NaN (those steps never reach the wrapper
-    and are not counted)::
+    With a ``torch.amp.GradScaler`` use the usual pattern.  The scaler unscales the gradients
+    before it calls ``step()`` (the wrapper declares ``_step_supports_amp_scaling = False``,
+    even around a ``fused=True`` optimizer, which then receives unscaled gradients), so the
+    clip always sees unscaled gradients; and it skips ``step()`` when they hold an inf/NaN, so
+    those steps never reach the wrapper (they are neither clipped nor counted)::
 
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)   # optional: scaler.step(opt) unscales if you did not
-        scaler.step(opt)       # calls opt.step() only if the gradients are finite
+        scaler.step(opt)       # unscales, then calls opt.step() if the gradients are finite
         scaler.update()
-
-    The wrapper never lets the scaler hand it still-scaled gradients
-    (``_step_supports_amp_scaling`` is False even around a ``fused=True`` optimizer, which
-    then receives unscaled gradients).  If ``scaler=`` is given and ``opt.step()`` is called
-    directly without ``scaler.unscale_(opt)``, the wrapper unscales itself first, and the
-    non-finite policy, not the scaler, decides about an inf.
 
     Non-finite policies: ``"ignore"`` (PyTorch's behaviour), ``"zero"`` (the gradients of a
     step holding a NaN/Inf are zeroed; the step still runs, so momentum and weight decay still
     move the parameters), ``"skip"`` (the wrapped ``step()`` is not called: parameters and
     optimizer state stay bit-identical; this reads one flag on the host per step), ``"raise"``
-    (``RuntimeError`` naming the first offending parameter; one host read per step).  With
-    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on CPU
-    ``"zero"`` reads its flag, which costs nothing there).
+    (``RuntimeError`` naming the first offending parameter, before any gradient is changed;
+    one host read per step).  With
+    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on the CPU
+    ``"zero"`` reads its flag, which costs nothing there; elsewhere it masks every gradient
+    each step, a read and a write, instead).
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
@@ -74,12 +69,13 @@ class GradStabOptimizer(torch.optim.Optimizer):
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (``mode="layer"`` only; needs ``module``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
-        scaler: the ``torch.amp.GradScaler`` used with this optimizer, if any.
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.
         log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
-            and pass it to ``log_fn``; 0 never does.
-        log_fn: called as ``log_fn(metrics, step)`` on logging steps.
+            and pass it to ``log_fn``; 0 (the default) never does.
+        log_fn: called as ``log_fn(metrics, step)`` on logging steps, ``step`` counting the
+            optimizer steps so far (this one included), e.g. a TensorBoard
+            ``SummaryWriter``'s ``add_scalar`` in a loop over ``metrics``.
         log_per_layer: include per-tensor norms and max-abs in the metrics.
         log_prefix: prefix of gradstab's own metric names.
 
@@ -115,7 +111,6 @@ class GradStabOptimizer(torch.optim.Optimizer):
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
-        scaler: torch.amp.GradScaler | None = None,
         module: torch.nn.Module | None = None,
         log_every_n_steps: int = 0,
         log_fn: Callable[[dict[str, float], int], None] | None = None,
@@ -126,6 +121,11 @@ class GradStabOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"{_OWNER}: optimizer must be a torch.optim.Optimizer; got {optimizer!r} "
                 f"of type {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, GradStabOptimizer):
+            raise TypeError(
+                f"{_OWNER}: optimizer is already a GradStabOptimizer; wrapping it again would "
+                "clip twice"
             )
         if isinstance(optimizer, torch.optim.LBFGS):
             raise TypeError(
@@ -143,10 +143,6 @@ class GradStabOptimizer(torch.optim.Optimizer):
             log_per_layer=log_per_layer,
             log_prefix=log_prefix,
         )
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"{_OWNER}: scaler must be a torch.amp.GradScaler or None; got {scaler!r}"
-            )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"{_OWNER}: module must be a torch.nn.Module or None; got {module!r}")
         if group_by == "module" and module is None:
@@ -158,16 +154,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"{_OWNER}: log_fn must be callable or None; got {log_fn!r}")
         self._wrapped = optimizer
-        self._scaler = scaler
         self._log_every = every or 0
         self._log_fn = log_fn
-        self._names: dict[int, str] = {}
-        self._module_of: dict[int, int] | None = None
-        if module is not None:
-            self._names = {id(p): n for n, p in module.named_parameters()}
-            self._module_of = {
-                id(p): id(m) for m in module.modules() for p in m.parameters(recurse=False)
-            }
+        self._module = module
         self._clip_state = _clipping.ClipState()
         self._plan: _clipping.Plan | None = None
         # What Optimizer.__init__ sets up for hooks, without re-registering the parameters.
@@ -249,7 +238,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        # "step" is the per-instance wrapper an LR scheduler installs (not picklable); like
+        # torch.optim.Optimizer, the pickle holds the optimizer, not its schedulers' patches.
+        d = {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
         d["_plan"] = None
         return d
 
@@ -275,9 +266,16 @@ class GradStabOptimizer(torch.optim.Optimizer):
         groups = self._wrapped.param_groups
         plan = self._plan
         if plan is None or plan.key != _clipping.plan_key(groups):
-            plan = self._plan = _clipping.build_plan(
-                self._config, groups, self._names, self._module_of, _OWNER
-            )
+            names: dict[int, str] = {}
+            module_of = None
+            if self._module is not None:  # keyed by id(): rebuilt, never pickled
+                names = {id(p): n for n, p in self._module.named_parameters()}
+                module_of = {
+                    id(p): id(m)
+                    for m in self._module.modules()
+                    for p in m.parameters(recurse=False)
+                }
+            plan = self._plan = _clipping.build_plan(self._config, groups, names, module_of, _OWNER)
         return plan
 
     @torch.no_grad()
@@ -289,10 +287,6 @@ class GradStabOptimizer(torch.optim.Optimizer):
         Returns:
             True if the ``"skip"`` policy wants this step skipped.
         """
-        scaler = self._scaler
-        if scaler is not None and scaler.is_enabled():
-            if scaler._per_optimizer_states[id(self)]["stage"] is OptState.READY:
-                scaler.unscale_(self)  # the user called step() without unscale_()
         st = self._clip_state
         every = self._log_every
         log = every > 0 and (st.steps + 1) % every == 0

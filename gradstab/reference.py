@@ -33,12 +33,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adaptive_clip",
+    "agc_coefficients",
+    "check_agc_args",
     "check_grads",
     "clip_norm",
     "clip_norm_per_layer",
     "clip_value",
     "grad_stats",
+    "normalize_per_layer",
     "result_dtype",
+    "unit_view",
 ]
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -137,7 +142,7 @@ def _scale_(g: Tensor, coef: Tensor) -> None:
     """Multiply ``g`` in place by the float64 0-d ``coef`` with the kernels' rounding."""
     if g.numel() == 0:
         return
-    if g.device.type == "cpu" and bool(coef >= 1):
+    if g.device.type == "cpu" and bool(coef == 1):
         return  # coefficient 1: not written (NaN coefficients are written, as in PyTorch)
     opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
     g.copy_(g.to(opmath) * coef.to(opmath))
@@ -192,6 +197,16 @@ def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float,
     return _finish(grads, stats)
 
 
+def normalize_per_layer(grads: list[Tensor], target_norm: Tensor, norm_type: float, eps: float):
+    """Reference for ``gradstab::normalize_per_layer``: grad i times target / (norm_i + eps)."""
+    _read_bound(target_norm, "target_norm")
+    stats = _stats64(grads, norm_type)
+    coefs = target_norm.to(torch.float64) / (stats[0] + eps)
+    for g, c in zip(grads, coefs.unbind(0)):
+        _scale_(g, c)
+    return _finish(grads, stats)
+
+
 def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
     """Reference for ``gradstab::clip_value``: clamp to ``[-v, v]``, returns pre-clip stats."""
     _read_bound(clip_value, "clip_value")
@@ -207,3 +222,111 @@ def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
         vt = v.to(g.dtype)
         torch.clamp_(g, min=-vt, max=vt)
     return _finish(grads, stats)
+
+
+# ------------------------------------------------------------ adaptive gradient clipping (AGC) --
+
+
+def check_agc_args(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
+) -> None:
+    """Raise, as the C++ kernel does, unless ``adaptive_clip``'s arguments are valid."""
+    _check_norm_type(norm_type)
+    if not clip_factor > 0:  # also refuses NaN
+        raise ValueError(f"gradstab: clip_factor must be a positive number, got {clip_factor}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"gradstab: eps must be a finite number >= 0, got {eps}")
+    check_grads(grads)
+    if len(params) != len(grads):
+        raise ValueError(
+            f"gradstab: adaptive_clip needs one parameter per gradient, got {len(grads)} "
+            f"gradients and {len(params)} parameters"
+        )
+    n = len(grads)
+    for i, (g, w) in enumerate(zip(grads, params)):
+        if w.layout != torch.strided:
+            raise ValueError(
+                f"gradstab: parameter {i} of {n} has layout {w.layout}; only dense (strided) "
+                "parameters are supported"
+            )
+        if w.device != g.device:
+            raise ValueError(
+                f"gradstab: parameter {i} of {n} is on {w.device} but its gradient is on "
+                f"{g.device}; a parameter and its gradient must be on one device"
+            )
+        if w.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"gradstab: parameter {i} of {n} has dtype {w.dtype}; only float16, bfloat16, "
+                "float32 and float64 parameters are supported"
+            )
+        if w.shape != g.shape:
+            raise ValueError(
+                f"gradstab: parameter {i} of {n} has shape {list(w.shape)} but its gradient "
+                f"has shape {list(g.shape)}"
+            )
+
+
+def unit_view(t: Tensor) -> Tensor:
+    """``t`` as ``[units, unit_len]``: one row per slice along dim 0; one row for 0-/1-D tensors."""
+    if t.dim() <= 1:
+        return t.reshape(1, t.numel())
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def _unit_norms64(t: Tensor, norm_type: float) -> Tensor:
+    """Float64 p-norm of every unit (row of :func:`unit_view`), overflow/underflow safe."""
+    x = unit_view(t.detach()).to(torch.float64)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    m = x.abs().amax(dim=1)  # NaN-propagating
+    if math.isinf(norm_type):
+        return m
+    usable = (m > 0) & torch.isfinite(m)
+    scale = torch.where(usable, m, torch.ones_like(m))
+    return scale * torch.linalg.vector_norm(x / scale[:, None], norm_type, dim=1)
+
+
+def agc_coefficients(
+    grad_unit_norms: Tensor, param_unit_norms: Tensor, clip_factor: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The AGC rule on float64 unit norms: ``(coef, clipped)``.
+
+    ``max_norm = clip_factor * max(||W_i||, eps)`` (a NaN ``||W_i||`` stays NaN);
+    a unit is clipped iff ``||G_i|| > max_norm`` (never when either norm is NaN), and
+    then scaled by ``max_norm / ||G_i||``; otherwise its coefficient is 1.
+    """
+    floored = torch.where(param_unit_norms < eps, eps, param_unit_norms)
+    max_norm = clip_factor * floored
+    clipped = grad_unit_norms > max_norm
+    coef = torch.where(clipped, max_norm / grad_unit_norms, torch.ones_like(grad_unit_norms))
+    return coef, clipped
+
+
+def adaptive_clip(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float, norm_type: float
+):
+    """Reference for ``gradstab::adaptive_clip``: unit-wise AGC in place.
+
+    Returns ``(norms [T], clipped [T] int64, nonfinite [T] int64, total_norm [])``: the
+    pre-clip p-norm of each gradient, the number of its units that were clipped, the
+    count of its NaN/Inf elements, and the pre-clip total norm.
+    """
+    check_agc_args(grads, params, clip_factor, eps, norm_type)
+    stats = _stats64(grads, norm_type)
+    device = grads[0].device if grads else torch.device("cpu")
+    counts = []
+    for g, w in zip(grads, params):
+        gn = _unit_norms64(g, norm_type)
+        wn = _unit_norms64(w, norm_type)
+        coef, clipped = agc_coefficients(gn, wn, clip_factor, eps)
+        counts.append(clipped.sum())
+        if g.numel() == 0 or (g.device.type == "cpu" and not bool(clipped.any())):
+            continue  # nothing clipped: not written (other devices: a multiply by 1, no sync)
+        opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
+        scaled = unit_view(g).to(opmath) * coef.to(opmath)[:, None]
+        g.copy_(scaled.reshape(g.shape))
+    clipped_counts = (
+        torch.stack(counts) if counts else torch.zeros((0,), dtype=torch.int64, device=device)
+    )
+    norms, _, nonfinite, total = _finish(grads, stats)
+    return norms, clipped_counts, nonfinite, total

@@ -18,13 +18,12 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/ops_cpu.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
 namespace cpu {
 namespace {
-
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr int64_t kChunk = 1 << 16;            // elements per parallel work item
 constexpr int64_t kSerialBelow = 1 << 15;      // total elements under which one thread is faster
@@ -257,18 +256,26 @@ double clip_coef(double bound, double norm, double eps) {
   return c < 1.0 || std::isnan(c) ? c : 1.0;
 }
 
+// Per-layer coefficient: clipping (at most 1) or normalization (bound / (norm + eps), any size).
+double layer_coef(double bound, double norm, double eps, bool normalize) {
+  return normalize ? bound / (norm + eps) : clip_coef(bound, norm, eps);
+}
+
+// A tensor is written unless its coefficient is exactly 1 (a NaN coefficient is written).
+inline bool writes(double coef) { return !(coef == 1.0); }
+
 // Scales, in reverse chunk order, every chunk whose tensor coefficient is not 1; writes back
 // copies of strided tensors that changed.
 void scale_chunks(const Plan& plan, const std::vector<double>& coef,
                   const std::vector<uint8_t>& skip_item) {
   plan.for_each_chunk(true, [&](int64_t k) {
     const Chunk& c = plan.chunks[k];
-    if (skip_item[c.item] || coef[c.item] >= 1.0) return;
+    if (skip_item[c.item] || !writes(coef[c.item])) return;
     scale_range(plan.items[c.item].dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
   });
   for (size_t i = 0; i < plan.items.size(); ++i) {
     const Item& it = plan.items[i];
-    if (it.copied && !(coef[i] >= 1.0)) it.grad->copy_(it.copy);
+    if (it.copied && writes(coef[i])) it.grad->copy_(it.copy);
   }
 }
 
@@ -303,6 +310,8 @@ std::string nonfinite_message(double p, double total, const Plan& plan,
   return os.str();
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------- the ops --
 
 Stats grad_stats_cpu(at::TensorList grads, double norm_type) {
@@ -326,18 +335,21 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
   TORCH_CHECK(!error_if_nonfinite || std::isfinite(total),
               nonfinite_message(norm_type, total, plan, res));
   const double c = clip_coef(bound, total, eps);
-  if (!(c >= 1.0)) {
+  if (writes(c)) {
     scale_chunks(plan, std::vector<double>(plan.items.size(), c),
                  std::vector<uint8_t>(plan.items.size(), 0));
   }
   return make_stats(plan, res, total);
 }
 
-Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
-                              double norm_type, double eps) {
+namespace {
+
+// clip_norm_per_layer (normalize = false) and normalize_per_layer (normalize = true).
+Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm_type, double eps,
+                    bool normalize) {
   check_norm_type(norm_type);
   Plan plan(grads);
-  const double bound = read_bound(max_norm, "max_norm");
+  const double bound = read_bound(bound_t, normalize ? "target_norm" : "max_norm");
   const NormKind kind = norm_kind(norm_type);
   const size_t n = plan.items.size();
   std::vector<Partial> parts(plan.chunks.size());
@@ -351,8 +363,8 @@ Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
     parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type, -1.0);
     if (it.num_chunks == 1 && !it.copied) {
       res[c.item] = finish_tensor(plan, it, &parts[k], kind, norm_type);
-      coef[c.item] = clip_coef(bound, res[c.item].norm, eps);
-      if (!(coef[c.item] >= 1.0)) scale_range(it.dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
+      coef[c.item] = layer_coef(bound, res[c.item].norm, eps, normalize);
+      if (writes(coef[c.item])) scale_range(it.dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
       done[c.item] = 1;
     }
   });
@@ -362,10 +374,22 @@ Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
     res[i] = it.numel == 0 ? TensorResult{0.0, 0.0, 0.0, 0}
                            : finish_tensor(plan, it, parts.data() + it.first_chunk, kind,
                                            norm_type);
-    coef[i] = clip_coef(bound, res[i].norm, eps);
+    coef[i] = layer_coef(bound, res[i].norm, eps, normalize);
   }
   scale_chunks(plan, coef, done);
   return make_stats(plan, res, total_norm(res, kind, norm_type));
+}
+
+}  // namespace
+
+Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
+                              double norm_type, double eps) {
+  return per_layer_cpu(grads, max_norm, norm_type, eps, /*normalize=*/false);
+}
+
+Stats normalize_per_layer_cpu(at::TensorList grads, const at::Tensor& target_norm,
+                              double norm_type, double eps) {
+  return per_layer_cpu(grads, target_norm, norm_type, eps, /*normalize=*/true);
 }
 
 Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double norm_type) {
@@ -384,13 +408,12 @@ Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double 
   return make_stats(plan, res, total_norm(res, kind, norm_type));
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(gradstab, CPU, m) {
   m.impl("grad_stats", &grad_stats_cpu);
   m.impl("clip_norm", &clip_norm_cpu);
   m.impl("clip_norm_per_layer", &clip_norm_per_layer_cpu);
   m.impl("clip_value", &clip_value_cpu);
+  m.impl("normalize_per_layer", &normalize_per_layer_cpu);
 }
 
 }  // namespace cpu

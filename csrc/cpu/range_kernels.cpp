@@ -7,8 +7,8 @@
 // The vectors are 128 bits wide (4 float32 / 2 float64 lanes), the width every x86-64 ISA has
 // registers for: GCC splits a wider generic vector into scalar code for comparisons and selects
 // on an ISA without registers that wide (a 512-bit max ran 5x slower than a plain loop on AVX2).
-// The reductions are organised as 64 float32 (32 float64) logical lanes per step, held in 16
-// vectors, whatever the ISA; the clones differ only in instruction encoding.
+// The reductions keep 4 sum and 4 max accumulators (16 float32 or 8 float64 lanes), few enough
+// to stay in registers on every ISA, whatever the ISA; the clones differ only in encoding.
 #include "cpu/range_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -80,33 +80,35 @@ GS_INLINE vd2 vabs(vd2 x) { return (vd2)((vl2)x & 0x7fffffffffffffffLL); }
 // Lane select as bit operations (mask lanes are all ones or all zeros).
 GS_INLINE vf4 vsel(vi4 m, vf4 a, vf4 b) { return (vf4)((m & (vi4)a) | (~m & (vi4)b)); }
 GS_INLINE vd2 vsel(vl2 m, vd2 a, vd2 b) { return (vd2)((m & (vl2)a) | (~m & (vl2)b)); }
-// max that never lets a NaN candidate into the accumulator (acc starts at 0, stays NaN-free).
+// max that never lets a NaN candidate into the accumulator (acc starts at 0, stays NaN-free):
+// x > acc ? x : acc, which is exactly SSE's maxps(x, acc) (it returns acc when x is NaN).
+#if defined(__SSE2__)
+GS_INLINE vf4 vmax_acc(vf4 acc, vf4 x) { return __builtin_ia32_maxps(x, acc); }
+GS_INLINE vd2 vmax_acc(vd2 acc, vd2 x) { return __builtin_ia32_maxpd(x, acc); }
+#else
 GS_INLINE vf4 vmax_acc(vf4 acc, vf4 x) { return vsel(x > acc, x, acc); }
 GS_INLINE vd2 vmax_acc(vd2 acc, vd2 x) { return vsel(x > acc, x, acc); }
+#endif
 
-// Sum of the 16 accumulators' lanes in the fixed order: logical lane L = 4h + l (float32) or
-// 2h + l (float64) is (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]) at lane l; lanes added in
-// double in increasing L.
+// Sum of the 4 accumulators' lanes in a fixed order (accumulator-major), added in double.
 GS_INLINE double hsum(const vf4* a) {
   double s = 0.0;
   for (int h = 0; h < 4; ++h) {
-    vf4 t = (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]);
-    for (int l = 0; l < 4; ++l) s += static_cast<double>(t[l]);
+    for (int l = 0; l < 4; ++l) s += static_cast<double>(a[h][l]);
   }
   return s;
 }
 GS_INLINE double hsum(const vd2* a) {
   double s = 0.0;
   for (int h = 0; h < 4; ++h) {
-    vd2 t = (a[h] + a[4 + h]) + (a[8 + h] + a[12 + h]);
-    for (int l = 0; l < 2; ++l) s += t[l];
+    for (int l = 0; l < 2; ++l) s += a[h][l];
   }
   return s;
 }
 template <typename V>
 GS_INLINE double hmax(const V* a) {
   V m = a[0];
-  for (int k = 1; k < 16; ++k) m = vmax_acc(m, a[k]);
+  for (int k = 1; k < 4; ++k) m = vmax_acc(m, a[k]);
   double r = 0.0;
   for (int j = 0; j < static_cast<int>(sizeof(V) / sizeof(m[0])); ++j) {
     r = m[j] > r ? static_cast<double>(m[j]) : r;
@@ -215,13 +217,13 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
   double sum = 0.0;
   double max_abs = 0.0;
   int64_t i = 0;
-  const int64_t n_vec = n - n % 64;  // whole 64-element steps; blocks of up to kBlock of them
+  const int64_t n_vec = n - n % 16;  // whole 16-element steps; blocks of up to kBlock of them
   for (int64_t len = 0; i < n_vec; i += len) {
     len = std::min(kBlock, n_vec - i);
     const T* q = p + i;
-    vf4 a[16] = {}, m[16] = {};
-    for (int64_t s = 0; s < len; s += 64) {
-      for (int k = 0; k < 16; ++k) {
+    vf4 a[4] = {}, m[4] = {};
+    for (int64_t s = 0; s < len; s += 16) {
+      for (int k = 0; k < 4; ++k) {
         vf4 x = vabs(load4(q + s + 4 * k));
         a[k] += kL1 ? x : x * x;
         m[k] = vmax_acc(m[k], x);
@@ -267,13 +269,13 @@ GS_INLINE Partial reduce_double(double* p, int64_t n, double clamp) {
   double sum = 0.0;
   double max_abs = 0.0;
   int64_t i = 0;
-  const int64_t n_vec = n - n % 32;
+  const int64_t n_vec = n - n % 8;
   for (int64_t len = 0; i < n_vec; i += len) {
     len = std::min(kBlock, n_vec - i);
     const double* q = p + i;
-    vd2 a[16] = {}, m[16] = {};
-    for (int64_t s = 0; s < len; s += 32) {
-      for (int k = 0; k < 16; ++k) {
+    vd2 a[4] = {}, m[4] = {};
+    for (int64_t s = 0; s < len; s += 8) {
+      for (int k = 0; k < 4; ++k) {
         vd2 x = vabs(load2(q + s + 2 * k));
         a[k] += kL1 ? x : x * x;
         m[k] = vmax_acc(m[k], x);

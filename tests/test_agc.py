@@ -1,0 +1,449 @@
+"""Unit-wise adaptive gradient clipping (``gradstab.adaptive_clip_grad_``, op ``adaptive_clip``).
+
+The oracle is the paper's rule (Brock et al. 2021, eq. 3) written out unit by unit in float64:
+``max_i = clip_factor * max(||W_i||, eps)``; ``G_i *= max_i / ||G_i||`` iff ``||G_i|| > max_i``.
+Both kernels (C++ on CPU, pure PyTorch) are checked against it and against each other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradstab
+from gradstab import reference
+from gradstab._extension import has_kernel
+from gradstab._library import OPS
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+CPP = has_kernel("cpu")
+KERNELS = ["cpp", "reference"] if CPP else ["reference"]
+
+# conv 4-D, linear 2-D, 1-D, 0-D, zero-size, and units longer than the kernel's 65,536-element
+# work item (split into pieces)
+SHAPES = [(6, 3, 3, 3), (5, 7), (9,), (), (0, 4), (3, 0), (2, 70_001), (140_003,)]
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return (
+        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    )
+
+
+def oracle(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
+    """(clipped gradient in float64, number of clipped units), unit by unit in float64."""
+    g64 = g.detach().to(torch.float64).clone()
+    rows_g = _unit_rows(g64)
+    rows_w = _unit_rows(w.detach().to(torch.float64))
+    n = 0
+    for i in range(rows_g.shape[0]):
+        gn = float(torch.linalg.vector_norm(rows_g[i], p))
+        wn = float(torch.linalg.vector_norm(rows_w[i], p))
+        max_norm = clip_factor * (eps if wn < eps else wn)  # NaN weight norm stays NaN
+        if gn > max_norm:
+            rows_g[i] *= max_norm / gn
+            n += 1
+    return rows_g.reshape(g.shape), n
+
+
+def run(kernel: str, grads, params, clip_factor=0.01, eps=1e-3, *, p=2.0):
+    if kernel == "cpp":
+        return OPS["adaptive_clip"](grads, params, clip_factor, eps, p)
+    return reference.adaptive_clip(grads, params, clip_factor, eps, p)
+
+
+def ulp_close(actual: torch.Tensor, expected64: torch.Tensor, rtol64: float = 1e-6) -> bool:
+    """``actual`` equals ``expected64`` within one unit in the last place of actual's dtype.
+
+    The kernels' unit norms are exact to ~1e-7 relative (float32 partial sums), so the
+    rounded result may differ from the float64 oracle's rounding by one ulp.
+    """
+    a = actual.to(torch.float64)
+    if actual.dtype == torch.float64:
+        tol = rtol64 * expected64.abs()
+    else:
+        eps = torch.finfo(actual.dtype).eps
+        tiny = torch.finfo(actual.dtype).smallest_normal
+        tol = torch.clamp(expected64.abs() * eps, min=tiny) * 1.01
+    both_nan = torch.isnan(a) & torch.isnan(expected64)
+    same_inf = torch.isinf(a) & (a == expected64)
+    return bool(((a - expected64).abs() <= tol).logical_or(both_nan).logical_or(same_inf).all())
+
+
+def make_pairs(shapes, gdtype, wdtype, seed, *, wscale=1.0, gscale=0.02):
+    gen = torch.Generator().manual_seed(seed)
+    grads, params = [], []
+    for s in shapes:
+        w = torch.randn(s, generator=gen, dtype=torch.float64) * wscale
+        # a spread of gradient/weight ratios so that some units clip and others do not
+        g = torch.randn(s, generator=gen, dtype=torch.float64) * gscale
+        if len(s) >= 2 and s[0] > 1:
+            g *= torch.logspace(-1, 1, s[0], dtype=torch.float64).reshape(-1, *[1] * (len(s) - 1))
+        grads.append(g.to(gdtype))
+        params.append(w.to(wdtype))
+    return grads, params
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("gdtype", DTYPES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_float64_oracle(kernel, gdtype, seed):
+    grads, params = make_pairs(SHAPES, gdtype, torch.float32, seed)
+    params[1][2].zero_()  # a zero-weight unit: eps floor
+    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    norms, clipped, nonfinite, total = run(kernel, grads, params)
+    rd = torch.float64 if gdtype == torch.float64 else torch.float32
+    assert norms.dtype == rd and total.dtype == rd and clipped.dtype == torch.int64
+    for g, (want, n), c in zip(grads, expected, clipped.tolist()):
+        assert ulp_close(g, want)
+        assert c == n
+    assert sum(n for _, n in expected) > 0  # the case really clips
+    assert any(n < _unit_rows(g).shape[0] for g, (_, n) in zip(grads, expected) if g.numel())
+    assert nonfinite.tolist() == [0] * len(grads)
+
+
+def test_stats_are_pre_clip_norms():
+    grads, params = make_pairs(SHAPES, torch.float32, torch.float32, 3)
+    before = [torch.linalg.vector_norm(g.double()) for g in grads]
+    for kernel in KERNELS:
+        gs = [g.clone() for g in grads]
+        norms, _, _, total = run(kernel, gs, params)
+        torch.testing.assert_close(norms.double(), torch.stack(before), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            total.double(), torch.linalg.vector_norm(torch.stack(before)), rtol=1e-6, atol=0
+        )
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
+def test_other_norm_types(kernel, p):
+    grads, params = make_pairs([(4, 5, 2), (6,), (3, 9)], torch.float32, torch.float32, 5)
+    expected = [oracle(g, w, 0.05, 1e-3, p) for g, w in zip(grads, params)]
+    _, clipped, _, _ = run(kernel, grads, params, 0.05, 1e-3, p=p)
+    for g, (want, n), c in zip(grads, expected, clipped.tolist()):
+        assert ulp_close(g, want) and c == n
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mixed_dtypes_params_and_grads_differ(kernel):
+    shapes = [(4, 3, 2, 2), (5, 6), (7,), (3, 8)]
+    gdtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    wdtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    gen = torch.Generator().manual_seed(7)
+    grads = [(torch.randn(s, generator=gen) * 0.05).to(d) for s, d in zip(shapes, gdtypes)]
+    params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, wdtypes)]
+    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    norms, clipped, _, _ = run(kernel, grads, params)
+    assert norms.dtype == torch.float64  # one float64 gradient
+    for g, (want, n), c in zip(grads, expected, clipped.tolist()):
+        assert ulp_close(g, want) and c == n
+
+
+def _noncontiguous(gen):
+    """(grad, param) pairs with strided, transposed and channels_last layouts."""
+    base_g = torch.randn(6, 10, generator=gen) * 0.05
+    base_w = torch.randn(10, 6, generator=gen)  # contiguous weight, transposed gradient
+    conv_g = (torch.randn(8, 3, 3, 3, generator=gen) * 0.05).to(memory_format=torch.channels_last)
+    conv_w = torch.randn(8, 3, 3, 3, generator=gen)
+    wide = torch.randn(5, 12, generator=gen) * 0.05
+    return [
+        (base_g.t(), base_w),  # transposed gradient (units not contiguous)
+        (torch.randn(10, 6, generator=gen) * 0.05, torch.randn(6, 10, generator=gen).t()),
+        (conv_g, conv_w.to(memory_format=torch.channels_last)),  # channels_last both
+        (wide[:, ::2], torch.randn(5, 12, generator=gen)[:, 1::2]),  # strided slices
+        (torch.randn(9, generator=gen)[::3] * 0.05, torch.randn(3, 2, generator=gen)[:, 0]),
+    ]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_non_contiguous(kernel):
+    gen = torch.Generator().manual_seed(11)
+    pairs = _noncontiguous(gen)
+    grads = [g for g, _ in pairs]
+    params = [w for _, w in pairs]
+    storages = [(g.data_ptr(), g.stride()) for g in grads]
+    expected = [oracle(g, w, 0.01, 1e-3) for g, w in pairs]
+    _, clipped, _, _ = run(kernel, grads, params)
+    for g, (want, n), c, (ptr, stride) in zip(grads, expected, clipped.tolist(), storages):
+        assert ulp_close(g, want) and c == n
+        assert (g.data_ptr(), g.stride()) == (ptr, stride)  # written in place
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_zero_weights_use_eps_floor(kernel):
+    g = torch.full((3, 4), 0.5)
+    w = torch.zeros(3, 4)
+    w[1] = 1.0  # norm 2
+    _, clipped, _, _ = run(kernel, [g], [w], 0.1, 1e-3)
+    assert clipped.tolist() == [3]
+    norms = torch.linalg.vector_norm(g.double(), dim=1)
+    torch.testing.assert_close(norms, torch.tensor([1e-4, 0.2, 1e-4], dtype=torch.float64))
+    # eps = 0: zero-weight units are clipped to zero; zero gradients stay zero (no 0/0)
+    g = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    _, clipped, _, _ = run(kernel, [g], [torch.zeros(2, 2)], 0.1, 0.0)
+    assert clipped.tolist() == [1]
+    assert torch.equal(g, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_follow_the_float64_formula(kernel, gdtype):
+    g = torch.tensor(
+        [
+            [0.5, float("nan"), 0.5],  # NaN unit: comparison false, unchanged
+            [0.5, float("inf"), -0.5],  # inf unit: coefficient 0 -> 0, NaN (inf * 0), -0
+            [3.0, 4.0, 0.0],  # ordinary unit, clipped
+            [0.1, 0.1, 0.1],  # weight norm NaN: max_norm NaN, unchanged
+        ],
+        dtype=gdtype,
+    )
+    w = torch.ones(4, 3)
+    w[3, 0] = float("nan")
+    want, n = oracle(g, w, 0.1, 1e-3)
+    norms, clipped, nonfinite, total = run(kernel, [g], [w], 0.1, 1e-3)
+    assert ulp_close(g, want)
+    assert torch.equal(torch.isnan(g), torch.isnan(want))
+    assert clipped.tolist() == [n] == [2]
+    assert nonfinite.tolist() == [2]
+    assert math.isnan(float(norms[0])) and math.isnan(float(total))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_huge_and_tiny_values(kernel):
+    g = torch.tensor([[3e30, 4e30], [3e-30, 4e-30]], dtype=torch.float32)
+    w = torch.tensor([[1e38, 1e38], [1e-30, 0.0]], dtype=torch.float32)
+    norms, clipped, _, _ = run(kernel, [g], [w], 1e-8, 0.0)
+    assert math.isfinite(float(norms[0]))
+    torch.testing.assert_close(float(norms[0]), 5e30, rtol=1e-6, atol=0)
+    want, n = oracle(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]), w, 1e-8, 0.0)
+    assert ulp_close(g, want) and clipped.tolist() == [n] == [2]
+    g64 = torch.tensor([1e200, 1e200], dtype=torch.float64)
+    norms, clipped, _, _ = run(kernel, [g64], [torch.tensor([1e300, 0.0], dtype=torch.float64)])
+    torch.testing.assert_close(float(norms[0]), math.sqrt(2) * 1e200, rtol=1e-12, atol=0)
+    assert clipped.tolist() == [0]
+
+
+@pytest.mark.skipif(not CPP, reason="needs the C++ kernel")
+@pytest.mark.parametrize("gdtype", DTYPES)
+def test_cpp_agrees_with_reference(gdtype):
+    grads, params = make_pairs([*SHAPES, (300, 40), (33, 5, 5)], gdtype, torch.float32, 21)
+    g_ref = [g.clone() for g in grads]
+    a = OPS["adaptive_clip"](grads, params, 0.01, 1e-3, 2.0)
+    b = reference.adaptive_clip(g_ref, params, 0.01, 1e-3, 2.0)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[3], b[3], rtol=1e-6, atol=0)
+    for x, y in zip(grads, g_ref):
+        assert ulp_close(x, y.double())
+
+
+@pytest.mark.skipif(not CPP, reason="needs the C++ kernel")
+def test_deterministic_across_runs_and_threads():
+    grads, params = make_pairs(
+        [(64, 32, 3, 3), (3, 70_001), (200_000,)], torch.float32, torch.float32, 4
+    )
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            gs = [g.clone() for g in grads]
+            stats = OPS["adaptive_clip"](gs, params, 0.01, 1e-3, 2.0)
+            results.append((gs, stats))
+    finally:
+        torch.set_num_threads(threads)
+    for gs, stats in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(gs, results[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(stats, results[0][1]))
+
+
+@pytest.mark.skipif(not CPP, reason="needs the C++ kernel")
+def test_unclipped_units_are_not_written():
+    # A read-only view would fail if written; instead watch that bits of unclipped units,
+    # including a NaN payload, survive exactly and that nothing is touched when no unit clips.
+    g = torch.randn(4, 100) * 1e-6
+    w = torch.randn(4, 100)
+    g[2, 5] = float("nan")
+    before = g.clone()
+    _, clipped, _, _ = OPS["adaptive_clip"]([g], [w], 0.01, 1e-3, 2.0)
+    assert clipped.tolist() == [0]
+    assert torch.equal(g.view(torch.int32), before.view(torch.int32))
+
+
+def test_functional_api_skips_none_and_returns_stats():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    conv = torch.nn.Conv2d(2, 3, 3)
+    frozen = torch.nn.Parameter(torch.randn(5))  # no grad: skipped
+    params = [*lin.parameters(), *conv.parameters(), frozen]
+    for p in params[:-1]:
+        p.grad = torch.randn_like(p)
+    expected = [oracle(p.grad, p, 0.02, 1e-3) for p in params[:-1]]
+    stats = gradstab.adaptive_clip_grad_(params, clip_factor=0.02)
+    assert isinstance(stats, gradstab.AGCStats)
+    assert stats.clipped.tolist() == [n for _, n in expected]
+    for p, (want, _) in zip(params[:-1], expected):
+        assert ulp_close(p.grad, want)
+    assert frozen.grad is None
+    one = torch.nn.Parameter(torch.ones(3))
+    one.grad = torch.ones(3)
+    assert gradstab.adaptive_clip_grad_(one, 0.5).clipped.tolist() == [1]  # a single tensor
+    empty = gradstab.adaptive_clip_grad_([frozen])
+    assert empty.norms.shape == (0,) and float(empty.total_norm) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"clip_factor": 0.0}, ValueError, "clip_factor must be a positive number, got 0.0"),
+        ({"clip_factor": -1}, ValueError, "clip_factor must be a positive number, got -1"),
+        ({"clip_factor": float("nan")}, ValueError, "clip_factor .* got nan"),
+        ({"clip_factor": "0.1"}, TypeError, "clip_factor .* got '0.1'"),
+        ({"clip_factor": True}, TypeError, "clip_factor .* got True"),
+        ({"eps": -1e-3}, ValueError, "eps must be a finite number >= 0, got -0.001"),
+        ({"eps": float("inf")}, ValueError, "eps .* got inf"),
+        ({"eps": None}, TypeError, "eps .* got None"),
+        ({"norm_type": 0}, ValueError, "norm_type .* got 0"),
+        ({"norm_type": "fro"}, ValueError, "norm_type .* got 'fro'"),
+    ],
+)
+def test_bad_arguments_name_argument_and_value(kwargs, exc, match):
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    w.grad = torch.full((3, 2), 5.0)
+    before = w.grad.clone()
+    with pytest.raises(exc, match=match):
+        gradstab.adaptive_clip_grad_([w], **kwargs)
+    assert torch.equal(w.grad, before)
+
+
+def test_bad_parameters_argument():
+    with pytest.raises(TypeError, match="parameters must be a tensor or an iterable"):
+        gradstab.adaptive_clip_grad_(3)
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a str"):
+        gradstab.adaptive_clip_grad_([torch.ones(1), "w"])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_op_errors_leave_gradients_unchanged(kernel):
+    good_g = torch.full((2, 3), 5.0)
+    before = good_g.clone()
+    cases = [
+        ([good_g], [], ValueError, "one parameter per gradient, got 1 gradients and 0"),
+        ([good_g], [torch.ones(3, 2)], ValueError, r"shape \[3, 2\] but its gradient .*\[2, 3\]"),
+        ([good_g], [torch.ones(2, 3, dtype=torch.int32)], TypeError, "parameter 0 of 1 has dtype"),
+        (
+            [good_g, torch.ones(2, dtype=torch.int64)],
+            [torch.ones(2, 3), torch.ones(2)],
+            TypeError,
+            "gradient 1 of 2 has dtype",
+        ),
+        ([good_g], [torch.ones(2, 3).to_sparse()], ValueError, "parameter 0 of 1 has layout"),
+    ]
+    for grads, params, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            run(kernel, grads, params)
+        assert torch.equal(good_g, before)
+    for lam, eps, p, match in [
+        (0.0, 1e-3, 2.0, "clip_factor"),
+        (0.1, -1.0, 2.0, "eps"),
+        (0.1, 1e-3, -2.0, "norm_type"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            run(kernel, [good_g], [torch.ones(2, 3)], lam, eps, p=p)
+        assert torch.equal(good_g, before)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    grads = [
+        torch.randn(4, 3, generator=gen),
+        torch.randn(5, generator=gen).to(torch.bfloat16),
+        torch.randn(3, 2, 2, generator=gen, dtype=torch.float64)[:, :, 0],
+    ]
+    params = [
+        torch.randn(4, 3, generator=gen),
+        torch.randn(5, generator=gen),
+        torch.randn(3, 2, generator=gen),
+    ]
+    torch.library.opcheck(
+        torch.ops.gradstab.adaptive_clip.default, (grads, params, 0.05, 1e-3, 2.0)
+    )
+    torch.library.opcheck(torch.ops.gradstab.adaptive_clip.default, ([], [], 0.05, 1e-3, 2.0))
+
+
+def test_meta_tensors_need_no_data():
+    grads = [torch.empty(4, 3, device="meta"), torch.empty(5, device="meta", dtype=torch.float64)]
+    params = [torch.empty(4, 3, device="meta"), torch.empty(5, device="meta")]
+    norms, clipped, _, total = OPS["adaptive_clip"](grads, params, 0.01, 1e-3, 2.0)
+    assert norms.device.type == "meta" and norms.shape == (2,) and norms.dtype == torch.float64
+    assert clipped.dtype == torch.int64 and total.shape == ()
+
+
+def test_pure_pytorch_path_in_subprocess():
+    code = """
+import torch, gradstab
+assert gradstab.backend_info()["cpu"]["kernel"] == "reference"
+w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+w.grad = torch.tensor([[0.3, 0.4], [0.1, 0.0]])
+s = gradstab.adaptive_clip_grad_([w], clip_factor=0.01)
+assert s.clipped.tolist() == [2], s
+torch.testing.assert_close(w.grad, torch.tensor([[0.03, 0.04], [1e-5, 0.0]]))
+print("ok")
+"""
+    env = {**os.environ, "GRADSTAB_DISABLE_EXT": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_timm_style_baseline_agrees_and_differs_only_below_1e_6():
+    from gradstab.bench import timm_style_agc  # noqa: PLC0415
+
+    grads, params = make_pairs([(6, 3, 3, 3), (5, 7), (9,)], torch.float64, torch.float64, 8)
+    ours = [torch.nn.Parameter(w.clone()) for w in params]
+    theirs = [torch.nn.Parameter(w.clone()) for w in params]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    gradstab.adaptive_clip_grad_(ours, 0.01)
+    timm_style_agc(theirs, 0.01)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    # max_norm = 1e-4 * max(0, 1e-3) = 1e-7 < 1e-6: timm divides by max(||g||, 1e-6) and so
+    # over-clips a gradient of norm 5e-7 by 1e-7 / 1e-6 to 5e-8; the paper's rule to 1e-7.
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([3e-7, 4e-7], dtype=torch.float32)
+    b.grad = a.grad.clone()
+    gradstab.adaptive_clip_grad_([a], 1e-4)
+    timm_style_agc([b], 1e-4)
+    assert float(torch.linalg.vector_norm(a.grad)) == pytest.approx(1e-7, rel=1e-6)
+    assert float(torch.linalg.vector_norm(b.grad)) == pytest.approx(5e-8, rel=1e-6)
+
+
+def test_bench_agc_mode_smoke():
+    from gradstab.bench import bench_one  # noqa: PLC0415
+
+    rows = bench_one(
+        "many-small",
+        "fp32",
+        ["agc", "agc-healthy"],
+        device=torch.device("cpu"),
+        warmup=0,
+        repeats=1,
+    )
+    names = {(r.mode, r.contestant) for r in rows}
+    assert ("agc", "timm-style loop") in names and ("agc-healthy", "gradstab") in names
+    ours = [r for r in rows if r.kind == "gradstab"]
+    assert all(r.floor_fraction is not None and r.floor_fraction > 0 for r in ours)
