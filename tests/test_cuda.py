@@ -158,6 +158,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_cuda_kernel_registered_and_described():
     info = gradstab.backend_info()["cuda"]
     assert info["kernel"] == "cuda", info
+    for op in (
+        "grad_stats",
+        "clip_norm",
+        "clip_norm_per_layer",
+        "clip_value",
+        "normalize_per_layer",
+    ):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradstab::{op}", "CUDA"), op
     build = _ext().build_info()
     assert build["cuda"] is True
     assert "CUDA runtime" in build["cuda_kernel"]
@@ -342,6 +350,18 @@ def test_clip_norm_per_layer_bit_exact():
         want = b if coef >= 1.0 else _scaled(b, coef)
         assert torch.equal(_bits(g), _bits(want)), (g.dtype, g.shape)
     assert any(n > 2.0 for n in got[0].tolist()) and any(0 < n < 2.0 for n in got[0].tolist())
+
+
+@gpu
+def test_normalize_per_layer_bit_exact():
+    grads = _clip_list(33)
+    before = _cpu(grads)
+    got = OPS.normalize_per_layer(grads, _bound(0.7), 2.0, EPS)
+    _assert_stats(got, reference.grad_stats(before, 2.0), RTOL32)
+    for g, b, norm in zip(grads, before, got[0].tolist()):
+        coef = 0.7 / (norm + EPS)  # up or down: no min(1, .)
+        want = b if coef == 1.0 else _scaled(b, coef)
+        assert torch.equal(_bits(g), _bits(want)), (g.dtype, g.shape)
 
 
 @gpu
@@ -613,7 +633,8 @@ def test_side_stream_and_cache_invalidation():
 def test_fast_path_matches_dispatcher():
     ext = _ext()
     base = _clip_list(25, scale=2.0)
-    for op, name in enumerate(["grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value"]):
+    names = ["grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer"]
+    for op, name in enumerate(names):
         a, b = _clone(base), _clone(base)
         params = [_param(g) for g in a]
         params.insert(2, torch.nn.Parameter(torch.zeros(3, device=DEV)))  # no grad: skipped
@@ -623,6 +644,7 @@ def test_fast_path_matches_dispatcher():
             "clip_norm": (b, _bound(1.0), 2.0, EPS, False),
             "clip_norm_per_layer": (b, _bound(1.0), 2.0, EPS),
             "clip_value": (b, _bound(1.0), 2.0),
+            "normalize_per_layer": (b, _bound(1.0), 2.0, EPS),
         }[name]
         want = getattr(OPS, name)(*args)
         assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(got, want)), name
@@ -701,6 +723,7 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(OPS.clip_norm.default, (grads, _bound(0.5), 2.0, EPS, False))
     torch.library.opcheck(OPS.clip_norm_per_layer.default, (grads, _bound(0.5), 2.0, EPS))
     torch.library.opcheck(OPS.clip_value.default, (grads, _bound(0.5), 2.0))
+    torch.library.opcheck(OPS.normalize_per_layer.default, (grads, _bound(0.5), 2.0, EPS))
 
 
 @gpu

@@ -80,6 +80,8 @@ def sanitize() -> None:
             grads = _inputs(3)
             want = reference.grad_stats(_cpu(grads), 2.0)
             _check(OPS.clip_norm_per_layer(grads, bound, 2.0, EPS), want, "per layer")
+            grads = _inputs(3)
+            _check(OPS.normalize_per_layer(grads, bound, 2.0, EPS), want, "normalize")
             for deferred in (False, True):  # float64 in the list: clamped after the stats
                 grads = _inputs(4)
                 if not deferred:
@@ -97,7 +99,7 @@ def sanitize() -> None:
             prm = torch.nn.Parameter(torch.empty_like(g))
             prm.grad = g
             params.append(prm)
-        for op in range(4):
+        for op in range(5):
             ext.cuda_fast_path(op, params, 2.0, 0.25, EPS, False)
     ext._cuda_set_max_blocks(0)
     torch.cuda.synchronize()

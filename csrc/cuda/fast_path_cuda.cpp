@@ -3,8 +3,9 @@
 //
 // The CUDA twin of cpu_fast_path (csrc/cpu/fast_path.cpp), with the same arguments and result:
 // `parameters` is a list or tuple of tensors; for each one with a gradient, the gradient is
-// taken straight from the C++ tensor and the CUDA kernel of op 0-3 (grad_stats, clip_norm,
-// clip_norm_per_layer, clip_value; ops_cuda.h) runs on all of them with the GIL released.
+// taken straight from the C++ tensor and the CUDA kernel of op 0-4 (grad_stats, clip_norm,
+// clip_norm_per_layer, clip_value, normalize_per_layer; ops_cuda.h) runs on all of them with the
+// GIL released.
 // `bound` (max_norm / clip_value) is a Python number (passed to the kernel by value: no fill
 // kernel, no host sync) or a one-element tensor on the CPU or on the gradients' device. Returns
 // (norms, max_abs, nonfinite, total_norm), or None -- having read and changed nothing -- when
@@ -53,7 +54,7 @@ py::object cuda_fast_path(int op, py::handle parameters, double norm_type, py::h
   HANDLE_TH_ERRORS
   PyObject* seq = parameters.ptr();
   if (!PyList_Check(seq) && !PyTuple_Check(seq)) return py::none();
-  TORCH_CHECK_VALUE(op >= 0 && op <= 3, "gradstab: cuda_fast_path got an unknown op code ", op);
+  TORCH_CHECK_VALUE(op >= 0 && op <= 4, "gradstab: cuda_fast_path got an unknown op code ", op);
   if (c10::impl::TorchDispatchModeTLS::stack_len() > 0 || at::impl::torch_function_mode_enabled()) {
     return py::none();  // a mode wants to see the op
   }
@@ -110,9 +111,9 @@ py::dict cache_info() {
 
 void register_fast_path(pybind11::module& m) {
   m.def("cuda_fast_path", &cuda_fast_path,
-        "Eager CUDA shortcut of gradstab.functional: run op 0-3 (grad_stats, clip_norm, "
-        "clip_norm_per_layer, clip_value) over the gradients of a list of parameters on one "
-        "CUDA device; None when the shortcut does not apply.",
+        "Eager CUDA shortcut of gradstab.functional: run op 0-4 (grad_stats, clip_norm, "
+        "clip_norm_per_layer, clip_value, normalize_per_layer) over the gradients of a list of "
+        "parameters on one CUDA device; None when the shortcut does not apply.",
         py::arg("op"), py::arg("parameters"), py::arg("norm_type"), py::arg("bound"),
         py::arg("eps"), py::arg("error_if_nonfinite"));
   m.def("_cuda_set_max_blocks", &set_max_blocks,

@@ -23,7 +23,8 @@
 //   max |x| (re-reading the tensor, a rare and slow path), and writes the tensor's results and
 //   its per-layer coefficient; the warp finishing the last tensor computes the total norm as the
 //   p-root of the summed p-powers (from the norms, scaled, if a sum is not exact) and the global
-//   coefficient min(1, bound / (total + eps)) (NaN kept). Statistics are of the data as it was
+//   coefficient min(1, bound / (total + eps)) (NaN kept). Per-layer modes use each tensor's
+//   min(1, bound / (norm + eps)), or bound / (norm + eps) to normalize to a target norm. Statistics are of the data as it was
 //   on entry. Every reduction has a fixed order: results are bit-identical run to run and do
 //   not depend on the grid size or on which warp ran which unit. They do depend on where each
 //   gradient starts modulo 16 bytes (that decides the split into scalar head, vectors and tail),
@@ -31,11 +32,11 @@
 //   values. No floating-point atomics; integer counters implement the last-block-done hand-off.
 // writeback_kernel: copies a strided gradient's contiguous working copy back, only if the call
 //   changed that tensor (a device flag).
-// scale_kernel: clipping; walks the units in reverse order (the reduce kernel's last units are
-//   still in L2) and scales every unit whose coefficient is not >= 1 (a NaN coefficient writes
-//   NaN, as PyTorch does): float32/float64 multiply by the float64 coefficient and round once,
-//   float16/bfloat16 multiply in float32 and round to nearest even. Nothing is written when every
-//   coefficient is 1.
+// scale_kernel: clipping and normalizing; walks the units in reverse order (the reduce kernel's
+//   last units are still in L2) and scales every unit whose coefficient is not 1 (a NaN
+//   coefficient writes NaN, as PyTorch does): float32/float64 multiply by the float64
+//   coefficient and round once, float16/bfloat16 multiply in float32 and round to nearest even.
+//   Nothing is written when every coefficient is 1.
 #include "cuda/kernels.cuh"
 
 #include <cuda_bf16.h>
@@ -634,10 +635,11 @@ __device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d
     r.norm = root(r.sum, scale, P.kind, P.p);
     if (scale != 1.0) r.sum = __longlong_as_double(0x7ff0000000000000LL);  // only the norm is valid
   }
-  r.coef = clip_coef(bound, r.norm, P.eps);
+  r.coef = P.mode == kNormalize ? __ddiv_rn(bound, __dadd_rn(r.norm, P.eps))
+                                 : clip_coef(bound, r.norm, P.eps);
   r.write = 0;
-  if (P.mode == kClipPerLayer) {
-    r.write = !(r.coef >= 1.0);
+  if (P.mode == kClipPerLayer || P.mode == kNormalize) {
+    r.write = !(r.coef == 1.0);  // a coefficient of exactly 1 is not written; NaN is
   } else if (P.mode == kClipValue || P.mode == kClipValueDeferred) {
     bool any = false;
     for (int64_t k = lane; k < n; k += 32) any = any || __ldcg(&rec[k].clamp) != 0;
@@ -796,7 +798,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
     const int t = find_tensor(P, u);
     const TensorDesc d = P.table[t];
     double coef = gcoef;
-    if (P.mode == kClipPerLayer) {
+    if (P.mode == kClipPerLayer || P.mode == kNormalize) {
       const TensorRecord& r = P.tensors[d.orig];
       if (r.write == 0) continue;
       coef = r.coef;

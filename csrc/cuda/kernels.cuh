@@ -53,12 +53,14 @@ enum NormKind : int32_t { kL2 = 0, kL1 = 1, kLinf = 2, kLp = 3 };
 // kClipValue: clamp in the reduce pass. kClipValueDeferred: clamp in the scale kernel, after the
 // statistics are final (needed where a tensor's norm may be recomputed from its data: float64
 // gradients and p not in {1, 2, inf}; the recomputation must see the values as they were).
+// kNormalize: per-layer scaling to a target norm, coef = bound / (norm + eps), up or down.
 enum Mode : int32_t {
   kStats = 0,
   kClipNorm = 1,
   kClipPerLayer = 2,
   kClipValue = 3,
-  kClipValueDeferred = 4
+  kClipValueDeferred = 4,
+  kNormalize = 5
 };
 
 constexpr int64_t kUnitBytes = 16384;  // bytes per unit (one warp's work item)
@@ -99,9 +101,9 @@ struct TensorRecord {
   double sum;   // sum of |x|^p; +inf when the norm had to be computed rescaled (see kernels.cu)
   double norm;
   double max_abs;
-  double coef;  // per-layer clip coefficient (kClipPerLayer)
+  double coef;  // per-layer coefficient (kClipPerLayer, kNormalize)
   int64_t nonfinite;
-  int64_t write;  // the call writes this tensor (per-layer: coef not >= 1; value: a clamp)
+  int64_t write;  // the call writes this tensor (per-layer: coef != 1; value: a clamp)
 };
 static_assert(sizeof(TensorRecord) == 48, "TensorRecord layout");
 

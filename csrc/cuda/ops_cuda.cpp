@@ -1,5 +1,6 @@
-// Contract: the CUDA kernels of the gradstab ops (schemas in gradstab/_library.py), registered
-// for the CUDA dispatch key; the ATen side of kernels.cu (argument checks, descriptor table,
+// Contract: the CUDA kernels of the gradstab ops grad_stats, clip_norm, clip_norm_per_layer,
+// clip_value and normalize_per_layer (schemas in gradstab/_library.py; adaptive_clip has none
+// here, the pure-PyTorch kernel serves it), registered for the CUDA dispatch key; the ATen side of kernels.cu (argument checks, descriptor table,
 // scratch, launches). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
 //
 // Per call, with no host-device synchronisation (except error_if_nonfinite=True, which must read
@@ -367,7 +368,9 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   TORCH_CHECK_VALUE(norm_type > 0.0 && !std::isnan(norm_type),
                     "gradstab: norm_type must be a positive number or inf, got ", norm_type);
   check_grads(grads);
-  const char* bound_name = op == Op::kClipValue ? "clip_value" : "max_norm";
+  const char* bound_name = op == Op::kClipValue           ? "clip_value"
+                           : op == Op::kNormalizePerLayer ? "target_norm"
+                                                          : "max_norm";
   const int64_t T = static_cast<int64_t>(grads.size());
   if (T == 0) {  // reached only through a bound on the device; nothing to do
     at::Device dev = bound.tensor != nullptr ? bound.tensor->device() : at::Device(at::kCPU);
@@ -407,6 +410,7 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
     case Op::kStats: mode = kStats; break;
     case Op::kClipNorm: mode = kClipNorm; break;
     case Op::kClipNormPerLayer: mode = kClipPerLayer; break;
+    case Op::kNormalizePerLayer: mode = kNormalize; break;
     case Op::kClipValue:
       // float64 norms and p-norms may be recomputed from the data: clamp after the statistics.
       mode = (any_double || kind == kLp) ? kClipValueDeferred : kClipValue;
@@ -464,7 +468,8 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
       TORCH_CHECK(false, nonfinite_message(norm_type, t, grads, nonfinite.cpu()));
     }
   }
-  const bool writes = mode == kClipNorm || mode == kClipPerLayer || mode == kClipValueDeferred;
+  const bool writes = mode == kClipNorm || mode == kClipPerLayer || mode == kNormalize ||
+                      mode == kClipValueDeferred;
   if (writes) {
     C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, entry->total_units, cap), stream.stream()));
   }
@@ -530,6 +535,13 @@ Stats clip_norm_per_layer_cuda(at::TensorList grads, const at::Tensor& max_norm,
   return run_op(Op::kClipNormPerLayer, grads, b, norm_type, eps, false);
 }
 
+Stats normalize_per_layer_cuda(at::TensorList grads, const at::Tensor& target_norm,
+                               double norm_type, double eps) {
+  Bound b;
+  b.tensor = &target_norm;
+  return run_op(Op::kNormalizePerLayer, grads, b, norm_type, eps, false);
+}
+
 Stats clip_value_cuda(at::TensorList grads, const at::Tensor& clip_value, double norm_type) {
   Bound b;
   b.tensor = &clip_value;
@@ -543,6 +555,7 @@ TORCH_LIBRARY_IMPL(gradstab, CUDA, m) {
   m.impl("clip_norm", &clip_norm_cuda);
   m.impl("clip_norm_per_layer", &clip_norm_per_layer_cuda);
   m.impl("clip_value", &clip_value_cuda);
+  m.impl("normalize_per_layer", &normalize_per_layer_cuda);
 }
 
 }  // namespace cuda

@@ -15,7 +15,14 @@ namespace cuda {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-enum class Op : int { kStats = 0, kClipNorm = 1, kClipNormPerLayer = 2, kClipValue = 3 };
+// The op codes of cuda_fast_path (and of cpu_fast_path).
+enum class Op : int {
+  kStats = 0,
+  kClipNorm = 1,
+  kClipNormPerLayer = 2,
+  kClipValue = 3,
+  kNormalizePerLayer = 4
+};
 
 // The bound of a clipping op: a one-element tensor (on the CPU, read on the host; or on the
 // gradients' device, never read on the host), or, when `tensor` is null, a host number.
