@@ -300,7 +300,9 @@ Stats make_stats(const Plan& plan, const std::vector<TensorResult>& res, double 
     pf[i] = res[i].nonfinite;
   }
   const auto rd = plan.any_double ? at::kDouble : at::kFloat;
-  return {norms.to(rd), maxabs.to(rd), nonfinite, at::scalar_tensor(total, rd)};
+  // Through a double tensor: a total beyond the float32 range rounds to inf (scalar_tensor
+  // would throw instead).
+  return {norms.to(rd), maxabs.to(rd), nonfinite, at::scalar_tensor(total, at::kDouble).to(rd)};
 }
 
 // min(1, bound / (norm + eps)), NaN kept (as torch.clamp(max=1) keeps it).
@@ -414,8 +416,11 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
   auto parts = reduce_all(plan, kind, norm_type, -1.0);
   auto res = finish_all(plan, parts, kind, norm_type);
   const double total = total_norm(res, kind, norm_type);
-  TORCH_CHECK(!error_if_nonfinite || std::isfinite(total),
-              nonfinite_message(norm_type, total, plan, res));
+  Stats stats = make_stats(plan, res, total);
+  if (error_if_nonfinite) {  // the norm as returned: inf also where it exceeds float32
+    const double reported = std::get<3>(stats).item<double>();
+    TORCH_CHECK(std::isfinite(reported), nonfinite_message(norm_type, reported, plan, res));
+  }
   const double c = clip_coef(bound, total, eps);
   if (writes(c)) {
     const size_t n = plan.items.size();
@@ -430,7 +435,7 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
       scale_chunks(plan, std::vector<double>(n, c), std::vector<uint8_t>(n, 0));
     }
   }
-  return make_stats(plan, res, total);
+  return stats;
 }
 
 namespace {
