@@ -206,9 +206,13 @@ def clip_norm(
     _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
     total = stats[3]
-    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: the caller asked
+    # host sync: the caller asked. The norm as returned: inf also where it exceeds float32.
+    reported = total.to(result_dtype(grads))
+    if error_if_nonfinite and not bool(torch.isfinite(reported)):
         raise RuntimeError(
-            nonfinite_message(norm_type, float(total), stats[2].tolist(), [g.shape for g in grads])
+            nonfinite_message(
+                norm_type, float(reported), stats[2].tolist(), [g.shape for g in grads]
+            )
         )
     coef = torch.clamp(max_norm.to(torch.float64) / (total + eps), max=1.0)
     todo = [_needs_scaling(g, coef) for g in grads]
