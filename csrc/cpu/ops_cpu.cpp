@@ -524,8 +524,30 @@ Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double 
     });
     return make_stats(plan, res, total_norm(res, kind, norm_type));
   }
-  auto parts = reduce_all(plan, kind, norm_type, bound);
+  // Clamped in the reducing pass, except where finish_tensor may have to rescue an overflowed
+  // or underflowed sum by re-reading the gradient (float64 gradients, p other than 1, 2, inf):
+  // those are clamped after the statistics are final, chunk by chunk, so the statistics stay
+  // those of the gradients on entry.
+  auto fused = [&](const Item& it) { return kind != NormKind::kLp && it.dtype != DType::kDouble; };
+  std::vector<Partial> parts(plan.chunks.size());
+  bool late = false;
+  for (const Item& it : plan.items) late = late || (it.numel > 0 && !fused(it));
+  plan.for_each_chunk(false, [&](int64_t k) {
+    const Chunk& c = plan.chunks[k];
+    const Item& it = plan.items[c.item];
+    parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type,
+                            fused(it) ? bound : -1.0);
+  });
   auto res = finish_all(plan, parts, kind, norm_type);
+  if (late) {
+    plan.for_each_chunk(false, [&](int64_t k) {
+      const Chunk& c = plan.chunks[k];
+      const Item& it = plan.items[c.item];
+      if (fused(it) || parts[k].max_abs <= bound) return;  // (a NaN max-abs proves nothing)
+      parts[k].wrote =
+          reduce_range(it.dtype, plan.chunk_ptr(c), c.len, NormKind::kL2, 2.0, bound).wrote;
+    });
+  }
   for (const Item& it : plan.items) {
     if (!it.copied) continue;
     bool wrote = false;
