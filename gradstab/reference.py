@@ -254,13 +254,15 @@ def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
     for g, m in zip(grads, stats[1].unbind(0)):
         if g.numel() == 0 or g.device.type != "cpu":
             todo.append(g.numel() > 0)
-        elif _self_overlapping(g):
-            # written only if a value lies beyond the bound, compared as the C++ kernel does
+        elif bool(m <= v):
+            todo.append(False)  # nothing beyond the bound: not written
+        elif not bool(torch.isnan(m)) and not _self_overlapping(g):
+            todo.append(True)
+        else:
+            # (a NaN max-abs proves nothing) written only if a value lies beyond the bound,
+            # compared as the C++ kernel does
             x = g if g.dtype == torch.float64 else g.float()
             todo.append(bool((x.abs() > v.to(device=g.device, dtype=x.dtype)).any()))
-        else:
-            # nothing beyond the bound: not written (a NaN max-abs proves nothing)
-            todo.append(not bool(m <= v))
     _check_writable(grads, todo, "clamped")
     for g, w in zip(grads, todo):
         if not w:
