@@ -348,3 +348,28 @@ def test_layouts_are_kept():
     gradstab.clip_grad_norm_(as_params([g]), 0.1)
     assert g.is_contiguous(memory_format=torch.channels_last)
     assert float(torch.linalg.vector_norm(g.double())) == pytest.approx(0.1, rel=1e-6)
+
+
+def test_results_on_the_grads_device_without_reading_it_on_the_host():
+    """On a device other than the CPU ("meta" here: its tensors have no values, so any host
+    read raises), every function runs, with its bound as a 0-d tensor on that device, and
+    returns results on that device in the documented dtypes."""
+    dev = torch.device("meta")
+    grads = [
+        torch.empty(5, 3, device=dev, dtype=torch.bfloat16),
+        torch.empty(7, device=dev),
+        torch.empty(0, device=dev),
+    ]
+    params = as_params([grads[0], None, grads[1], grads[2]])
+    stats = gradstab.grad_stats(params)
+    assert [t.device.type for t in stats] == ["meta"] * 4
+    assert [t.shape for t in stats] == [(3,), (3,), (3,), ()]
+    assert stats.norms.dtype == torch.float32 and stats.nonfinite.dtype == torch.int64
+    bound = torch.tensor(1.0, device=dev)
+    total = gradstab.clip_grad_norm_(params, bound)
+    assert total.device.type == "meta" and total.shape == () and total.dtype == torch.float32
+    norms = gradstab.clip_grad_norm_per_layer_(params, bound)
+    assert norms.device.type == "meta" and norms.shape == (3,)
+    assert gradstab.clip_grad_value_(params, bound) is None
+    f64 = as_params([torch.empty(2, device=dev, dtype=torch.float64), grads[1]])
+    assert gradstab.grad_stats(f64).total_norm.dtype == torch.float64
