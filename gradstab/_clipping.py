@@ -1099,12 +1099,27 @@ def _run_sharded(
     assert b is not None
     b = b.to(stats[0].device)
     coefs = _coefs(kind, b, stats)
-    if kind in ("norm", "normalize_total"):
-        if local:
-            distributed.scale_(local, coefs[0])
-    else:
-        distributed.scale_each_(local, coefs.to(lay.device))
+    _scale_local(local, coefs.to(lay.device))
     return _Part(kind, job.names, [local], stats, b, above, grad_scale, shown, coefs, lay)
+
+
+def _scale_local(tensors: Sequence[Tensor], coefs: Tensor) -> None:
+    """Multiply tensor ``i`` in place by ``coefs[i]`` (float64, on their device).
+
+    On the CPU the coefficients are read on the host (free there) and a tensor whose
+    coefficient is exactly 1 is not written; elsewhere nothing is read on the host.  Unlike
+    :func:`gradstab.distributed.scale_each_`, which serves clipping and skips every
+    coefficient ``>= 1``, coefficients above 1 (``"normalize"`` scales up) are applied.
+    """
+    if not tensors:
+        return
+    cs = coefs.unbind(0)
+    if tensors[0].device.type == "cpu":
+        keep = [i for i, c in enumerate(coefs.tolist()) if c != 1.0]  # NaN is kept
+        if keep:
+            torch._foreach_mul_([tensors[i] for i in keep], [cs[i] for i in keep])
+        return
+    torch._foreach_mul_(list(tensors), list(cs))
 
 
 def _unit_norm(

@@ -10,16 +10,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.amp.grad_scaler import OptState
 
 from gradstab import _clipping
+from gradstab.adaptive import AdaptiveThreshold
+from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 from gradstab.optimizer import GradStabOptimizer
 
 __all__ = ["GradStabCallback"]
@@ -125,14 +129,25 @@ class GradStabCallback(Callback):
         self,
         *,
         mode: str | None = "norm",
-        max_norm: Union[float, Mapping[int, float], None] = None,
+        max_norm: Union[
+            float, AdaptiveThreshold, Mapping[int, Union[float, AdaptiveThreshold]], None
+        ] = None,
         clip_value: Union[float, Mapping[int, float], None] = None,
+        target_norm: Union[float, Mapping[int, float], None] = None,
+        clip_factor: Union[float, Mapping[int, float], None] = None,
+        agc_eps: float | None = None,
+        agc_exclude: Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None] = None,
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
         log_every_n_steps: int | None = None,
         log_per_layer: bool = False,
         log_prefix: str = "grad",
+        history: int = 0,
+        history_extras: bool = False,
+        diagnose_on_fit_end: bool = True,
+        plot_dir: Union[str, os.PathLike, None] = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         self._config = _clipping.make_config(
@@ -140,18 +155,47 @@ class GradStabCallback(Callback):
             mode=mode,
             max_norm=max_norm,
             clip_value=clip_value,
+            target_norm=target_norm,
+            clip_factor=clip_factor,
+            agc_eps=agc_eps,
+            agc_exclude=agc_exclude,
             norm_type=norm_type,
             group_by=group_by,
             nonfinite=nonfinite,
             log_per_layer=log_per_layer,
             log_prefix=log_prefix,
+            history=history,
+            history_extras=history_extras,
+            process_group=process_group,
         )
         self._log_every = _clipping.check_log_every(_OWNER, log_every_n_steps)
+        if not isinstance(diagnose_on_fit_end, bool):
+            raise TypeError(
+                f"{_OWNER}: diagnose_on_fit_end must be True or False; got {diagnose_on_fit_end!r}"
+            )
+        if plot_dir is not None:
+            if not isinstance(plot_dir, (str, os.PathLike)) or not os.fspath(plot_dir):
+                raise TypeError(
+                    f"{_OWNER}: plot_dir must be a folder path (str) or None; got {plot_dir!r}"
+                )
+            if not history:
+                raise ValueError(
+                    f"{_OWNER}: plot_dir={plot_dir!r} plots the gradient history, which is off; "
+                    "set history=<number of steps to keep> too"
+                )
+        self._diagnose_on_fit_end = diagnose_on_fit_end
+        self._plot_dir = None if plot_dir is None else os.fspath(plot_dir)
         self._states: dict[int, _clipping.ClipState] = {}
         self._plans: dict[int, _clipping.Plan] = {}
         self._names: dict[int, str] | None = None
         self._module_of: dict[int, int] | None = None
         self.last_metrics: dict[str, float] = {}
+        #: The gradient history (a :class:`~gradstab.GradHistory` on the gradients' device)
+        #: with ``history > 0``, on global rank 0, from the first optimizer step; else None.
+        self.history: GradHistory | None = None
+        #: The :class:`~gradstab.Diagnosis` made at the end of ``fit`` (``history > 0``,
+        #: ``diagnose_on_fit_end=True``, global rank 0); else None.
+        self.diagnosis: Diagnosis | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -171,6 +215,16 @@ class GradStabCallback(Callback):
         return self._config.clip_value
 
     @property
+    def target_norm(self) -> Union[float, dict[int, float], None]:
+        """The target norm(s) of ``mode="normalize"``."""
+        return self._config.target_norm
+
+    @property
+    def clip_factor(self) -> Union[float, dict[int, float], None]:
+        """The clip factor(s) of ``mode="agc"``."""
+        return self._config.clip_factor
+
+    @property
     def norm_type(self) -> float:
         """p of the p-norm."""
         return self._config.norm_type
@@ -184,6 +238,16 @@ class GradStabCallback(Callback):
     def state_key(self) -> str:
         """Tells instances with different options apart in a checkpoint."""
         c = self._config
+        extra: dict[str, Any] = {}  # options that change the state, only where they are set
+        if c.mode in ("agc", "normalize"):
+            extra[c.threshold_name] = c.threshold  # type: ignore[index]
+        if c.mode == "agc":
+            extra["agc_eps"] = c.agc_eps
+            ex = c.agc_exclude
+            if ex is not None:
+                extra["agc_exclude"] = (
+                    ex if isinstance(ex, tuple) else f"{ex.__module__}.{ex.__qualname__}"
+                )
         return self._generate_state_key(
             mode=c.mode,
             max_norm=c.max_norm,
@@ -192,6 +256,7 @@ class GradStabCallback(Callback):
             group_by=c.group_by,
             nonfinite=c.nonfinite,
             log_prefix=c.log_prefix,
+            **extra,
         )
 
     def counters(self) -> dict[str, int]:
@@ -221,6 +286,9 @@ class GradStabCallback(Callback):
         self._names = None
         self._module_of = None
         self._plans = {}
+        if stage == "fit":
+            self.history = None  # a new history for each fit, made at its first step
+            self.diagnosis = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step)."""
@@ -265,7 +333,7 @@ class GradStabCallback(Callback):
         if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
             # A fused optimizer: Lightning left the gradients scaled; step() unscales them.
             if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-                if self._config.mode == "value" or scaler._scale is None:
+                if self._config.mode in ("value", "agc") or scaler._scale is None:
                     scaler.unscale_(optimizer)
                 else:
                     grad_scale = scaler._scale
@@ -273,6 +341,8 @@ class GradStabCallback(Callback):
         every = trainer.log_every_n_steps if self._log_every is None else self._log_every
         batches = trainer.fit_loop.epoch_loop._batches_that_stepped
         log = bool(every) and (batches + 1) % every == 0
+        if self._config.history and self.history is None and trainer.is_global_zero:
+            self.history = self._make_history(pl_module)
         skip, metrics = _clipping.clip_step(
             self._config,
             state,
@@ -281,14 +351,15 @@ class GradStabCallback(Callback):
             grad_scale=grad_scale,
             scaler_skips=scaler_on,
             step=trainer.global_step,
+            history=self.history,
+            history_step=batches,
         )
         if skip:
             for p in plan.params:
                 p.grad = None
         if metrics is not None:
             if len(trainer.optimizers) > 1:
-                keys = _clipping.metric_names(self._config)
-                per_param = (keys["layer"], keys["max_abs"])
+                per_param = _clipping.per_param_prefixes(self._config)
                 metrics = {
                     (k if k.startswith(per_param) else f"{k}_opt{idx}"): v
                     for k, v in metrics.items()
@@ -297,10 +368,69 @@ class GradStabCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=batches)
 
+    # ------------------------------------------------------------------ diagnosis
+
+    def _make_history(self, pl_module: pl.LightningModule) -> GradHistory:
+        c = self._config
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        return GradHistory(
+            named,
+            capacity=c.history,
+            norm_type=c.norm_type,
+            zero_fraction=c.history_extras,
+            param_norms=c.history_extras,
+        )
+
+    def diagnose(self, **kwargs: Any) -> Diagnosis:
+        """Diagnose the gradient history now (copies it to the host once).
+
+        Args:
+            **kwargs: thresholds of :func:`gradstab.diagnose` (``window``, ``vanish_decades``,
+                ``spike_z``, ...).
+
+        Returns:
+            The :class:`~gradstab.Diagnosis` (``print`` it for the findings and a table).
+
+        Raises:
+            RuntimeError: no history (``history=0``, not global rank 0, or before the first
+                optimizer step).
+
+        Example:
+            >>> cb = GradStabCallback(max_norm=1.0, history=500)  # doctest: +SKIP
+            >>> trainer.fit(model); print(cb.diagnose(window=100))  # doctest: +SKIP
+        """
+        if self.history is None:
+            why = (
+                "construct the callback with history=<number of steps to keep>"
+                if not self._config.history
+                else "it is recorded on global rank 0 only, from the first optimizer step on"
+            )
+            raise RuntimeError(f"{_OWNER}.diagnose: there is no gradient history ({why})")
+        return diagnose(self.history, **kwargs)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With a history: log the diagnosis (``diagnose_on_fit_end``), write the plots."""
+        if self.history is None or not trainer.is_global_zero:
+            return
+        if self._diagnose_on_fit_end or self._plot_dir is not None:
+            self.diagnosis = self.diagnose()
+        if self._diagnose_on_fit_end:
+            rank_zero_info(str(self.diagnosis))
+        if self._plot_dir is not None:
+            from gradstab.plots import plot_history  # noqa: PLC0415 - needs matplotlib
+
+            try:
+                paths = plot_history(self.history.data(), self._plot_dir, diagnosis=self.diagnosis)
+            except ImportError as exc:
+                rank_zero_warn(f"{_OWNER}(plot_dir={self._plot_dir!r}): no plots written: {exc}")
+            else:
+                rank_zero_info(f"{_OWNER}: gradient plots written: {', '.join(paths)}")
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The counters per optimizer, as Python ints (reads the device counters)."""
+        """The counters per optimizer, as Python ints (reads the device counters), and the
+        state of each adaptive threshold (device tensors): a resumed run continues both."""
         return {
             "version": 1,
             "optimizers": {i: st.state_dict() for i, st in sorted(self._states.items())},
@@ -311,8 +441,15 @@ class GradStabCallback(Callback):
         self._states = {}
         for i, d in state_dict.get("optimizers", {}).items():
             st = _clipping.ClipState()
-            st.load_state_dict(d)
+            st.load_state_dict(d, self._config)
             self._states[int(i)] = st
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_plans": {}, "_names": None, "_module_of": None}
+        # the history holds the parameters (by reference): not part of a pickle
+        return {
+            **self.__dict__,
+            "_plans": {},
+            "_names": None,
+            "_module_of": None,
+            "history": None,
+        }
