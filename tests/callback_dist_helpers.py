@@ -104,7 +104,7 @@ FSDP_OPTIONS = {
     "norm": {"max_norm": 0.5},
     "layer": {"mode": "layer", "max_norm": 0.3},
     "layer-module": {"mode": "layer", "max_norm": 0.3, "group_by": "module"},
-    "normalize": {"mode": "normalize", "target_norm": 0.2},
+    "normalize": {"mode": "normalize", "target_norm": 2.0},  # some scaled up, some down
     "value": {"mode": "value", "clip_value": 0.05},
     "zscore": {"max_norm": ZScoreThreshold(warmup_steps=2, rule="mean")},
     "percentile-layer": {
