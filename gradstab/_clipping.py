@@ -462,6 +462,22 @@ class _Unit:
     key: str = "all"  # names the unit's adaptive threshold: "all" or "group<i>"
     kind: str = "stats"  # the op of each part (see _run_part)
     tracks: str = "total"  # what an adaptive threshold tracks: "total", "tensors" or "parts"
+    # per part, the parameters grouped by device: (device, indices, names, params)
+    by_device: list[list[tuple[torch.device, list[int], list[str], list[Tensor]]]] = field(
+        default_factory=list, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.by_device = []
+        for idx in self.parts:
+            groups: dict[torch.device, tuple[list[int], list[str], list[Tensor]]] = {}
+            for i in idx:
+                q = self.params[i]
+                ids, ns, ps = groups.setdefault(q.device, ([], [], []))
+                ids.append(i)
+                ns.append(self.names[i])
+                ps.append(q)
+            self.by_device.append([(d, *lists) for d, lists in groups.items()])
 
 
 @dataclass
@@ -745,6 +761,29 @@ _PerDevice = list[tuple[torch.device, list[Tensor], list[str], list[Tensor], lis
 _Stats = tuple[Tensor, Tensor, Tensor, Tensor]  # norms [T], max_abs [T], nonfinite [T], total []
 
 
+def _part_grads(unit: _Unit, pi: int) -> _PerDevice:
+    """The gradients of part ``pi`` of ``unit`` (``None`` skipped) with their names, by device.
+
+    A gradient lives on its parameter's device, so the grouping made with the plan holds;
+    only the first gradient of each group is checked (a model moved after the plan was made
+    takes the slow path).
+    """
+    out: _PerDevice = []
+    for d, ids, ns, ps in unit.by_device[pi]:
+        gs = [q.grad for q in ps]
+        kept = [g for g in gs if g is not None]
+        if not kept:
+            continue
+        if kept[0].device != d:
+            return _grads_by_device(unit.params, unit.names, unit.parts[pi])
+        if len(kept) == len(gs):
+            out.append((d, kept, ns, ps, ids))
+        else:
+            sel = [k for k, g in enumerate(gs) if g is not None]
+            out.append((d, kept, [ns[k] for k in sel], [ps[k] for k in sel], [ids[k] for k in sel]))
+    return out
+
+
 def _grads_by_device(
     params: Sequence[Tensor], names: Sequence[str], idx: Sequence[int]
 ) -> _PerDevice:
@@ -780,19 +819,23 @@ class _Job:
 
     @property
     def names(self) -> list[str]:
+        if len(self.per_dev) == 1:
+            return self.per_dev[0][2]
         return [n for _, _, ns, _, _ in self.per_dev for n in ns]
 
     @property
     def index(self) -> list[int]:
         """Positions in ``unit.params`` of the statistics' rows."""
+        if len(self.per_dev) == 1:
+            return self.per_dev[0][4]
         return [i for *_, ix in self.per_dev for i in ix]
 
 
 def _jobs(cfg: ClipConfig, plan: Plan) -> list[_Job]:
     jobs = []
     for unit in plan.units:
-        for pi, idx in enumerate(unit.parts):
-            per_dev = _grads_by_device(unit.params, unit.names, idx)
+        for pi in range(len(unit.parts)):
+            per_dev = _part_grads(unit, pi)
             if not per_dev:
                 continue
             lay = None
