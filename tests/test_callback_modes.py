@@ -628,3 +628,68 @@ def test_defaults_of_agc_and_normalize():
         "GradStabCallback{'mode': 'norm', 'max_norm': 1.0, 'clip_value': None, 'norm_type': "
         "2.0, 'group_by': 'param', 'nonfinite': 'ignore', 'log_prefix': 'grad'}"
     )
+
+
+# ---------------------------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_norm": ZScoreThreshold(warmup_steps=2, rule="mean")},
+        {"max_norm": PercentileThreshold(50.0, 4, include_current=False)},
+        {"mode": "layer", "max_norm": PercentileThreshold(50.0, 4)},
+        {"mode": "layer", "max_norm": ZScoreThreshold(warmup_steps=2), "group_by": "module"},
+        {"mode": "normalize", "target_norm": 0.3},
+    ],
+)
+def test_two_phase_path_equals_the_fused_ops(kw, monkeypatch):
+    """Parts whose statistics must be combined first (several devices), forced on one CPU
+    device: the same clip, metrics and threshold state as the fused ops."""
+    results = []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(
+                _clipping,
+                "_needs_two_phase",
+                lambda kind, per_dev: kind in ("norm", "layer", "normalize", "normalize_total"),
+            )
+        model = small_model()
+        opt = GradStabOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            module=model,
+            log_every_n_steps=1,
+            log_per_layer=True,
+            **copy.deepcopy(kw),
+        )
+        for x, s in data(6, spikes={4: 30.0}):
+            opt.zero_grad()
+            backward(model, x, s)
+            opt.step()
+        results.append((model, opt.last_metrics, opt.state_dict()["gradstab"]))
+    (m0, k0, s0), (m1, k1, s1) = results
+    for a, b in zip(m0.parameters(), m1.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert k0.keys() == k1.keys()
+    for k in k0:
+        assert k1[k] == pytest.approx(k0[k], rel=1e-6), k
+    for key, t in s0.get("thresholds", {}).items():
+        for name, v in t["state"].items():
+            torch.testing.assert_close(s1["thresholds"][key]["state"][name], v, rtol=1e-6, atol=0)
+
+
+def test_parameters_moved_after_the_plan_take_the_slow_path():
+    """The plan groups parameters by device once; a gradient found elsewhere (the model was
+    moved) is regrouped per step, with the same result."""
+    model, ref = small_model(), small_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), max_norm=0.2)
+    x, s = data(1)[0]
+    backward(model, x, s)
+    backward(ref, x, s)
+    unit = opt._current_plan().units[0]
+    _, *rest = unit.by_device[0][0]
+    unit.by_device[0][0] = (torch.device("meta"), *rest)  # as if the plan saw another device
+    opt.clip()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.2)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
