@@ -223,16 +223,37 @@ def _check_exclude(owner: str, value: object) -> Exclude:
 
 
 def _check_process_group(owner: str, value: object) -> Any:
-    if value is None:
-        return None
+    if value is None or value == "world":
+        return value
     import torch.distributed as dist  # noqa: PLC0415
 
     if not dist.is_available() or not isinstance(value, dist.ProcessGroup):
         raise TypeError(
             f"{owner}: process_group must be a torch.distributed.ProcessGroup (the group plain "
-            f"gradients are sharded over, ZeRO-style) or None; got {value!r}"
+            "gradients are sharded over, ZeRO-style), 'world' (the default group, looked up "
+            f"when training starts) or None; got {value!r}"
         )
     return value
+
+
+def process_group_of(cfg: ClipConfig) -> Any:
+    """The process group plain gradients are sharded over, or ``None``.
+
+    ``"world"`` is ``torch.distributed.group.WORLD`` once ``torch.distributed`` is
+    initialized, and ``None`` (one process, nothing sharded) before.
+
+    Example:
+        >>> process_group_of(make_config("demo", max_norm=1.0)) is None
+        True
+    """
+    group = cfg.process_group
+    if group != "world":
+        return group
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
 
 
 def check_log_every(owner: str, value: object, allow_none: bool = True) -> int | None:
@@ -303,7 +324,8 @@ def make_config(
             callable ``(name, param) -> bool``.
         history: ring capacity of a gradient history (0: none).
         history_extras: the history also records zero fractions and parameter norms.
-        process_group: the group plain gradients are sharded over (ZeRO-style), or ``None``.
+        process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``
+            (the default group once ``torch.distributed`` is initialized), or ``None``.
 
     Returns:
         The frozen :class:`ClipConfig`.
@@ -488,6 +510,7 @@ class Plan:
     units: list[_Unit]
     params: list[Tensor]  # every parameter of the optimizer, in order
     sharded: bool = False  # DTensor parameters or a process_group: reduce across ranks
+    group: Any = None  # the process group plain gradients are sharded over (resolved)
     cache: dict = field(default_factory=dict, repr=False)  # index tensors, history rows
 
 
@@ -572,7 +595,8 @@ def build_plan(
         ps = list(group["params"])
         groups.append((ps, [names.get(id(p), f"param_groups.{gi}.{i}") for i, p in enumerate(ps)]))
     every = [p for g in groups for p in g[0]]
-    sharded = cfg.process_group is not None or any(distributed.is_dtensor(p) for p in every)
+    group = process_group_of(cfg)
+    sharded = group is not None or any(distributed.is_dtensor(p) for p in every)
     if sharded and cfg.mode == "agc":
         raise ValueError(
             f"{owner}: mode='agc' does not support sharded parameters (FSDP2 DTensors or "
@@ -613,7 +637,7 @@ def build_plan(
         units.append(
             _Unit(None, excluded[0], excluded[1], [list(range(len(excluded[0])))], "excluded")
         )
-    return Plan(plan_key(param_groups), units, every, sharded)
+    return Plan(plan_key(param_groups), units, every, sharded, group)
 
 
 # ------------------------------------------------------------------------------ state
@@ -849,9 +873,9 @@ def _jobs(cfg: ClipConfig, plan: Plan) -> list[_Job]:
                     )
                 _, gs, _, ps, _ = per_dev[0]
                 marks = None
-                if cfg.process_group is not None:
+                if plan.group is not None:
                     marks = [distributed.is_replicated(q) for q in ps]
-                lay = distributed.layout(gs, marks, cfg.process_group, "gradstab")
+                lay = distributed.layout(gs, marks, plan.group, "gradstab")
                 if not lay.groups:  # nothing sharded in this part (replicated DTensors)
                     per_dev = [(per_dev[0][0], lay.local, *per_dev[0][2:])]
                     lay = None

@@ -252,8 +252,7 @@ def scenario_zero_process_group(rank: int) -> None:
     gen = torch.Generator().manual_seed(5)
     full = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen)]
     rep = torch.randn(4, generator=gen)  # the same on every rank
-    group = dist.group.WORLD
-    for mode, bound in (("norm", 1.0), ("layer", 0.8)):
+    for mode, bound, group in (("norm", 1.0, dist.group.WORLD), ("layer", 0.8, "world")):
         shards = [torch.nn.Parameter(t.reshape(-1)[rank::WORLD].clone()) for t in full]
         for s, t in zip(shards, full):
             s.grad = t.reshape(-1)[rank::WORLD].clone()

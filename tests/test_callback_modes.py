@@ -693,3 +693,18 @@ def test_parameters_moved_after_the_plan_take_the_slow_path():
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.2)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+def test_process_group_world_without_torch_distributed_is_one_process():
+    model, ref = small_model(), small_model()
+    opt = GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), max_norm=0.2, process_group="world"
+    )
+    x, s = data(1)[0]
+    backward(model, x, s)
+    backward(ref, x, s)
+    opt.clip()
+    assert not opt._current_plan().sharded
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.2)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
