@@ -44,10 +44,23 @@ class GradStabCallback(Callback):
     ``min(1, max_norm / (total_norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` in value);
     ``"layer"`` does that per tensor or, with ``group_by="module"``, per module (the direct
     parameters of a module share the coefficient of their joint norm); ``"value"`` clamps to
-    ``[-clip_value, clip_value]``; ``None`` only monitors.  A dict
-    ``{param_group_index: threshold}`` clips each listed param group on its own; unlisted groups
-    are monitored only.  A healthy step reads every gradient once and writes only the gradients
-    that are clipped.
+    ``[-clip_value, clip_value]``; ``"agc"`` is unit-wise adaptive gradient clipping (NFNets:
+    each output unit's gradient to at most ``clip_factor * max(||W_unit||, agc_eps)``;
+    parameters matched by ``agc_exclude``, e.g. the final classifier, are monitored, not
+    clipped); ``"normalize"`` rescales every gradient (or, with ``group_by="module"``, every
+    module's gradients jointly) to norm ``target_norm``, up or down (LARS-style); ``None`` only
+    monitors.  A dict ``{param_group_index: threshold}`` clips each listed param group on its
+    own; unlisted groups are monitored only.  A healthy step reads every gradient once and
+    writes only the gradients that are clipped (``"normalize"`` writes them all).
+
+    **Adaptive thresholds**: ``max_norm`` (modes ``"norm"`` and ``"layer"``, also as a dict
+    value) may be a :class:`~gradstab.ZScoreThreshold` (ZClip) or
+    :class:`~gradstab.PercentileThreshold` (AutoClip).  It is a prototype: each optimizer (and
+    each param group of a dict) gets its own copy, which tracks the total norm (``"norm"``),
+    each tensor's norm (``"layer"``) or each module's (``group_by="module"``), is consulted
+    and updated with the unscaled pre-clip norm exactly once per optimizer step, all on the
+    device, and is saved in :meth:`state_dict`, so a resumed run continues the same sequence
+    of thresholds bit for bit.  A rule that needs this step's norm reads the gradients twice.
 
     **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule, logged at
     the same ``step`` as the metrics of ``training_step``) the callback writes to every logger
@@ -60,8 +73,15 @@ class GradStabCallback(Callback):
     - ``<prefix>/nonfinite_steps``: optimizer steps whose gradients held a NaN/Inf, so far;
     - ``<prefix>/skipped_steps``: optimizer steps skipped so far (by ``nonfinite="skip"`` or
       by fp16 AMP's GradScaler);
+    - ``<prefix>/clip_threshold``: the bound in force where it is one number (``max_norm``
+      or ``clip_value``, an adaptive threshold's current bound; ``_group<i>`` per param group
+      of a dict), and an adaptive threshold's ``<prefix>/threshold/<statistic>`` (ZClip:
+      ``mean``, ``std``, ``count``, ``spikes``; AutoClip: ``count``, ``percentile``);
+    - ``<prefix>/agc_clipped_units`` (``"agc"``): units clipped at this step;
     - with ``log_per_layer=True``: ``grad_{p}_norm/<param name>`` and
-      ``<prefix>/max_abs/<param name>`` (pre-clip).
+      ``<prefix>/max_abs/<param name>`` (pre-clip; ``"agc"``:
+      ``<prefix>/agc_clipped_units/<param name>`` instead), and per-tensor adaptive bounds
+      ``<prefix>/clip_threshold/<param name>``.
 
     ``p`` is ``float(norm_type)`` (``2.0``, ``inf``).  With several optimizers the aggregate
     keys get a suffix ``_opt<i>``.  The last metrics are also kept in :attr:`last_metrics`.
@@ -86,9 +106,32 @@ class GradStabCallback(Callback):
     **Fused optimizers** (``fused=True``) under fp16 AMP unscale inside ``step()``, so their
     gradients reach the hook still scaled.  The callback then multiplies its thresholds by the
     scale on the device and divides the logged statistics by it: the clip is that of the
-    unscaled gradients (up to ``eps``) and never of the scaled ones.  In ``"value"`` mode it
-    calls ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the
-    scaler).
+    unscaled gradients (up to ``eps``) and never of the scaled ones, and adaptive thresholds
+    see unscaled norms.  In ``"value"`` and ``"agc"`` modes it calls
+    ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the scaler;
+    AGC compares gradients with weights).
+
+    **Gradient history and diagnosis** (``history=N``): the statistics each step already
+    computed (no extra pass over the gradients), the post-clip norm, the threshold and the
+    skipped flag are kept for the last ``N`` optimizer steps in a
+    :class:`~gradstab.GradHistory` on the device (:attr:`history`; global rank 0 only;
+    ``history_extras=True`` adds zero fractions and parameter norms, one extra read each).  At
+    the end of ``fit`` the :class:`~gradstab.Diagnosis` (vanishing/exploding layers, spikes,
+    dead parameters, where NaNs appeared) is logged with ``rank_zero_info`` and kept in
+    :attr:`diagnosis` (``diagnose_on_fit_end``), and ``plot_dir`` receives
+    ``grad_norm_heatmap.png`` and ``total_norm.png`` (a warning, not an error, without
+    matplotlib).  :meth:`diagnose` diagnoses on demand.
+
+    **Distributed**: with DDP the gradients are already averaged, so every rank computes the
+    same clip.  Sharded gradients are combined across ranks: FSDP2 ``DTensor`` gradients
+    need nothing; plain tensors that are shards (ZeRO-style, each rank a disjoint part of the
+    same tensors in the same order) need ``process_group=`` (a group, or ``"world"``: the
+    default group, looked up at the first step; never with DDP, whose gradients are
+    replicated: they would count once per rank).  Every rank then makes the same collectives
+    at the same steps (one float64 all-reduce per step; a second, ``MAX``, one where a
+    max-abs is needed), and the norms, the non-finite flag, the skip decision, the counters
+    and the adaptive thresholds are those of one process on the full model.  ``"agc"`` and
+    ``history_extras`` are refused with sharded parameters.
 
     **Manual optimization**: nothing to add.  ``opt.step()`` on an optimizer from
     ``self.optimizers()`` runs ``on_before_optimizer_step`` for that optimizer, so each
@@ -100,17 +143,33 @@ class GradStabCallback(Callback):
     :class:`~gradstab.GradStabOptimizer` (both would clip a second time).
 
     Args:
-        mode: ``"norm"``, ``"layer"``, ``"value"`` or ``None`` (monitor only).
-        max_norm: threshold of ``"norm"``/``"layer"``: a positive number or a dict
-            ``{param_group_index: number}``.
-        clip_value: threshold of ``"value"``, same forms.
+        mode: ``"norm"``, ``"layer"``, ``"value"``, ``"agc"``, ``"normalize"`` or ``None``
+            (monitor only).
+        max_norm: threshold of ``"norm"``/``"layer"``: a positive number, an adaptive
+            threshold (:class:`~gradstab.ZScoreThreshold`,
+            :class:`~gradstab.PercentileThreshold`), or a dict
+            ``{param_group_index: number or threshold}``.
+        clip_value: threshold of ``"value"``: a positive number or such a dict.
+        target_norm: the norm of every gradient in ``"normalize"`` (default 1.0; number or
+            dict).
+        clip_factor: lambda of ``"agc"`` (default 0.01; number or dict).
+        agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
+        agc_exclude: parameters ``"agc"`` monitors without clipping: a name prefix, a
+            sequence of prefixes (e.g. ``"fc."``), or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
-        group_by: ``"param"`` or ``"module"`` (for ``mode="layer"``).
+        group_by: ``"param"`` or ``"module"`` (for ``"layer"`` and ``"normalize"``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
         log_every_n_steps: logging period in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``; 0 never logs.
         log_per_layer: also log per-parameter norms and max-abs.
         log_prefix: prefix of gradstab's own metric keys.
+        history: keep a gradient history of this many optimizer steps (0: off).
+        history_extras: the history also records zero fractions and parameter norms.
+        diagnose_on_fit_end: log the diagnosis of the history at the end of ``fit``.
+        plot_dir: write the history's plots into this folder at the end of ``fit`` (needs
+            ``history``; matplotlib).
+        process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``,
+            or ``None`` (see *Distributed*).
 
     Example:
         >>> import lightning.pytorch as pl

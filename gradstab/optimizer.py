@@ -34,9 +34,10 @@ class GradStabOptimizer(torch.optim.Optimizer):
     written), applies the non-finite policy, then calls the wrapped optimizer's ``step()``.
     Everything else is the wrapped optimizer's: ``param_groups``, ``state``, ``defaults``,
     ``zero_grad``, ``add_param_group`` and ``state_dict``/``load_state_dict`` forward to it
-    (the state dict gains a ``"gradstab"`` entry with the counters, which
-    ``load_state_dict`` restores and tolerates missing).  It is an ``Optimizer`` subclass, so
-    LR schedulers, ``torch.amp.GradScaler`` and Lightning's ``configure_optimizers`` accept it.
+    (the state dict gains a ``"gradstab"`` entry with the counters and the adaptive
+    thresholds' states, which ``load_state_dict`` restores and tolerates missing).  It is an
+    ``Optimizer`` subclass, so LR schedulers, ``torch.amp.GradScaler`` and Lightning's
+    ``configure_optimizers`` accept it.
 
     With a ``torch.amp.GradScaler`` use the usual pattern.  The scaler unscales the gradients
     before it calls ``step()`` (the wrapper declares ``_step_supports_amp_scaling = False``,
@@ -58,18 +59,32 @@ class GradStabOptimizer(torch.optim.Optimizer):
     ``"zero"`` reads its flag, which costs nothing there; elsewhere it masks every gradient
     each step, a read and a write, instead).
 
+    The options are those of :class:`~gradstab.GradStabCallback` (adaptive thresholds,
+    ``"agc"``, ``"normalize"``, sharded gradients, the gradient history: see there); with
+    ``history=N`` the history is made at the first step (on rank 0 only when
+    ``torch.distributed`` is initialized) and read with :attr:`history` and
+    :meth:`diagnose`.
+
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
             the closure).
         mode: ``"norm"`` (global norm, like ``clip_grad_norm_``), ``"layer"`` (each tensor, or
-            each module with ``group_by="module"``, by its own norm), ``"value"`` (clamp) or
-            ``None`` (monitor only).
-        max_norm: threshold for ``"norm"``/``"layer"``: a positive number, or a dict
-            ``{param_group_index: number}`` to clip each listed group on its own (unlisted
-            groups are monitored only).
-        clip_value: threshold for ``"value"``, same forms.
+            each module with ``group_by="module"``, by its own norm), ``"value"`` (clamp),
+            ``"agc"`` (unit-wise adaptive gradient clipping), ``"normalize"`` (every gradient
+            to norm ``target_norm``) or ``None`` (monitor only).
+        max_norm: threshold for ``"norm"``/``"layer"``: a positive number, an adaptive
+            threshold (:class:`~gradstab.ZScoreThreshold`,
+            :class:`~gradstab.PercentileThreshold`; a prototype copied per param group), or a
+            dict ``{param_group_index: number or threshold}`` to clip each listed group on
+            its own (unlisted groups are monitored only).
+        clip_value: threshold for ``"value"``: a positive number or such a dict.
+        target_norm: the norm of every gradient in ``"normalize"`` (default 1.0).
+        clip_factor: lambda of ``"agc"`` (default 0.01).
+        agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
+        agc_exclude: parameters ``"agc"`` monitors without clipping: name prefix(es) (names
+            from ``module``) or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
-        group_by: ``"param"`` or ``"module"`` (``mode="layer"`` only; needs ``module``).
+        group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.
@@ -80,6 +95,11 @@ class GradStabOptimizer(torch.optim.Optimizer):
             ``SummaryWriter``'s ``add_scalar`` in a loop over ``metrics``.
         log_per_layer: include per-tensor norms and max-abs in the metrics.
         log_prefix: prefix of gradstab's own metric names.
+        history: keep a gradient history of this many steps (0: off).
+        history_extras: the history also records zero fractions and parameter norms.
+        process_group: the group plain gradients are sharded over (ZeRO-style flat shards:
+            each rank a disjoint part of the same tensors, in the same order), ``"world"``
+            (the default group), or ``None``.  FSDP2 ``DTensor`` gradients need none.
 
     Example:
         >>> import torch, gradstab
