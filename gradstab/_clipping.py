@@ -1503,10 +1503,10 @@ def _record(
     post-clip norm is recorded where it follows from the statistics (not ``"value"``,
     ``"agc"``); the threshold where the optimizer has one bound that is one number.
     """
-    key = ("history", id(history))
-    known = plan.cache.get(key)
-    if known is None:
-        known = plan.cache[key] = set(history.names)
+    cached = plan.cache.get("history")
+    if cached is None or cached[0] is not history:
+        cached = plan.cache["history"] = (history, set(history.names))
+    known = cached[1]
     stats_list: list[_Stats] = []
     names: list[str] = []
     grads: list[Tensor] = []

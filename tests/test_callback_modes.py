@@ -609,7 +609,7 @@ def test_diagnose_without_history_is_a_clear_error():
         ({"max_norm": 1.0, "plot_dir": "p"}, ValueError, "plot_dir='p' plots the gradient"),
         ({"max_norm": 1.0, "history": 5, "plot_dir": 3}, TypeError, "plot_dir must be a folder"),
         ({"max_norm": 1.0, "diagnose_on_fit_end": 1}, TypeError, "diagnose_on_fit_end must be"),
-        ({"max_norm": 1.0, "process_group": "world"}, TypeError, "process_group must be a torch"),
+        ({"max_norm": 1.0, "process_group": "all"}, TypeError, "process_group must be a torch"),
     ],
 )
 def test_constructor_errors(kw, exc, match):
