@@ -261,7 +261,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         """Load a :meth:`state_dict`, or a plain state dict of the wrapped optimizer's type."""
         sd = dict(state_dict)
         ours = sd.pop("gradstab", None) or {}
-        st = _clipping.ClipState()
+        st = _clipping.ClipState(last_metrics=self._clip_state.last_metrics)
         st.load_state_dict(ours, self._config)  # checked before anything is changed
         self._wrapped.load_state_dict(sd)
         self._clip_state = st
