@@ -486,6 +486,7 @@ class DeepSigmoid(pl.LightningModule):
 
 
 def test_history_diagnosis_and_plots_at_fit_end(tmp_path, caplog):
+    pytest.importorskip("matplotlib")
     cb = GradStabCallback(max_norm=1.0, history=20, plot_dir=tmp_path / "plots")
     with caplog.at_level(logging.INFO):
         fit(DeepSigmoid(), [cb], max_steps=8)
