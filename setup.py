@@ -15,6 +15,11 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# IEEE float arithmetic in the CUDA kernels (no flush-to-zero, correctly rounded division and
+# square root: the defaults without --use_fast_math, spelled out); the kernels also use explicit
+# __fadd_rn/__fmul_rn/__dadd_rn where the order of rounding matters, so FMA contraction cannot
+# change their results. .ci/run compile-checks csrc/cuda with the same flags.
+NVCC_FLAGS = ["-O3", "-lineinfo", "-ftz=false", "-prec-div=true", "-prec-sqrt=true"]
 
 
 def _sources(pattern):
@@ -60,7 +65,7 @@ def _extensions():
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math=false", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
             extra_link_args=link,
         )
     else:

@@ -1,10 +1,19 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
 // exposes build_info() for gradstab.backend_info() and cpu_fast_path() (csrc/cpu/fast_path.cpp)
-// for gradstab.functional.
+// for gradstab.functional (and, in a CUDA build, cuda_fast_path() and test hooks from
+// csrc/cuda/fast_path_cuda.cpp).
 #include <torch/extension.h>
 
 #include "cpu/range_kernels.h"
+#ifdef GRADSTAB_WITH_CUDA
+#include "cuda/ops_cuda.h"
+namespace gradstab {
+namespace cuda {
+void register_fast_path(pybind11::module& m);  // cuda/fast_path_cuda.cpp
+}  // namespace cuda
+}  // namespace gradstab
+#endif
 
 namespace gradstab {
 namespace cpu {
@@ -19,6 +28,7 @@ pybind11::dict build_info() {
   d["cpu_isa"] = gradstab::cpu::selected_isa();
 #ifdef GRADSTAB_WITH_CUDA
   d["cuda"] = true;
+  d["cuda_kernel"] = gradstab::cuda::build_description();
 #else
   d["cuda"] = false;
 #endif
@@ -32,4 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
   gradstab::cpu::register_fast_path(m);
+#ifdef GRADSTAB_WITH_CUDA
+  gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks
+#endif
 }

@@ -18,12 +18,14 @@ CUDA_BUILD_COMMAND = "GRADSTAB_FORCE_CUDA=1 pip install --no-build-isolation ."
 _C = None
 #: ``gradstab._C.cpu_fast_path`` (see gradstab.functional), or None without the extension.
 cpu_fast_path = None
+#: ``gradstab._C.cuda_fast_path``, or None unless the extension was built with CUDA kernels.
+cuda_fast_path = None
 _load_error: str | None = None
 _warned: set[str] = set()
 
 
 def _load() -> None:
-    global _C, _load_error, cpu_fast_path
+    global _C, _load_error, cpu_fast_path, cuda_fast_path
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
         _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"
         return
@@ -43,6 +45,7 @@ def _load() -> None:
         return
     _C = ext
     cpu_fast_path = getattr(ext, "cpu_fast_path", None)
+    cuda_fast_path = getattr(ext, "cuda_fast_path", None)
 
 
 def has_kernel(device_type: str) -> bool:

@@ -27,9 +27,21 @@ Modes:
     1000, so no unit is clipped.  The floor of AGC reads the weights as well: one read
     plus one read+write (``agc``), two reads (``agc-healthy``).
 
+On CUDA (``--device cuda``; CUDA events time each call) three things are added, and the CPU
+run is unchanged: the ``llama1b`` set (Llama 3.2 1B, 1.24 B parameters; timed by default only on
+CUDA, on the CPU only when named); rotated inputs: a set smaller than 3x the GPU's L2 cache is
+timed on several identical copies (at most 16), cycled call by call, so that every call reads
+gradients the previous calls evicted from L2, as a training step does (gradstab's CUDA
+descriptor-table cache holds 32 lists of gradients, so every copy stays a cache hit, and the
+warm-up covers every copy); and a summary of achieved bandwidth (the least traffic of the mode
+over the median time) against the flat-buffer floor of the same run, with the project's
+targets. The direct C++ entry ``gradstab._C.cuda_fast_path`` is timed as an extra row when the
+extension has it.
+
 Example:
     $ python -m gradstab bench --quick
     $ python -m gradstab bench --set gpt2 --dtype fp32,bf16 --mode clip --json out.json
+    $ python -m gradstab bench --device cuda --set gpt2,many-small,llama1b --mode healthy,clip
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ __all__ = [
     "Result",
     "add_arguments",
     "gpt2_small_shapes",
+    "llama32_1b_shapes",
     "many_small_shapes",
     "resnet50_shapes",
     "run",
@@ -749,11 +762,12 @@ def bench_one(
     repeats: int,
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
+    rotate: int | None = None,
 ) -> list[Result]:
     """Check, then time every mode on one parameter set and dtype.
 
     Args:
-        set_name: a key of :data:`PARAM_SETS`.
+        set_name: a key of :data:`PARAM_SETS` (or of ``GPU_SETS``).
         dtype_name: a key of ``DTYPES`` (``"fp32"``, ``"bf16"``).
         modes: modes to time, from ``MODES``.
         device: where the gradients live.
@@ -761,6 +775,8 @@ def bench_one(
         repeats: timed rounds.
         seed: seed of the gradients' ``randn``.
         log: progress sink (one line per step).
+        rotate: CUDA only: number of identical copies of the set to cycle through (``None``:
+            :func:`rotation_copies` decides; ignored on the CPU).
 
     Returns:
         One :class:`Result` per (mode, contestant), with ratios filled in.
@@ -775,7 +791,7 @@ def bench_one(
         >>> [r.contestant for r in rs][:2]
         ['gradstab', 'torch foreach=True']
     """
-    shapes = PARAM_SETS[set_name]()
+    shapes = {**PARAM_SETS, **GPU_SETS}[set_name]()
     dtype = DTYPES[dtype_name]
     params = _make_params(shapes, dtype, device, seed)
     if any(m in AGC_MODES for m in modes):
@@ -803,6 +819,11 @@ def bench_one(
             f"{where}: value bound {value_bound:.4g} clamps {outliers.count:,} of {n:,} "
             f"elements ({100 * outliers.count / n:.3f}%)"
         )
+    copies = rotation_copies(nbytes, device, rotate)
+    extra = _rotation_copies(params, flat, copies, value_bound if "value" in modes else None)
+    if copies > 1:
+        log(f"{where}: rotating over {copies} copies ({copies * nbytes / 1e6:.0f} MB) on CUDA")
+        warmup = max(warmup, copies)  # every copy seen (and its descriptor table built) first
 
     timer = _Timer(device)
     results: list[Result] = []
@@ -823,6 +844,10 @@ def bench_one(
             value_bound=value_bound,
             outliers=outliers,
         )
+        if device.type == "cuda":
+            contestants = _cuda_contestants(
+                mode, [(params, flat, outliers), *extra], total=total, value_bound=value_bound
+            )
         t0 = time.perf_counter()
         with torch.no_grad():
             _run_rounds(contestants, timer, warmup, repeats)
@@ -839,6 +864,311 @@ def bench_one(
                 r.ratio = r.median_ms / ours.median_ms
         results.extend(rows)
     return results
+
+
+# --------------------------------------------------------------------------------------
+# CUDA-only additions: a 1B-class decoder set, rotated (cold) inputs, the direct entry
+# point, a bandwidth summary. Nothing here runs for --device cpu unless a GPU-only set is
+# named explicitly.
+# --------------------------------------------------------------------------------------
+
+
+def llama32_1b_shapes() -> Shapes:
+    """Parameter shapes of Llama 3.2 1B (Hugging Face ``LlamaForCausalLM`` layout).
+
+    Published configuration: vocabulary 128,256, hidden size 2,048, MLP size 8,192, 16
+    layers, 32 query heads and 8 key/value heads of dimension 64 (so k/v projections are
+    512 x 2,048), RMSNorm weights without biases, no linear biases, ``lm_head`` tied to the
+    embedding (not counted). ``nn.Linear`` weights are stored ``(out, in)``. The totals::
+
+        embed_tokens 128256 x 2048                     = 262,668,288
+        per layer, 9 tensors:
+          q_proj, o_proj   2 x 2048 x 2048             =   8,388,608
+          k_proj, v_proj   2 x 512 x 2048              =   2,097,152
+          gate, up, down   3 x 8192 x 2048             =  50,331,648
+          2 RMSNorm weights 2 x 2048                   =       4,096
+                                              layer    =  60,821,504
+        16 layers = 973,144,064;  final norm 2048
+        total = 262,668,288 + 973,144,064 + 2,048 = 1,235,814,400  (the published 1.24 B)
+        tensors = 1 + 16 x 9 + 1 = 146
+
+    Returns:
+        ``(name, shape)`` pairs in ``named_parameters()`` order.
+
+    Example:
+        >>> shapes = llama32_1b_shapes()
+        >>> len(shapes), shapes[0]
+        (146, ('model.embed_tokens.weight', (128256, 2048)))
+    """
+    vocab, d, ffn, n_layer, kv = 128256, 2048, 8192, 16, 8 * 64
+    shapes: Shapes = [("model.embed_tokens.weight", (vocab, d))]
+    for i in range(n_layer):
+        pre = f"model.layers.{i}."
+        shapes += [
+            (pre + "self_attn.q_proj.weight", (d, d)),
+            (pre + "self_attn.k_proj.weight", (kv, d)),
+            (pre + "self_attn.v_proj.weight", (kv, d)),
+            (pre + "self_attn.o_proj.weight", (d, d)),
+            (pre + "mlp.gate_proj.weight", (ffn, d)),
+            (pre + "mlp.up_proj.weight", (ffn, d)),
+            (pre + "mlp.down_proj.weight", (d, ffn)),
+            (pre + "input_layernorm.weight", (d,)),
+            (pre + "post_attention_layernorm.weight", (d,)),
+        ]
+    shapes.append(("model.norm.weight", (d,)))
+    _check_totals("llama1b", shapes, tensors=146, params=1_235_814_400)
+    return shapes
+
+
+#: Sets that ``--set all`` (and the default) include only on CUDA; on the CPU they run only
+#: when named.
+GPU_SETS: dict[str, Callable[[], Shapes]] = {"llama1b": llama32_1b_shapes}
+GPU_REPEATS = {"llama1b": 30}
+GPU_QUICK_REPEATS = {"llama1b": 5}
+
+#: Rotation on CUDA: sets smaller than this many L2 caches are timed on copies.
+ROTATE_L2_MULTIPLE = 3
+#: At most this many copies (gradstab's CUDA descriptor-table cache holds 32 entries).
+MAX_ROTATE = 16
+
+#: The targets of the CUDA kernel (issue 3), checked by :func:`cuda_summary`:
+#: (set or None for any, dtype or None, mode, baseline contestant, least ratio, least
+#: fraction of the floor or None).
+CUDA_TARGETS = (
+    ("gpt2", None, "healthy", "torch foreach=True", 2.5, 0.85),
+    (None, None, "clip", "torch foreach=True", 1.3, None),
+    ("many-small", None, "healthy", "torch foreach=True", 4.0, None),
+    ("llama1b", "bf16", "healthy", "torch foreach=True", 2.5, None),
+    (None, None, "stats", "torch._foreach_norm", 1.0, None),
+)
+
+#: Bytes each mode must move, in passes over the gradients (see ``_floor_ms``; AGC reads the
+#: weights as well).
+_TRAFFIC = {"healthy": 1, "stats": 1, "value": 2, "clip": 3, "agc": 3, "agc-healthy": 2}
+#: The baseline each mode's ratio is reported against in the CUDA summary.
+_SUMMARY_BASELINE = {
+    "stats": "torch._foreach_norm",
+    "agc": "timm-style loop",
+    "agc-healthy": "timm-style loop",
+}
+
+
+def _parse_sets(text: str) -> list[str]:
+    if [t.strip() for t in text.split(",") if t.strip()] == ["all"]:
+        return ["all"]  # resolved by _resolve_sets: GPU-only sets join on CUDA
+    return _csv([*PARAM_SETS, *GPU_SETS], allow_all=True)(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _resolve_sets(sets: list[str] | None, quick: bool, device: torch.device) -> list[str]:
+    gpu = list(GPU_SETS) if device.type == "cuda" else []
+    if sets is None:
+        return list(QUICK_SETS) if quick else [*PARAM_SETS, *gpu]
+    if sets == ["all"]:
+        return [*PARAM_SETS, *gpu]
+    return sets
+
+
+def _default_repeats(set_name: str, quick: bool) -> int:
+    table = QUICK_REPEATS if quick else DEFAULT_REPEATS
+    if set_name in table:
+        return table[set_name]
+    return (GPU_QUICK_REPEATS if quick else GPU_REPEATS)[set_name]
+
+
+def _gpu_description(device: torch.device) -> str:
+    prop = torch.cuda.get_device_properties(device)
+    l2 = getattr(prop, "L2_cache_size", 0)
+    return (
+        f"{prop.name}, {prop.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, "
+        f"{prop.total_memory / 2**30:.0f} GiB; CUDA {torch.version.cuda}"
+    )
+
+
+def rotation_copies(nbytes: int, device: torch.device, requested: int | None = None) -> int:
+    """How many identical copies of a gradient set to cycle through when timing.
+
+    Args:
+        nbytes: bytes of one copy of the gradients.
+        device: where they live; on the CPU the answer is always 1.
+        requested: ``--rotate`` (``None``: automatic).
+
+    Returns:
+        1 on the CPU; on CUDA ``requested`` (at most :data:`MAX_ROTATE`), or enough copies
+        to span ``ROTATE_L2_MULTIPLE`` L2 caches (at most :data:`MAX_ROTATE`), so that each
+        call reads memory the previous calls evicted from L2.
+
+    Example:
+        >>> rotation_copies(8_700_000, torch.device("cpu"))
+        1
+    """
+    if device.type != "cuda":
+        return 1
+    if requested is not None:
+        return max(1, min(requested, MAX_ROTATE))
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+    return max(1, min(MAX_ROTATE, math.ceil(ROTATE_L2_MULTIPLE * l2 / max(nbytes, 1))))
+
+
+def _rotation_copies(
+    params: list[nn.Parameter], flat: Tensor, copies: int, value_bound: float | None
+) -> list[tuple[list[nn.Parameter], Tensor, _Outliers | None]]:
+    """Copies 1..copies-1 of (parameters with cloned gradients, floor buffer, outliers)."""
+    out = []
+    for _ in range(1, copies):
+        clones = []
+        for p in params:
+            q = nn.Parameter(p.detach().clone())  # the weights too: AGC reads them
+            q.grad = p.grad.clone()
+            clones.append(q)
+        outliers = None
+        if value_bound is not None:
+            outliers = _Outliers([q.grad for q in clones], value_bound)
+        out.append((clones, flat.clone(), outliers))
+    return out
+
+
+class _Rotation:
+    """Calls copy k's function, then (untimed) copy k's after-hook and moves to the next copy."""
+
+    def __init__(
+        self, fns: list[Callable[[], object]], afters: list[Callable[[], object] | None]
+    ) -> None:
+        self.fns = fns
+        self.afters = afters
+        self.k = 0
+
+    def call(self) -> object:
+        return self.fns[self.k]()
+
+    def after(self) -> None:
+        hook = self.afters[self.k]
+        if hook is not None:
+            hook()
+        self.k = (self.k + 1) % len(self.fns)
+
+
+def _direct_contestant(
+    mode: str, params: list[nn.Parameter], total: float, value_bound: float, after: Any
+) -> _Contestant | None:
+    """``gradstab._C.cuda_fast_path`` (the C++ entry point, no Python loop) as a contestant."""
+    ext = gradstab._extension._C
+    fast = getattr(ext, "cuda_fast_path", None) if ext is not None else None
+    if fast is None:
+        return None
+    eps = 1e-6
+    if mode not in ("healthy", "clip", "stats", "value"):
+        return None  # AGC has no direct entry point
+    if mode in ("healthy", "clip"):
+        bound = total * (1e6 if mode == "healthy" else 0.5)
+        fn = lambda: fast(1, params, 2.0, bound, eps, False)  # noqa: E731
+    elif mode == "stats":
+        fn = lambda: fast(0, params, 2.0, 0.0, eps, False)  # noqa: E731
+    else:
+        fn = lambda: fast(3, params, 2.0, value_bound, eps, False)  # noqa: E731
+    return _Contestant("gradstab _C.cuda_fast_path", "gradstab-direct", fn, after)
+
+
+def _cuda_contestants(
+    mode: str,
+    copies: list[tuple[list[nn.Parameter], Tensor, _Outliers | None]],
+    *,
+    total: float,
+    value_bound: float,
+) -> list[_Contestant]:
+    """The contestants of ``mode`` on CUDA: the direct entry point added, copies rotated."""
+    sets = []
+    for params, flat, outliers in copies:
+        cs = _contestants(
+            mode,
+            params=params,
+            flat=flat,
+            total=total,
+            value_bound=value_bound,
+            outliers=outliers,
+        )
+        direct = _direct_contestant(mode, params, total, value_bound, cs[0].after)
+        if direct is not None:
+            cs.insert(1, direct)
+        sets.append(cs)
+    if len(sets) == 1:
+        return sets[0]
+    rotated = []
+    for i, c in enumerate(sets[0]):
+        rot = _Rotation([s[i].fn for s in sets], [s[i].after for s in sets])
+        rotated.append(_Contestant(c.name, c.kind, rot.call, rot.after, floor=c.floor))
+    return rotated
+
+
+def cuda_summary(results: Sequence[Result]) -> str:
+    """Achieved bandwidth against the floor of the same run, and the CUDA targets.
+
+    Args:
+        results: rows from :func:`bench_one` on CUDA.
+
+    Returns:
+        A Markdown table (one line per set, dtype, mode and gradstab entry point) and
+        the list of targets with ``met`` / ``NOT met``.
+
+    Example:
+        >>> cuda_summary([]).splitlines()[0]
+        'CUDA summary: achieved bandwidth = least traffic of the mode / median time.'
+    """
+    lines = [
+        "CUDA summary: achieved bandwidth = least traffic of the mode / median time.",
+        "Traffic = gradient bytes x passes (healthy, stats: 1 read; value: 1 read+write = 2;",
+        "clip: 1 read + 1 read+write = 3; agc: weights read too, 3; agc-healthy: 2).",
+        "floor GB/s = the same traffic / the floor's time (flat buffer, same run).",
+        "",
+        "| set | dtype | mode | entry | GB/s | floor GB/s | of floor | vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.set, r.dtype, r.mode), []).append(r)
+    checks = []
+    for (set_name, dtype, mode), rows in groups.items():
+        ours = next((r for r in rows if r.kind == "gradstab"), None)
+        if ours is None or ours.floor_ms is None:
+            continue
+        traffic = ours.nbytes * _TRAFFIC[mode]
+        floor_gbs = traffic / ours.floor_ms / 1e6
+        for r in rows:
+            if r.kind not in ("gradstab", "gradstab-direct"):
+                continue
+            base_name = _SUMMARY_BASELINE.get(mode, "torch foreach=True")
+            base = next((b for b in rows if b.contestant == base_name), None)
+            ratio = base.median_ms / r.median_ms if base is not None else None
+            lines.append(
+                f"| {set_name} | {dtype} | {mode} | {r.contestant} | "
+                f"{traffic / r.median_ms / 1e6:.0f} | {floor_gbs:.0f} | "
+                f"{ours.floor_ms / r.median_ms:.2f} | "
+                f"{_fmt(ratio, '.2f')}x {base_name} |"
+            )
+            for t_set, t_dtype, t_mode, t_base, t_ratio, t_floor in CUDA_TARGETS:
+                if t_mode != mode or t_set not in (None, set_name) or t_dtype not in (None, dtype):
+                    continue
+                if base is None or t_base != base_name:
+                    continue
+                frac = ours.floor_ms / r.median_ms
+                ok = ratio is not None and ratio >= t_ratio
+                ok = ok and (t_floor is None or frac >= t_floor)
+                want = f">= {t_ratio}x {t_base}" + (
+                    f", >= {t_floor:.0%} of floor" if t_floor is not None else ""
+                )
+                checks.append(
+                    f"- {set_name}/{dtype}/{mode} ({r.contestant}): {ratio:.2f}x, "
+                    f"{frac:.0%} of floor; target {want}: {'met' if ok else 'NOT met'}"
+                )
+    if checks:
+        lines += ["", "Targets (issue 3, H100):", *checks]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -876,7 +1206,7 @@ def header(argv: Sequence[str], device: torch.device) -> dict[str, str]:
         f"{platform.platform()}; CPU: {_cpu_model()}; torch threads: {torch.get_num_threads()}"
     )
     if device.type == "cuda":
-        machine += f"; GPU: {torch.cuda.get_device_name(device)}"
+        machine += f"; GPU: {_gpu_description(device)}"
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "machine": machine,
@@ -1066,10 +1396,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--set",
-        type=_csv(list(PARAM_SETS), allow_all=True),
+        type=_parse_sets,
         default=None,
-        help="parameter sets, comma-separated: gpt2, resnet50, many-small or all "
-        "(default: all; with --quick: many-small,resnet50)",
+        help="parameter sets, comma-separated: gpt2, resnet50, many-small, llama1b or all "
+        "(default: all; with --quick: many-small,resnet50; llama1b is part of all only on "
+        "CUDA)",
     )
     parser.add_argument(
         "--dtype",
@@ -1102,6 +1433,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the gradients (default 0)")
+    parser.add_argument(
+        "--rotate",
+        type=_positive_int,
+        default=None,
+        help="CUDA only: time each set on N identical copies, cycled call by call (default: "
+        f"enough for {ROTATE_L2_MULTIPLE}x the L2 cache, at most {MAX_ROTATE}; 1 disables)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write all raw timings to PATH")
     parser.add_argument(
         "--quick",
@@ -1138,7 +1476,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    sets = args.set or (list(QUICK_SETS) if args.quick else list(PARAM_SETS))
+    sets = _resolve_sets(args.set, args.quick, device)
     dtypes = args.dtype or (["fp32"] if args.quick else list(DTYPES))
     modes = args.mode or ["healthy", "clip"]
     warmup = args.warmup
@@ -1161,7 +1499,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     try:
         for s in sets:
-            repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)[s]
+            repeats = args.repeats or _default_repeats(s, args.quick)
             for d in dtypes:
                 results += bench_one(
                     s,
@@ -1172,6 +1510,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                     repeats=repeats,
                     seed=args.seed,
                     log=log,
+                    rotate=getattr(args, "rotate", None),
                 )
                 gc.collect()
     except BenchError as exc:
@@ -1183,6 +1522,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(format_table(results))
     print()
     print(NOTES)
+    if device.type == "cuda":
+        print()
+        print(cuda_summary(results))
     print(f"Total time {elapsed:.1f} s.", end="")
     if other_cpus is not None:
         print(

@@ -9,12 +9,13 @@ gradients of the given parameters (``None`` grads are skipped) and runs one
 Nothing here reads a device value on the host, except
 ``clip_grad_norm_(..., error_if_nonfinite=True)``, which must.
 
-Eager calls whose gradients all live on the CPU take a shortcut into the compiled extension
-(``gradstab._C.cpu_fast_path``): it reads ``p.grad`` in C++ and runs the same CPU kernel as
-the op, without the dispatcher's per-tensor boxing cost (about 0.3-0.4 us per tensor, which
-dominates for a thousand small gradients). It declines -- and the op runs through the
-dispatcher -- under ``torch.compile``, with a bound given as a non-CPU tensor, and for anything
-but plain CPU tensors (subclasses, ``__torch_function__``, dispatch or function modes).
+Eager calls whose gradients all live on the CPU (or all on one CUDA device) take a shortcut
+into the compiled extension (``gradstab._C.cpu_fast_path`` / ``cuda_fast_path``): it reads
+``p.grad`` in C++ and runs the same kernel as the op, without the dispatcher's per-tensor
+boxing cost (about 0.3-0.4 us per tensor, which dominates for a thousand small gradients). It
+declines -- and the op runs through the dispatcher -- under ``torch.compile`` and for anything
+but plain tensors (subclasses, ``__torch_function__``, dispatch or function modes); the CPU
+one also for a bound given as a non-CPU tensor.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, Union
 import torch
 from torch import Tensor
 
-from gradstab._extension import cpu_fast_path, warn_if_fallback
+from gradstab._extension import cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
 
 if TYPE_CHECKING:
@@ -162,6 +163,33 @@ def _as_sequence(parameters: TensorOrTensors) -> TensorOrTensors:
         return parameters  # not iterable: the regular path raises the error
 
 
+def _shortcut(
+    op: int, parameters: TensorOrTensors, p: float, bound: Tensor | float, err: bool
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor] | None, TensorOrTensors]:
+    """Run ``op`` through the compiled eager shortcut when it applies.
+
+    Returns:
+        ``(stats, parameters)``: the op's statistics, or ``None`` when no shortcut applies
+        (nothing was read or written), and ``parameters`` as a list or tuple, for the
+        dispatcher path to use (a generator is consumed here).
+    """
+    cpu, cuda = cpu_fast_path, cuda_fast_path  # module attributes: tests switch them off
+    if (cpu is None and cuda is None) or torch.compiler.is_compiling():
+        return None, parameters
+    parameters = _as_sequence(parameters)
+    if cpu is not None:
+        b = _fast_bound(bound)
+        if b is not None:
+            out = cpu(op, parameters, p, b, EPS, err)
+            if out is not None:
+                return out, parameters
+    if cuda is not None:
+        out = cuda(op, parameters, p, bound, EPS, err)
+        if out is not None:
+            return out, parameters
+    return None, parameters
+
+
 def _fast_bound(bound: Tensor | float) -> float | None:
     """The bound as a float when the CPU shortcut may use it (numbers and CPU tensors)."""
     if isinstance(bound, float):
@@ -213,11 +241,9 @@ def grad_stats(
         return _distributed().grad_stats(
             grads, p, replicated=marks, process_group=process_group, fn=fn
         )
-    if cpu_fast_path is not None and not torch.compiler.is_compiling():
-        parameters = _as_sequence(parameters)
-        out = cpu_fast_path(_FAST_STATS, parameters, p, 0.0, EPS, False)
-        if out is not None:
-            return GradStats(*out)
+    out, parameters = _shortcut(_FAST_STATS, parameters, p, 0.0, False)
+    if out is not None:
+        return GradStats(*out)
     grads = _collect_grads(parameters, fn)
     if not grads:
         empty = torch.zeros((0,))
@@ -292,13 +318,9 @@ def clip_grad_norm_(
             process_group=process_group,
             fn=fn,
         )
-    if cpu_fast_path is not None and not torch.compiler.is_compiling():
-        bound = _fast_bound(checked)
-        if bound is not None:
-            parameters = _as_sequence(parameters)
-            out = cpu_fast_path(_FAST_CLIP_NORM, parameters, p, bound, EPS, error_if_nonfinite)
-            if out is not None:
-                return out[3]
+    out, parameters = _shortcut(_FAST_CLIP_NORM, parameters, p, checked, error_if_nonfinite)
+    if out is not None:
+        return out[3]
     grads = _collect_grads(parameters, fn)
     if not grads:
         return torch.tensor(0.0)
@@ -360,13 +382,9 @@ def clip_grad_norm_per_layer_(
         return _distributed().clip_grad_norm_per_layer_(
             grads, max_norm, p, replicated=marks, eps=EPS, process_group=process_group, fn=fn
         )
-    if cpu_fast_path is not None and not torch.compiler.is_compiling():
-        bound = _fast_bound(checked)
-        if bound is not None:
-            parameters = _as_sequence(parameters)
-            out = cpu_fast_path(_FAST_CLIP_LAYER, parameters, p, bound, EPS, False)
-            if out is not None:
-                return out[0]
+    out, parameters = _shortcut(_FAST_CLIP_LAYER, parameters, p, checked, False)
+    if out is not None:
+        return out[0]
     grads = _collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
@@ -414,13 +432,9 @@ def normalize_grad_per_layer_(
     fn = "gradstab.normalize_grad_per_layer_"
     p = _check_norm_type(norm_type, fn)
     checked = _check_bound(target_norm, "target_norm", fn, None)
-    if cpu_fast_path is not None and not torch.compiler.is_compiling():
-        bound = _fast_bound(checked)
-        if bound is not None:
-            parameters = _as_sequence(parameters)
-            out = cpu_fast_path(_FAST_NORMALIZE, parameters, p, bound, EPS, False)
-            if out is not None:
-                return out[0]
+    out, parameters = _shortcut(_FAST_NORMALIZE, parameters, p, checked, False)
+    if out is not None:
+        return out[0]
     grads = _collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
@@ -455,12 +469,9 @@ def clip_grad_value_(
     fn = "gradstab.clip_grad_value_"
     _check_foreach(foreach, fn)
     checked = _check_bound(clip_value, "clip_value", fn, None)
-    if cpu_fast_path is not None and not torch.compiler.is_compiling():
-        bound = _fast_bound(checked)
-        if bound is not None:
-            parameters = _as_sequence(parameters)
-            if cpu_fast_path(_FAST_CLIP_VALUE, parameters, 2.0, bound, EPS, False) is not None:
-                return
+    out, parameters = _shortcut(_FAST_CLIP_VALUE, parameters, 2.0, checked, False)
+    if out is not None:
+        return
     grads = _collect_grads(parameters, fn)
     if not grads:
         return

@@ -15,7 +15,10 @@ multiplied by the float64 coefficient and rounded once; float16 and bfloat16
 gradients are multiplied in float32 (PyTorch's ``opmath``).  On CPU a tensor
 whose coefficient is 1 is not written; on other devices reading the
 coefficient would need a host sync, so the (value-preserving) multiply by 1
-happens instead.
+happens instead.  Gradients are written in list order (a gradient passed twice
+is scaled twice, as by PyTorch); a gradient whose elements share memory (an
+expanded view) cannot be written in place, and a clip that would have to write
+one raises ``ValueError`` before any gradient changes.
 
 Example:
     >>> import torch
@@ -138,14 +141,40 @@ def _finish(grads: list[Tensor], stats: tuple[Tensor, Tensor, Tensor, Tensor]):
     return norms64.to(rd), maxabs64.to(rd), nonfinite, total.to(rd)
 
 
-def _scale_(g: Tensor, coef: Tensor) -> None:
-    """Multiply ``g`` in place by the float64 0-d ``coef`` with the kernels' rounding."""
+def _needs_scaling(g: Tensor, coef: Tensor) -> bool:
+    """Whether ``g`` is written when scaled by ``coef`` (see :func:`_scale_`)."""
     if g.numel() == 0:
+        return False
+    # coefficient 1: not written on CPU (NaN coefficients are written, as in PyTorch)
+    return g.device.type != "cpu" or not bool(coef == 1)
+
+
+def _scale_(g: Tensor, coef: Tensor) -> None:
+    """Multiply ``g`` in place by the float64 0-d ``coef`` with the kernels' rounding.
+
+    Does nothing where :func:`_needs_scaling` says ``g`` is not written.
+    """
+    if not _needs_scaling(g, coef):
         return
-    if g.device.type == "cpu" and bool(coef == 1):
-        return  # coefficient 1: not written (NaN coefficients are written, as in PyTorch)
     opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
     g.copy_(g.to(opmath) * coef.to(opmath))
+
+
+def _self_overlapping(g: Tensor) -> bool:
+    """Whether elements of ``g`` share memory (an expanded view): not writable in place."""
+    return any(st == 0 and n > 1 for st, n in zip(g.stride(), g.shape))
+
+
+def _check_writable(grads: list[Tensor], todo: list[bool], what: str) -> None:
+    """Raise before anything is written if a gradient to be written overlaps itself."""
+    for i, (g, w) in enumerate(zip(grads, todo)):
+        if w and _self_overlapping(g):
+            raise ValueError(
+                f"gradstab: gradient {i} of {len(grads)} (shape {list(g.shape)}) must be {what}, "
+                "but several of its elements share one memory location (an expanded view?), so "
+                "it cannot be written in place. Give it its own memory first, e.g. "
+                "`p.grad = p.grad.clone()`. No gradient was changed."
+            )
 
 
 def nonfinite_message(norm_type: float, total: float, nonfinite: list[int], shapes: list) -> str:
@@ -177,11 +206,17 @@ def clip_norm(
     _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
     total = stats[3]
-    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: the caller asked
+    # host sync: the caller asked. The norm as returned: inf also where it exceeds float32.
+    reported = total.to(result_dtype(grads))
+    if error_if_nonfinite and not bool(torch.isfinite(reported)):
         raise RuntimeError(
-            nonfinite_message(norm_type, float(total), stats[2].tolist(), [g.shape for g in grads])
+            nonfinite_message(
+                norm_type, float(reported), stats[2].tolist(), [g.shape for g in grads]
+            )
         )
     coef = torch.clamp(max_norm.to(torch.float64) / (total + eps), max=1.0)
+    todo = [_needs_scaling(g, coef) for g in grads]
+    _check_writable(grads, todo, "scaled")
     for g in grads:
         _scale_(g, coef)
     return _finish(grads, stats)
@@ -191,8 +226,10 @@ def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float,
     """Reference for ``gradstab::clip_norm_per_layer``: each grad by its own coefficient."""
     _read_bound(max_norm, "max_norm")
     stats = _stats64(grads, norm_type)
-    coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0)
-    for g, c in zip(grads, coefs.unbind(0)):
+    coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0).unbind(0)
+    todo = [_needs_scaling(g, c) for g, c in zip(grads, coefs)]
+    _check_writable(grads, todo, "scaled")
+    for g, c in zip(grads, coefs):
         _scale_(g, c)
     return _finish(grads, stats)
 
@@ -201,8 +238,9 @@ def normalize_per_layer(grads: list[Tensor], target_norm: Tensor, norm_type: flo
     """Reference for ``gradstab::normalize_per_layer``: grad i times target / (norm_i + eps)."""
     _read_bound(target_norm, "target_norm")
     stats = _stats64(grads, norm_type)
-    coefs = target_norm.to(torch.float64) / (stats[0] + eps)
-    for g, c in zip(grads, coefs.unbind(0)):
+    coefs = (target_norm.to(torch.float64) / (stats[0] + eps)).unbind(0)
+    _check_writable(grads, [_needs_scaling(g, c) for g, c in zip(grads, coefs)], "scaled")
+    for g, c in zip(grads, coefs):
         _scale_(g, c)
     return _finish(grads, stats)
 
@@ -211,15 +249,27 @@ def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):
     """Reference for ``gradstab::clip_value``: clamp to ``[-v, v]``, returns pre-clip stats."""
     _read_bound(clip_value, "clip_value")
     stats = _stats64(grads, norm_type)
+    v = clip_value.to(dtype=torch.float64)
+    todo = []
     for g, m in zip(grads, stats[1].unbind(0)):
-        if g.numel() == 0:
+        if g.numel() == 0 or g.device.type != "cpu":
+            todo.append(g.numel() > 0)
+        elif bool(m <= v):
+            todo.append(False)  # nothing beyond the bound: not written
+        elif not bool(torch.isnan(m)) and not _self_overlapping(g):
+            todo.append(True)
+        else:
+            # (a NaN max-abs proves nothing) written only if a value lies beyond the bound,
+            # compared as the C++ kernel does
+            x = g if g.dtype == torch.float64 else g.float()
+            todo.append(bool((x.abs() > v.to(device=g.device, dtype=x.dtype)).any()))
+    _check_writable(grads, todo, "clamped")
+    for g, w in zip(grads, todo):
+        if not w:
             continue
-        v = clip_value.to(device=g.device, dtype=torch.float64)
-        if g.device.type == "cpu" and bool(m <= v):
-            continue  # nothing beyond the bound: not written (a NaN max-abs proves nothing)
         # Comparing in g's dtype against v rounded to it gives the same result as PyTorch's
         # float-opmath clamp: no value of g's dtype lies strictly between v and round(v).
-        vt = v.to(g.dtype)
+        vt = v.to(device=g.device, dtype=g.dtype)
         torch.clamp_(g, min=-vt, max=vt)
     return _finish(grads, stats)
 

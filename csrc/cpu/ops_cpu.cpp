@@ -8,14 +8,24 @@
 // coefficient is not 1. In per-layer mode a tensor that fits in one chunk is scaled right after
 // it is reduced, while it is in cache. Value clipping clamps in the reducing pass itself.
 // Every argument is checked before any gradient is touched.
+//
+// Gradients that share memory (the same tensor twice, overlapping views) would race in the
+// parallel write passes, so the clip ops then write them one at a time, in list order (as
+// PyTorch's loops do: a gradient passed twice is scaled twice). A gradient whose own elements
+// share memory (an expanded view) cannot be written in place: it is read as usual, and a clip
+// that would have to change it raises before any gradient is written.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <sstream>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/ops_cpu.h"
@@ -37,6 +47,7 @@ struct Item {
   DType dtype;
   int64_t numel;
   bool copied;         // data is a copy: write it back if changed
+  bool self_overlap;   // some elements share memory (an expanded view): not writable in place
   int64_t first_chunk; // chunks [first_chunk, first_chunk + num_chunks)
   int64_t num_chunks;
 };
@@ -114,6 +125,7 @@ struct Plan {
       // A dense, non-overlapping tensor (contiguous, channels_last, permuted) is one flat span
       // starting at data_ptr(); anything else is processed on a contiguous copy.
       it.copied = it.numel > 0 && !g.is_non_overlapping_and_dense();
+      it.self_overlap = it.copied && at::has_internal_overlap(g) == at::MemOverlap::Yes;
       if (it.copied) it.copy = g.contiguous();
       it.base = static_cast<char*>(it.copied ? it.copy.data_ptr() : g.data_ptr());
       it.element_size = static_cast<int64_t>(g.element_size());
@@ -127,6 +139,47 @@ struct Plan {
       any_double = any_double || g.scalar_type() == at::kDouble;
       items.push_back(std::move(it));
     }
+  }
+
+  // Whether a gradient overlaps itself or another one: then the gradients must be written one
+  // at a time, in list order (write_serially), not by the parallel passes. Each gradient spans
+  // [lo, hi) bytes (a dense one exactly numel elements from data_ptr); sorted by lo, a span
+  // starting before the end of an earlier one overlaps it (conservative for interleaved views
+  // such as g[::2] and g[1::2], which merely take the serial path). Gradients usually lie in
+  // increasing or decreasing address order, checked in one pass before sorting.
+  bool shares_memory(at::TensorList grads) const {
+    std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+    spans.reserve(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      const Item& it = items[i];
+      if (it.numel == 0) continue;
+      if (it.self_overlap) return true;
+      int64_t extent = it.numel;  // elements from the first to the last one addressed
+      uintptr_t lo = reinterpret_cast<uintptr_t>(it.base);
+      if (it.copied) {  // strides >= 0, so data_ptr() is the lowest address
+        const at::Tensor& g = grads[i];
+        extent = 1;
+        for (int64_t d = 0; d < g.dim(); ++d) extent += (g.size(d) - 1) * g.stride(d);
+        lo = reinterpret_cast<uintptr_t>(g.data_ptr());
+      }
+      spans.emplace_back(lo, lo + static_cast<uintptr_t>(extent * it.element_size));
+    }
+    auto disjoint_in_order = [&]() {
+      for (size_t k = 1; k < spans.size(); ++k) {
+        if (spans[k].first < spans[k - 1].second) return false;
+      }
+      return true;
+    };
+    if (disjoint_in_order()) return false;
+    std::reverse(spans.begin(), spans.end());
+    if (disjoint_in_order()) return false;
+    std::sort(spans.begin(), spans.end());
+    uintptr_t end = 0;
+    for (const auto& sp : spans) {
+      if (sp.first < end) return true;
+      end = std::max(end, sp.second);
+    }
+    return false;
   }
 
   char* chunk_ptr(const Chunk& c) const {
@@ -247,7 +300,9 @@ Stats make_stats(const Plan& plan, const std::vector<TensorResult>& res, double 
     pf[i] = res[i].nonfinite;
   }
   const auto rd = plan.any_double ? at::kDouble : at::kFloat;
-  return {norms.to(rd), maxabs.to(rd), nonfinite, at::scalar_tensor(total, rd)};
+  // Through a double tensor: a total beyond the float32 range rounds to inf (scalar_tensor
+  // would throw instead).
+  return {norms.to(rd), maxabs.to(rd), nonfinite, at::scalar_tensor(total, at::kDouble).to(rd)};
 }
 
 // min(1, bound / (norm + eps)), NaN kept (as torch.clamp(max=1) keeps it).
@@ -276,6 +331,35 @@ void scale_chunks(const Plan& plan, const std::vector<double>& coef,
   for (size_t i = 0; i < plan.items.size(); ++i) {
     const Item& it = plan.items[i];
     if (it.copied && writes(coef[i])) it.grad->copy_(it.copy);
+  }
+}
+
+// Refuses, before anything is written, to change a gradient whose elements share memory.
+void check_writable(const Plan& plan, const std::vector<uint8_t>& todo, const char* what) {
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    if (!todo[i] || !plan.items[i].self_overlap) continue;
+    TORCH_CHECK_VALUE(false, "gradstab: gradient ", i, " of ", plan.items.size(), " (shape ",
+                      plan.items[i].grad->sizes(), ") must be ", what,
+                      ", but several of its elements share one memory location (an expanded "
+                      "view?), so it cannot be written in place. Give it its own memory first, "
+                      "e.g. `p.grad = p.grad.clone()`. No gradient was changed.");
+  }
+}
+
+// The write pass for gradients that share memory (Plan::shares_memory): op(item, data) on each
+// gradient with todo set, one at a time, in list order. A strided gradient is re-read just
+// before (an earlier gradient may have changed its memory) and written back if op wrote.
+template <typename F>
+void write_serially(const Plan& plan, const std::vector<uint8_t>& todo, const F& op) {
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    const Item& it = plan.items[i];
+    if (!todo[i] || it.numel == 0) continue;
+    if (!it.copied) {
+      op(it, it.base);
+      continue;
+    }
+    at::Tensor fresh = it.grad->contiguous();
+    if (op(it, static_cast<char*>(fresh.data_ptr()))) it.grad->copy_(fresh);
   }
 }
 
@@ -332,14 +416,26 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
   auto parts = reduce_all(plan, kind, norm_type, -1.0);
   auto res = finish_all(plan, parts, kind, norm_type);
   const double total = total_norm(res, kind, norm_type);
-  TORCH_CHECK(!error_if_nonfinite || std::isfinite(total),
-              nonfinite_message(norm_type, total, plan, res));
+  Stats stats = make_stats(plan, res, total);
+  if (error_if_nonfinite) {  // the norm as returned: inf also where it exceeds float32
+    const double reported = std::get<3>(stats).item<double>();
+    TORCH_CHECK(std::isfinite(reported), nonfinite_message(norm_type, reported, plan, res));
+  }
   const double c = clip_coef(bound, total, eps);
   if (writes(c)) {
-    scale_chunks(plan, std::vector<double>(plan.items.size(), c),
-                 std::vector<uint8_t>(plan.items.size(), 0));
+    const size_t n = plan.items.size();
+    if (plan.shares_memory(grads)) {
+      const std::vector<uint8_t> todo(n, 1);
+      check_writable(plan, todo, "scaled");
+      write_serially(plan, todo, [&](const Item& it, char* data) {
+        scale_range(it.dtype, data, it.numel, c);
+        return true;
+      });
+    } else {
+      scale_chunks(plan, std::vector<double>(n, c), std::vector<uint8_t>(n, 0));
+    }
   }
-  return make_stats(plan, res, total);
+  return stats;
 }
 
 namespace {
@@ -352,6 +448,7 @@ Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm
   const double bound = read_bound(bound_t, normalize ? "target_norm" : "max_norm");
   const NormKind kind = norm_kind(norm_type);
   const size_t n = plan.items.size();
+  const bool serial = plan.shares_memory(grads);
   std::vector<Partial> parts(plan.chunks.size());
   std::vector<TensorResult> res(n);
   std::vector<double> coef(n, 1.0);
@@ -361,7 +458,7 @@ Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm
     const Chunk& c = plan.chunks[k];
     const Item& it = plan.items[c.item];
     parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type, -1.0);
-    if (it.num_chunks == 1 && !it.copied) {
+    if (it.num_chunks == 1 && !it.copied && !serial) {
       res[c.item] = finish_tensor(plan, it, &parts[k], kind, norm_type);
       coef[c.item] = layer_coef(bound, res[c.item].norm, eps, normalize);
       if (writes(coef[c.item])) scale_range(it.dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
@@ -376,7 +473,17 @@ Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm
                                            norm_type);
     coef[i] = layer_coef(bound, res[i].norm, eps, normalize);
   }
-  scale_chunks(plan, coef, done);
+  if (serial) {
+    std::vector<uint8_t> todo(n);
+    for (size_t i = 0; i < n; ++i) todo[i] = writes(coef[i]);
+    check_writable(plan, todo, "scaled");
+    write_serially(plan, todo, [&](const Item& it, char* data) {
+      scale_range(it.dtype, data, it.numel, coef[&it - plan.items.data()]);
+      return true;
+    });
+  } else {
+    scale_chunks(plan, coef, done);
+  }
   return make_stats(plan, res, total_norm(res, kind, norm_type));
 }
 
@@ -397,8 +504,50 @@ Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double 
   Plan plan(grads);
   const double bound = read_bound(clip_value, "clip_value");
   const NormKind kind = norm_kind(norm_type);
-  auto parts = reduce_all(plan, kind, norm_type, bound);
+  if (plan.shares_memory(grads)) {
+    // Statistics first (pure reads), then the clamps one gradient at a time. A gradient that
+    // overlaps itself is clamped on a scratch copy first, to refuse it before anything changes
+    // if it has values beyond the bound.
+    auto parts = reduce_all(plan, kind, norm_type, -1.0);
+    auto res = finish_all(plan, parts, kind, norm_type);
+    std::vector<uint8_t> todo(plan.items.size(), 1);
+    for (size_t i = 0; i < plan.items.size(); ++i) {
+      const Item& it = plan.items[i];
+      if (!it.self_overlap) continue;
+      at::Tensor scratch = it.copy.clone();
+      todo[i] = reduce_range(it.dtype, scratch.data_ptr(), it.numel, NormKind::kL2, 2.0, bound)
+                    .wrote;
+    }
+    check_writable(plan, todo, "clamped");
+    write_serially(plan, todo, [&](const Item& it, char* data) {
+      return reduce_range(it.dtype, data, it.numel, NormKind::kL2, 2.0, bound).wrote;
+    });
+    return make_stats(plan, res, total_norm(res, kind, norm_type));
+  }
+  // Clamped in the reducing pass, except where finish_tensor may have to rescue an overflowed
+  // or underflowed sum by re-reading the gradient (float64 gradients, p other than 1, 2, inf):
+  // those are clamped after the statistics are final, chunk by chunk, so the statistics stay
+  // those of the gradients on entry.
+  auto fused = [&](const Item& it) { return kind != NormKind::kLp && it.dtype != DType::kDouble; };
+  std::vector<Partial> parts(plan.chunks.size());
+  bool late = false;
+  for (const Item& it : plan.items) late = late || (it.numel > 0 && !fused(it));
+  plan.for_each_chunk(false, [&](int64_t k) {
+    const Chunk& c = plan.chunks[k];
+    const Item& it = plan.items[c.item];
+    parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type,
+                            fused(it) ? bound : -1.0);
+  });
   auto res = finish_all(plan, parts, kind, norm_type);
+  if (late) {
+    plan.for_each_chunk(false, [&](int64_t k) {
+      const Chunk& c = plan.chunks[k];
+      const Item& it = plan.items[c.item];
+      if (fused(it) || parts[k].max_abs <= bound) return;  // (a NaN max-abs proves nothing)
+      parts[k].wrote =
+          reduce_range(it.dtype, plan.chunk_ptr(c), c.len, NormKind::kL2, 2.0, bound).wrote;
+    });
+  }
   for (const Item& it : plan.items) {
     if (!it.copied) continue;
     bool wrote = false;

@@ -2,14 +2,18 @@
 //
 // reduce_range(dtype, ptr, n, kind, p, clamp): one read of n contiguous elements, returning
 //   sum   = sum of |x|^p (p = 2 for kind kL2 and kLinf, where it only detects non-finite
-//           values; p = 1 for kL1; norm_p for kLp), accumulated so that its relative error is ~1e-8 (below the
-//           float32 rounding of the result) and it can neither overflow nor underflow for
-//           float16/bfloat16/float32 input: 16-lane float32 partial sums over blocks of <= 2048
-//           elements, each block added in double, and any block whose float32 sum is non-finite or tiny recomputed in double.
+//           values; p = 1 for kL1; norm_p for kLp), accumulated so that its relative error is
+//           ~1e-8 on random data (below the float32 rounding of the result), a few 1e-7 at worst
+//           (e.g. constant-valued blocks; DESIGN allows 1e-6), and it can neither overflow nor
+//           underflow for float16/bfloat16/float32 input: 16-lane float32 partial sums over
+//           blocks of <= 512 elements, each block added in double, and any block whose float32
+//           sum is non-finite or tiny recomputed in double.
 //           float64 input accumulates in double (overflow is rescued per tensor by the caller).
 //   max_abs = max |x| (NaN if the range holds a NaN), nonfinite = count of NaN/Inf elements;
 //   if clamp >= 0, every block whose max |x| exceeds clamp is clamped to [-clamp, clamp] in
-//   the same pass (the bound rounded to the element dtype, NaN kept), and wrote = true.
+//   the same pass (the bound rounded to the element dtype, NaN kept), and wrote = true; the
+//   statistics are those of the values before the clamp (a caller that needs rescaled_sum must
+//   not clamp in this pass: the rescue re-reads the range).
 // rescaled_sum(...): sum of (|x| / scale)^p in double, the slow overflow/underflow rescue.
 // scale_range(dtype, ptr, n, coef): x *= coef in place; float32/float64 multiply in double and
 //   round once, float16/bfloat16 multiply in float32 (PyTorch's opmath) and round to nearest even.

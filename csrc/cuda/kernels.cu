@@ -1,0 +1,908 @@
+// Contract: the fused CUDA kernels of gradstab (plain CUDA: no torch headers, so CI compiles this
+// file with nvcc on a machine without a GPU). The launcher is ops_cuda.cpp; the shared layout
+// (units, descriptor table, records) is described in kernels.cuh.
+//
+// reduce_kernel: one launch over every unit of every gradient (any mix of float16, bfloat16,
+//   float32, float64). Per unit (one warp, 16-byte vector loads where the data is 16-byte
+//   aligned, scalar loads for the unaligned head and the tail):
+//   * p = 2 / inf: each lane keeps one float32 accumulator per vector lane (float64 for float64
+//     data) of x^2 and a NaN-free running max |x|; after every 8 vectors the accumulators are
+//     added, in a fixed order, into the lane's double sum (so a float32 partial holds at most 8
+//     terms), and the 32 lanes are combined by a fixed xor-butterfly in double. p = 1: the same
+//     with |x|. A float32 unit sum that is non-finite or below 1e-30 (squares may have
+//     underflowed) is recomputed from the data in double, so float16/bfloat16/float32 sums can
+//     neither overflow nor lose tiny terms (the CPU kernel's rule, per 16 KB unit).
+//   * other p: |x|^p summed in double (pow per element).
+//   * when the unit sum is non-finite, the unit is re-read to count its NaN/Inf elements and to
+//     make its max NaN-propagating (a finite sum proves there are none).
+//   * value clipping: a unit holding an element beyond the bound is clamped right after its
+//     statistics are taken (the bound rounded to the element type, compared in float32 for
+//     16-bit types as PyTorch does, NaN kept), or by the scale kernel for kClipValueDeferred.
+//   The warp finishing a tensor's last unit combines the tensor's unit partials (fixed order),
+//   rescues an overflowed/underflowed float64 (or p-power) sum by recomputing it scaled by the
+//   max |x| (re-reading the tensor, a rare and slow path), and writes the tensor's results and
+//   its per-layer coefficient; the warp finishing the last tensor computes the total norm as the
+//   p-root of the summed p-powers (from the norms, scaled, if a sum is not exact) and the global
+//   coefficient min(1, bound / (total + eps)) (NaN kept). Per-layer modes use each tensor's
+//   min(1, bound / (norm + eps)), or bound / (norm + eps) to normalize to a target norm. Statistics are of the data as it was
+//   on entry. Every reduction has a fixed order: results are bit-identical run to run and do
+//   not depend on the grid size or on which warp ran which unit. They do depend on where each
+//   gradient starts modulo 16 bytes (that decides the split into scalar head, vectors and tail),
+//   so a view starting mid-vector may differ in the last bit from an aligned copy of the same
+//   values. No floating-point atomics; integer counters implement the last-block-done hand-off.
+// writeback_kernel: copies a strided gradient's contiguous working copy back, only if the call
+//   changed that tensor (a device flag).
+// scale_kernel: clipping and normalizing; walks the units in reverse order (the reduce kernel's
+//   last units are still in L2) and scales every unit whose coefficient is not 1 (a NaN
+//   coefficient writes NaN, as PyTorch does): float32/float64 multiply by the float64
+//   coefficient and round once, float16/bfloat16 multiply in float32 and round to nearest even.
+//   Nothing is written when every coefficient is 1.
+#include "cuda/kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cfloat>
+#include <cstdint>
+
+namespace gradstab {
+namespace cuda {
+namespace {
+
+constexpr int kUnroll = 8;            // 16-byte vectors in flight per lane (hot passes)
+constexpr int kUnrollRare = 2;        // the same for the rare passes (less code)
+constexpr double kTinyUnit = 1e-30;   // float32 unit sums below this are redone in double
+constexpr double kTinySum = 1e-280;   // double sums below this may have lost terms to underflow
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxDevices = 64;
+
+// ------------------------------------------------------------------------ element access --
+
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  using Acc = float;
+  static constexpr int V = 4;
+};
+template <>
+struct Traits<__half> {
+  using Acc = float;
+  static constexpr int V = 8;
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  using Acc = float;
+  static constexpr int V = 8;
+};
+template <>
+struct Traits<double> {
+  using Acc = double;
+  static constexpr int V = 2;
+};
+
+// 16 bytes of data as whatever the element type is.
+union Vec {
+  uint4 u;
+  float f[4];
+  double d[2];
+  unsigned short h[8];
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ typename Traits<T>::Acc vec_get(const Vec& v, int j);
+template <>
+__device__ __forceinline__ float vec_get<float>(const Vec& v, int j) {
+  return v.f[j];
+}
+template <>
+__device__ __forceinline__ double vec_get<double>(const Vec& v, int j) {
+  return v.d[j];
+}
+template <>
+__device__ __forceinline__ float vec_get<__half>(const Vec& v, int j) {
+  return __half2float(__ushort_as_half(v.h[j]));
+}
+template <>
+__device__ __forceinline__ float vec_get<__nv_bfloat16>(const Vec& v, int j) {
+  return __uint_as_float(static_cast<unsigned>(v.h[j]) << 16);  // exact
+}
+
+// Element bits of a value rounded (to nearest even) to T, for 16-bit types.
+__device__ __forceinline__ unsigned short bits16(__half, float x) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+__device__ __forceinline__ unsigned short bits16(__nv_bfloat16, float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ __half from_float(__half, float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float(__nv_bfloat16, float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Correctly rounded arithmetic, never contracted into FMAs (whatever the compiler flags).
+__device__ __forceinline__ float radd(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double radd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float rmul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double rmul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float rabs(float x) { return fabsf(x); }
+__device__ __forceinline__ double rabs(double x) { return fabs(x); }
+
+// ------------------------------------------------------------------------ warp reductions --
+// xor butterflies: every lane ends with the same bits (addition is commutative).
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = __dadd_rn(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ long long warp_sum(long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+// Max of NaN-free values.
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    A w = __shfl_xor_sync(kFull, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------------------ spans --
+
+// The elements of one unit: a scalar head [begin, head_end) up to the first 16-byte aligned
+// element, whole 16-byte vectors [head_end, body_end), a scalar tail [body_end, end).
+struct Span {
+  int64_t begin;
+  int64_t head_end;
+  int64_t body_end;
+  int64_t end;
+};
+
+template <typename T>
+__device__ __forceinline__ Span unit_span(const TensorDesc& d, int64_t local) {
+  constexpr int V = Traits<T>::V;
+  constexpr int64_t U = kUnitBytes / static_cast<int64_t>(sizeof(T));
+  Span s;
+  s.begin = local * U;
+  s.end = s.begin + U < d.numel ? s.begin + U : d.numel;
+  if (d.align_offset < 0) {  // not even element-aligned: scalar loads throughout
+    s.head_end = s.end;
+    s.body_end = s.end;
+    return s;
+  }
+  // begin is a multiple of V, so the first aligned element is align_offset elements in.
+  s.head_end = s.begin + d.align_offset < s.end ? s.begin + d.align_offset : s.end;
+  s.body_end = s.head_end + (s.end - s.head_end) / V * V;
+  return s;
+}
+
+// Visits the unit: scalar(i) for the head and tail elements of this lane, vec(v, k) for the
+// body vectors of this lane (k: vector index from head_end), group() after every kU vectors.
+// Lane l takes head/tail elements l, l + 32, ... and body vectors l, l + 32, ...; kU vectors are
+// loaded before any is used.
+template <int kU, typename T, typename ScalarFn, typename VecFn, typename GroupFn>
+__device__ __forceinline__ void for_span_grouped(T* p, const Span& s, int lane, ScalarFn&& scalar,
+                                                 VecFn&& vec, GroupFn&& group) {
+  constexpr int V = Traits<T>::V;
+  for (int64_t i = s.begin + lane; i < s.head_end; i += 32) scalar(i);
+  const int64_t nvec = (s.body_end - s.head_end) / V;
+  const uint4* vp = reinterpret_cast<const uint4*>(p + s.head_end);
+  for (int64_t k0 = 0; k0 < nvec; k0 += 32 * kU) {
+    Vec r[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int64_t k = k0 + q * 32 + lane;
+      if (k < nvec) {
+        r[q].u = __ldcg(vp + k);  // 16-byte global load, cached in L2 only (streaming data)
+      } else {
+        r[q].u = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int64_t k = k0 + q * 32 + lane;
+      if (k < nvec) vec(r[q], k);
+    }
+    group();
+  }
+  for (int64_t i = s.body_end + lane; i < s.end; i += 32) scalar(i);
+}
+
+template <int kU = kUnrollRare, typename T, typename ScalarFn, typename VecFn>
+__device__ __forceinline__ void for_span(T* p, const Span& s, int lane, ScalarFn&& scalar,
+                                         VecFn&& vec) {
+  for_span_grouped<kU>(p, s, lane, scalar, vec, [] {});
+}
+
+template <typename T>
+__device__ __forceinline__ uint4* vec_ptr(T* p, const Span& s, int64_t k) {
+  return reinterpret_cast<uint4*>(p + s.head_end) + k;
+}
+
+// ------------------------------------------------------------------------- unit passes --
+
+// Sum of |x| (kL1) or x^2 in double, one accumulator per lane: the exact redo of a unit.
+template <typename T, bool kL1>
+__device__ __noinline__ double unit_sum_double(T* p, const Span& s, int lane) {
+  constexpr int V = Traits<T>::V;
+  double acc = 0.0;
+  auto add = [&](double x) {
+    const double a = fabs(x);
+    acc = __dadd_rn(acc, kL1 ? a : __dmul_rn(a, a));
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
+      });
+  return warp_sum(acc);
+}
+
+// Exact count of NaN/Inf elements and the NaN-propagating max |x| of a unit.
+template <typename T>
+__device__ __noinline__ void unit_count_nonfinite(T* p, const Span& s, int lane, int32_t* count,
+                                     double* max_abs) {
+  constexpr int V = Traits<T>::V;
+  long long n = 0;
+  bool nan = false;
+  double m = 0.0;
+  auto look = [&](double x) {
+    if (!isfinite(x)) {
+      ++n;
+      nan = nan || isnan(x);
+    }
+    const double a = fabs(x);
+    m = a > m ? a : m;
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { look(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) look(static_cast<double>(vec_get<T>(v, j)));
+      });
+  n = warp_sum(n);
+  nan = __any_sync(kFull, nan);
+  m = warp_max(m);
+  *count = static_cast<int32_t>(n);
+  *max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : m;
+}
+
+// Does the NaN-free max |x| of a unit exceed the clamp bound? float16/bfloat16/float32 compare
+// against the bound rounded to float32 (what the element-wise comparison uses), float64 exactly.
+template <typename T>
+__device__ __forceinline__ bool beyond(double max_free, double bound) {
+  return max_free > static_cast<double>(__double2float_rn(bound));
+}
+template <>
+__device__ __forceinline__ bool beyond<double>(double max_free, double bound) {
+  return max_free > bound;
+}
+
+// Clamp a unit to [-bound, bound]; elements within keep their bits (NaN stays NaN); a vector is
+// stored only if one of its elements changed.
+template <typename T>
+__device__ __noinline__ void clamp_unit(T* p, const Span& s, int lane, double bound) {
+  constexpr int V = Traits<T>::V;
+  const float bf = __double2float_rn(bound);
+  const T hi = from_float(T{}, bf), lo = from_float(T{}, -bf);
+  const unsigned short hib = bits16(T{}, bf), lob = bits16(T{}, -bf);
+  for_span(
+      p, s, lane,
+      [&](int64_t i) {
+        const float x = to_acc(p[i]);
+        if (x > bf) p[i] = hi;
+        if (x < -bf) p[i] = lo;
+      },
+      [&](const Vec& v, int64_t k) {
+        Vec w = v;
+        bool changed = false;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float x = vec_get<T>(v, j);
+          if (x > bf) {
+            w.h[j] = hib;
+            changed = true;
+          }
+          if (x < -bf) {
+            w.h[j] = lob;
+            changed = true;
+          }
+        }
+        if (changed) *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void clamp_unit<float>(float* p, const Span& s, int lane, double bound) {
+  const float bf = __double2float_rn(bound);
+  for_span(
+      p, s, lane,
+      [&](int64_t i) {
+        const float x = p[i];
+        if (x > bf) p[i] = bf;
+        if (x < -bf) p[i] = -bf;
+      },
+      [&](const Vec& v, int64_t k) {
+        Vec w = v;
+        bool changed = false;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (v.f[j] > bf) {
+            w.f[j] = bf;
+            changed = true;
+          }
+          if (v.f[j] < -bf) {
+            w.f[j] = -bf;
+            changed = true;
+          }
+        }
+        if (changed) *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int lane, double bound) {
+  for_span(
+      p, s, lane,
+      [&](int64_t i) {
+        const double x = p[i];
+        if (x > bound) p[i] = bound;
+        if (x < -bound) p[i] = -bound;
+      },
+      [&](const Vec& v, int64_t k) {
+        Vec w = v;
+        bool changed = false;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (v.d[j] > bound) {
+            w.d[j] = bound;
+            changed = true;
+          }
+          if (v.d[j] < -bound) {
+            w.d[j] = -bound;
+            changed = true;
+          }
+        }
+        if (changed) *vec_ptr(p, s, k) = w.u;
+      });
+}
+
+// x * coef with the CPU kernel's rounding.
+__device__ __forceinline__ float scale_elem(float x, double coef) {
+  return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
+}
+__device__ __forceinline__ double scale_elem(double x, double coef) { return __dmul_rn(x, coef); }
+
+template <typename T>
+__device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double coef) {
+  constexpr int V = Traits<T>::V;
+  const float cf = __double2float_rn(coef);
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = from_float(T{}, __fmul_rn(to_acc(p[i]), cf)); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < V; ++j) w.h[j] = bits16(T{}, __fmul_rn(vec_get<T>(v, j), cf));
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void scale_unit<float>(float* p, const Span& s, int lane, double coef) {
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w.f[j] = scale_elem(v.f[j], coef);
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void scale_unit<double>(double* p, const Span& s, int lane, double coef) {
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) w.d[j] = scale_elem(v.d[j], coef);
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+
+// ------------------------------------------------------------------------ reduce a unit --
+
+// p = 1, 2, inf.
+template <typename T, bool kL1>
+__device__ __noinline__ void reduce_unit(const TensorDesc d, int64_t local, int lane, int32_t mode,
+                                         double bound, UnitRecord* out) {
+  using Acc = typename Traits<T>::Acc;
+  constexpr int V = Traits<T>::V;
+  T* p = reinterpret_cast<T*>(d.ptr);
+  const Span s = unit_span<T>(d, local);
+  // Per lane: one accumulator per vector lane (float32 for 16/32-bit data), flushed in a fixed
+  // order into a double after every kUnroll vectors, so a float32 partial sums at most kUnroll
+  // terms (plus the few head elements).
+  Acc acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = Acc(0);
+  Acc m = Acc(0);
+  double lane_sum = 0.0;
+  auto add = [&](Acc& a, Acc x) {
+    const Acc ax = rabs(x);
+    a = radd(a, kL1 ? ax : rmul(ax, ax));
+    m = ax > m ? ax : m;  // a NaN never enters
+  };
+  auto flush = [&] {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      lane_sum = __dadd_rn(lane_sum, static_cast<double>(acc[j]));
+      acc[j] = Acc(0);
+    }
+  };
+  for_span_grouped<kUnroll>(
+      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(p[i])); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(acc[j], vec_get<T>(v, j));
+      },
+      flush);
+  flush();
+  double sum = warp_sum(lane_sum);
+  const double max_free = static_cast<double>(warp_max(m));
+  if (sizeof(Acc) == 4 && (!(sum <= DBL_MAX) || (!kL1 && sum < kTinyUnit && max_free > 0.0))) {
+    sum = unit_sum_double<T, kL1>(p, s, lane);  // float32 lanes overflowed or may have underflowed
+  }
+  double max_abs = max_free;
+  int32_t nonfinite = 0;
+  if (!(sum <= DBL_MAX)) unit_count_nonfinite(p, s, lane, &nonfinite, &max_abs);
+  const bool clamp =
+      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(max_free, bound);
+  if (lane == 0) {
+    out->sum = sum;
+    out->max_abs = max_abs;
+    out->nonfinite = nonfinite;
+    out->clamp = clamp ? 1 : 0;
+  }
+  if (clamp && mode == kClipValue) clamp_unit(p, s, lane, bound);
+}
+
+// Any other p: |x|^p in double, non-finite elements counted in the same pass.
+template <typename T>
+__device__ __noinline__ void reduce_unit_lp(const TensorDesc d, int64_t local, int lane,
+                                            int32_t mode, double np, double bound,
+                                            UnitRecord* out) {
+  constexpr int V = Traits<T>::V;
+  T* p = reinterpret_cast<T*>(d.ptr);
+  const Span s = unit_span<T>(d, local);
+  double acc = 0.0, m = 0.0;
+  long long n = 0;
+  bool nan = false;
+  auto add = [&](double x) {
+    const double a = fabs(x);
+    acc = __dadd_rn(acc, pow(a, np));
+    if (!isfinite(x)) {
+      ++n;
+      nan = nan || isnan(x);
+    }
+    m = a > m ? a : m;
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
+      });
+  const double sum = warp_sum(acc);
+  const double max_free = warp_max(m);
+  n = warp_sum(n);
+  nan = __any_sync(kFull, nan);
+  const bool clamp =
+      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(max_free, bound);
+  if (lane == 0) {
+    out->sum = sum;
+    out->max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : max_free;
+    out->nonfinite = static_cast<int32_t>(n);
+    out->clamp = clamp ? 1 : 0;
+  }
+  if (clamp && mode == kClipValue) clamp_unit(p, s, lane, bound);
+}
+
+template <typename T>
+__device__ __forceinline__ void reduce_unit_any(const Params& P, const TensorDesc& d,
+                                                int64_t local, int lane, double bound,
+                                                UnitRecord* out) {
+  if (P.kind == kLp) {
+    reduce_unit_lp<T>(d, local, lane, P.mode, P.p, bound, out);
+  } else if (P.kind == kL1) {
+    reduce_unit<T, true>(d, local, lane, P.mode, bound, out);
+  } else {
+    reduce_unit<T, false>(d, local, lane, P.mode, bound, out);
+  }
+}
+
+// Sum of (|x| / scale)^p over a whole tensor, by one warp: the overflow/underflow rescue.
+template <typename T>
+__device__ __noinline__ double tensor_rescaled_sum(const TensorDesc d, double np, double scale, int lane) {
+  constexpr int V = Traits<T>::V;
+  T* p = reinterpret_cast<T*>(d.ptr);
+  double acc = 0.0;
+  auto add = [&](double x) {
+    const double a = __ddiv_rn(fabs(x), scale);
+    acc = __dadd_rn(acc, np == 2.0 ? __dmul_rn(a, a) : (np == 1.0 ? a : pow(a, np)));
+  };
+  for (int64_t u = 0; u < d.num_units; ++u) {
+    const Span s = unit_span<T>(d, u);
+    for_span(
+        p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+        [&](const Vec& v, int64_t) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
+        });
+  }
+  return warp_sum(acc);
+}
+
+__device__ double rescaled_sum(const TensorDesc& d, double np, double scale, int lane) {
+  switch (d.dtype) {
+    case kHalf: return tensor_rescaled_sum<__half>(d, np, scale, lane);
+    case kBFloat16: return tensor_rescaled_sum<__nv_bfloat16>(d, np, scale, lane);
+    case kFloat: return tensor_rescaled_sum<float>(d, np, scale, lane);
+    default: return tensor_rescaled_sum<double>(d, np, scale, lane);
+  }
+}
+
+// ----------------------------------------------------------------------------- finishing --
+
+__device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// min(1, bound / (norm + eps)), NaN kept (as torch.clamp(max=1) keeps it).
+__device__ __forceinline__ double clip_coef(double bound, double norm, double eps) {
+  const double c = __ddiv_rn(bound, __dadd_rn(norm, eps));
+  return (c < 1.0 || isnan(c)) ? c : 1.0;
+}
+
+__device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
+  if (dbl) {
+    static_cast<double*>(base)[i] = v;
+  } else {
+    static_cast<float*>(base)[i] = __double2float_rn(v);
+  }
+}
+
+__device__ __forceinline__ double root(double s, double scale, int32_t kind, double np) {
+  if (kind == kL2) return __dmul_rn(scale, sqrt(s));
+  if (kind == kL1) return __dmul_rn(scale, s);
+  return __dmul_rn(scale, pow(s, __ddiv_rn(1.0, np)));
+}
+
+__device__ __forceinline__ double power(double a, int32_t kind, double np) {
+  return kind == kL2 ? __dmul_rn(a, a) : (kind == kL1 ? a : pow(a, np));
+}
+
+__device__ void write_tensor(const Params& P, int32_t orig, const TensorRecord& r) {
+  P.tensors[orig] = r;
+  store_out(P.out_norms, orig, r.norm, P.out_double != 0);
+  store_out(P.out_max_abs, orig, r.max_abs, P.out_double != 0);
+  P.out_nonfinite[orig] = r.nonfinite;
+}
+
+// One warp: combine the unit partials of a tensor (fixed order), rescue, write its results.
+__device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d, int lane, double bound) {
+  const UnitRecord* rec = P.units + d.first_unit;
+  const int64_t n = d.num_units;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, m = 0.0;
+  long long count = 0;
+  bool nan = false;
+  auto take = [&](int64_t k, double& acc) {
+    acc = __dadd_rn(acc, __ldcg(&rec[k].sum));
+    const double um = __ldcg(&rec[k].max_abs);
+    nan = nan || isnan(um);
+    m = um > m ? um : m;
+    count += __ldcg(&rec[k].nonfinite);
+  };
+  // Lane l takes units l, l + 32, ... into four accumulators in turn (independent chains).
+  for (int64_t k = lane; k < n; k += 128) {
+    take(k, s0);
+    if (k + 32 < n) take(k + 32, s1);
+    if (k + 64 < n) take(k + 64, s2);
+    if (k + 96 < n) take(k + 96, s3);
+  }
+  TensorRecord r;
+  r.sum = warp_sum(__dadd_rn(__dadd_rn(s0, s1), __dadd_rn(s2, s3)));
+  r.nonfinite = warp_sum(count);
+  r.max_abs = __any_sync(kFull, nan) ? quiet_nan() : warp_max(m);
+  if (P.kind == kLinf) {
+    r.norm = r.max_abs;
+  } else {
+    const bool overflowed = isinf(r.sum) && r.nonfinite == 0;
+    const bool underflowed = r.sum < kTinySum && r.max_abs > 0.0;
+    double scale = 1.0;
+    if ((overflowed || underflowed) && isfinite(r.max_abs)) {
+      scale = r.max_abs;
+      r.sum = rescaled_sum(d, P.p, scale, lane);
+    }
+    r.norm = root(r.sum, scale, P.kind, P.p);
+    if (scale != 1.0) r.sum = __longlong_as_double(0x7ff0000000000000LL);  // only the norm is valid
+  }
+  r.coef = P.mode == kNormalize ? __ddiv_rn(bound, __dadd_rn(r.norm, P.eps))
+                                 : clip_coef(bound, r.norm, P.eps);
+  r.write = 0;
+  if (P.mode == kClipPerLayer || P.mode == kNormalize) {
+    r.write = !(r.coef == 1.0);  // a coefficient of exactly 1 is not written; NaN is
+  } else if (P.mode == kClipValue || P.mode == kClipValueDeferred) {
+    bool any = false;
+    for (int64_t k = lane; k < n; k += 32) any = any || __ldcg(&rec[k].clamp) != 0;
+    r.write = __any_sync(kFull, any);
+  }
+  if (lane == 0) write_tensor(P, d.orig, r);
+}
+
+// One warp, once per call: zero-size tensors' results, the total norm, the global coefficient.
+__device__ __noinline__ void finalize_all(const Params& P, int lane, double bound) {
+  for (int t = P.num_work + lane; t < P.num_tensors; t += 32) {
+    TensorRecord r;
+    r.sum = 0.0;
+    r.norm = 0.0;
+    r.max_abs = 0.0;
+    r.coef = clip_coef(bound, 0.0, P.eps);
+    r.nonfinite = 0;
+    r.write = 0;
+    write_tensor(P, P.table[t].orig, r);
+  }
+  __syncwarp();
+  __threadfence();
+  const int T = P.num_tensors;
+  const TensorRecord* R = P.tensors;
+  double m = 0.0;
+  bool nan = false;
+  bool write = false;
+  for (int i = lane; i < T; i += 32) {
+    const double x = __ldcg(&R[i].norm);
+    nan = nan || isnan(x);
+    m = x > m ? x : m;
+    write = write || __ldcg(reinterpret_cast<const long long*>(&R[i].write)) != 0;
+  }
+  nan = __any_sync(kFull, nan);
+  m = warp_max(m);
+  write = __any_sync(kFull, write);
+  double total;
+  if (nan) {
+    total = quiet_nan();
+  } else if (P.kind == kLinf || isinf(m)) {
+    total = m;
+  } else {
+    double s0 = 0.0, s1 = 0.0;
+    for (int i = lane; i < T; i += 64) {
+      s0 = __dadd_rn(s0, __ldcg(&R[i].sum));
+      if (i + 32 < T) s1 = __dadd_rn(s1, __ldcg(&R[i + 32].sum));
+    }
+    double s = warp_sum(__dadd_rn(s0, s1));
+    const bool exact = isfinite(s) && !(s < kTinySum && m > 0.0);
+    if (!exact) {  // a tensor was rescued, or the sum itself over/underflows: from the norms
+      s0 = 0.0;
+      s1 = 0.0;
+      for (int i = lane; i < T; i += 64) {
+        s0 = __dadd_rn(s0, power(__ddiv_rn(__ldcg(&R[i].norm), m), P.kind, P.p));
+        if (i + 32 < T) {
+          s1 = __dadd_rn(s1, power(__ddiv_rn(__ldcg(&R[i + 32].norm), m), P.kind, P.p));
+        }
+      }
+      s = warp_sum(__dadd_rn(s0, s1));
+    }
+    total = root(s, exact ? 1.0 : m, P.kind, P.p);
+  }
+  if (lane == 0) {
+    const double coef = clip_coef(bound, total, P.eps);
+    P.global->total = total;
+    P.global->coef = coef;
+    P.global->scale = P.mode == kClipNorm ? !(coef >= 1.0) : (write ? 1 : 0);
+    store_out(P.out_total, 0, total, P.out_double != 0);
+  }
+}
+
+// ---------------------------------------------------------------------------- kernels --
+
+__device__ __forceinline__ int find_tensor(const Params& P, int64_t u) {
+  int lo = 0, hi = P.num_work - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (P.table[mid].first_unit <= u) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+__device__ __forceinline__ double read_bound(const Params& P) {
+  return P.bound_ptr != nullptr ? *P.bound_ptr : P.bound_value;
+}
+
+__global__ void __launch_bounds__(kThreads, 3) reduce_kernel(const __grid_constant__ Params P) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const double bound = P.mode == kStats ? 0.0 : read_bound(P);
+  if (P.num_work == 0) {  // only zero-size tensors
+    if (warp == 0) finalize_all(P, lane, bound);
+    return;
+  }
+  for (int64_t u = warp; u < P.total_units; u += warps) {
+    const int t = find_tensor(P, u);
+    const TensorDesc d = P.table[t];
+    const int64_t local = u - d.first_unit;
+    UnitRecord* rec = P.units + u;
+    switch (d.dtype) {
+      case kHalf: reduce_unit_any<__half>(P, d, local, lane, bound, rec); break;
+      case kBFloat16: reduce_unit_any<__nv_bfloat16>(P, d, local, lane, bound, rec); break;
+      case kFloat: reduce_unit_any<float>(P, d, local, lane, bound, rec); break;
+      default: reduce_unit_any<double>(P, d, local, lane, bound, rec); break;
+    }
+    // Last-block-done hand-off: the record is published (fence) before the counter moves; the
+    // warp that moves it last sees every record of the tensor.
+    int last = 0;
+    if (lane == 0) {
+      __threadfence();
+      last = atomicAdd(&P.tensor_done[t], 1) == d.num_units - 1;
+    }
+    last = __shfl_sync(kFull, last, 0);
+    if (!last) continue;
+    __threadfence();
+    finalize_tensor(P, d, lane, bound);
+    int all = 0;
+    if (lane == 0) {
+      __threadfence();
+      all = atomicAdd(P.all_done, 1) == P.num_work - 1;
+    }
+    all = __shfl_sync(kFull, all, 0);
+    if (all) {
+      __threadfence();
+      finalize_all(P, lane, bound);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void write_unit(const Params& P, const TensorDesc& d, int64_t local,
+                                           int lane, double coef, double bound) {
+  T* p = reinterpret_cast<T*>(d.ptr);
+  const Span s = unit_span<T>(d, local);
+  if (P.mode == kClipValueDeferred) {
+    clamp_unit(p, s, lane, bound);
+  } else {
+    scale_unit(p, s, lane, coef);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ Params P) {
+  if (P.global->scale == 0) return;  // a healthy step: nothing to write
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  const double gcoef = P.global->coef;
+  const double bound = P.mode == kClipValueDeferred ? read_bound(P) : 0.0;
+  for (int64_t k = warp; k < P.total_units; k += warps) {
+    const int64_t u = P.total_units - 1 - k;  // reverse: the last units read are still in L2
+    const int t = find_tensor(P, u);
+    const TensorDesc d = P.table[t];
+    double coef = gcoef;
+    if (P.mode == kClipPerLayer || P.mode == kNormalize) {
+      const TensorRecord& r = P.tensors[d.orig];
+      if (r.write == 0) continue;
+      coef = r.coef;
+    } else if (P.mode == kClipValueDeferred) {
+      if (P.units[u].clamp == 0) continue;
+    }
+    const int64_t local = u - d.first_unit;
+    switch (d.dtype) {
+      case kHalf: write_unit<__half>(P, d, local, lane, coef, bound); break;
+      case kBFloat16: write_unit<__nv_bfloat16>(P, d, local, lane, coef, bound); break;
+      case kFloat: write_unit<float>(P, d, local, lane, coef, bound); break;
+      default: write_unit<double>(P, d, local, lane, coef, bound); break;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) writeback_kernel(const __grid_constant__ WritebackParams W) {
+  const bool go = W.flag32 != nullptr ? *W.flag32 != 0 : *W.flag64 != 0;
+  if (!go) return;  // nothing changed: the strided gradient is not written
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < W.numel;
+       i += step) {
+    int64_t rem = i, off = 0;
+    for (int d = W.ndim - 1; d >= 0; --d) {
+      off += rem % W.sizes[d] * W.strides[d];
+      rem /= W.sizes[d];
+    }
+    switch (W.elem_size) {
+      case 2:
+        static_cast<uint16_t*>(W.dst)[off] = static_cast<const uint16_t*>(W.src)[i];
+        break;
+      case 4:
+        static_cast<uint32_t*>(W.dst)[off] = static_cast<const uint32_t*>(W.src)[i];
+        break;
+      default:
+        static_cast<uint64_t*>(W.dst)[off] = static_cast<const uint64_t*>(W.src)[i];
+        break;
+    }
+  }
+}
+
+// Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
+std::atomic<int> g_reduce_per_sm[kMaxDevices];
+std::atomic<int> g_scale_per_sm[kMaxDevices];
+std::atomic<int> g_sms[kMaxDevices];
+
+int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel,
+             std::atomic<int>* per_sm_cache) {
+  int sms = 0, per_sm = 0;
+  if (device >= 0 && device < kMaxDevices) {
+    sms = g_sms[device].load(std::memory_order_relaxed);
+    per_sm = per_sm_cache[device].load(std::memory_order_relaxed);
+  }
+  if (sms <= 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      sms = 1;
+    }
+    if (device >= 0 && device < kMaxDevices) g_sms[device].store(sms);
+  }
+  if (per_sm <= 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      per_sm = 1;
+    }
+    per_sm = per_sm < 1 ? 1 : per_sm;
+    if (device >= 0 && device < kMaxDevices) per_sm_cache[device].store(per_sm);
+  }
+  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
+  const int64_t needed = (total_units + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  int64_t grid = needed < resident ? needed : resident;
+  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
+  return static_cast<int>(grid < 1 ? 1 : grid);
+}
+
+}  // namespace
+
+int reduce_grid(int device, int64_t total_units, int max_blocks) {
+  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&reduce_kernel),
+                  g_reduce_per_sm);
+}
+
+int scale_grid(int device, int64_t total_units, int max_blocks) {
+  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&scale_kernel),
+                  g_scale_per_sm);
+}
+
+cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream) {
+  reduce_kernel<<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream) {
+  scale_kernel<<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream) {
+  const int64_t blocks = (params.numel + kThreads - 1) / kThreads;
+  const int grid = static_cast<int>(blocks < 1024 ? (blocks < 1 ? 1 : blocks) : 1024);
+  writeback_kernel<<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace gradstab

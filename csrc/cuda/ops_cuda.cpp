@@ -1,0 +1,562 @@
+// Contract: the CUDA kernels of the gradstab ops grad_stats, clip_norm, clip_norm_per_layer,
+// clip_value and normalize_per_layer (schemas in gradstab/_library.py; adaptive_clip has none
+// here, the pure-PyTorch kernel serves it), registered for the CUDA dispatch key; the ATen side of kernels.cu (argument checks, descriptor table,
+// scratch, launches). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
+//
+// Per call, with no host-device synchronisation (except error_if_nonfinite=True, which must read
+// the norm): check every argument; make a contiguous copy of any gradient that is not dense
+// and non-overlapping (rare: a strided view assigned as .grad; a dense permuted or channels-last
+// gradient is used in place); look up the descriptor table of this exact list of (data pointer,
+// numel, dtype) in a per-process cache, building and uploading it on a miss; allocate the
+// outputs and one scratch buffer from PyTorch's caching allocator; zero the completion counters
+// (cudaMemsetAsync); launch the reduce kernel and, for clipping, the scale kernel, all on the
+// current stream under a device guard. After a clipping op, the copy of a strided gradient is
+// written back by a small kernel that first reads the device flag saying whether the call
+// changed that tensor (nothing is written on a healthy step, as on the CPU); a gradient with
+// more than 12 dimensions is copied back with copy_ unconditionally.
+//
+// The descriptor-table cache (why and how it stays correct):
+//   * an entry is immutable: the table of one list of (pointer, numel, dtype) on one device. A
+//     call whose gradients were reallocated (another pointer, shape or dtype) misses and gets a
+//     new entry; the least recently used of 32 entries is dropped.
+//   * eager miss: the table is written to pinned memory and copied with one non_blocking H2D
+//     copy (the pinned block is recycled by PyTorch's host allocator only after the copy ran);
+//     an event marks the copy's completion.
+//   * entries are shared across streams: the first use on another stream makes that stream wait
+//     for the copy's event (on the device) and records the table with the caching allocator
+//     (recordStream), so its memory is not reused while that stream may still read it.
+//   * CUDA graph capture: an entry used during a capture is referenced by the graph, so it is
+//     never freed or changed again (kept for the life of the process; about 48 bytes per tensor).
+//     A miss during capture cannot use the host allocator (not capture-safe) nor a pageable
+//     copy: the table is written to pinned memory from cudaHostAlloc (under a relaxed capture
+//     mode, as PyTorch's own allocator does for cudaMalloc) that is never freed, and the H2D
+//     copy becomes a node of the graph (re-run by each replay: a few microseconds). Such a table
+//     holds its data only once a replay ran, so a later eager call writes it first (from the
+//     kept pinned copy), and a later capture reading a table never written eagerly carries its
+//     own copy node. Calling the op once eagerly on the same gradients before capturing keeps
+//     the copy out of the graph (torch.cuda.graph synchronizes the device before capturing,
+//     so the eager copy has completed).
+//   * the scratch buffer and outputs are allocated per call (under capture, from the graph's
+//     private pool), so concurrent calls on different streams never share counters.
+#include "cuda/ops_cuda.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <sstream>
+#include <vector>
+
+#include "cuda/kernels.cuh"
+
+namespace gradstab {
+namespace cuda {
+namespace {
+
+std::atomic<int> g_max_blocks{0};
+
+// ------------------------------------------------------------------ descriptor tables --
+
+struct KeyItem {
+  uint64_t ptr;
+  int64_t numel;
+  int32_t dtype;
+  bool operator==(const KeyItem& o) const {
+    return ptr == o.ptr && numel == o.numel && dtype == o.dtype;
+  }
+};
+
+struct Entry {
+  int device = -1;
+  std::vector<KeyItem> key;
+  at::Tensor table;           // TensorDesc[T] on the device
+  int64_t bytes = 0;          // of the table
+  void* host_copy = nullptr;  // pinned copy of a table built during a capture (never freed)
+  int64_t total_units = 0;
+  int32_t num_work = 0;
+  bool retained = false;      // used by a CUDA graph capture: never freed or changed
+  bool filled = false;        // an eager copy has written the device table (see get())
+  cudaEvent_t ready = nullptr;           // recorded on `home` after that copy
+  cudaStream_t home = nullptr;           // the stream of that copy
+  std::vector<cudaStream_t> recorded;    // other streams made to wait for it (and recorded)
+
+  Entry() = default;
+  Entry(const Entry&) = delete;
+  Entry& operator=(const Entry&) = delete;
+  ~Entry() {
+    if (ready != nullptr) (void)cudaEventDestroy(ready);  // deferred by the driver if pending
+  }
+
+  // After an eager copy into the table on `stream`: remember where and when it completes.
+  void mark_filled(cudaStream_t stream) {
+    if (ready == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(ready, stream));
+    home = stream;
+    filled = true;
+  }
+};
+
+int32_t align_offset(uint64_t ptr, int32_t dtype) {
+  const uint64_t size = static_cast<uint64_t>(dtype_size(dtype));
+  if (ptr % size != 0) return -1;
+  return static_cast<int32_t>(((16 - ptr % 16) % 16) / size);
+}
+
+std::shared_ptr<Entry> build_entry(int device, std::vector<KeyItem>&& key,
+                                   const c10::cuda::CUDAStream& stream, bool capturing) {
+  auto e = std::make_shared<Entry>();
+  e->device = device;
+  e->key = std::move(key);
+  e->home = stream.stream();
+  const int64_t T = static_cast<int64_t>(e->key.size());
+  std::vector<int64_t> units(T);
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t per = unit_elems(e->key[i].dtype);
+    units[i] = (e->key[i].numel + per - 1) / per;
+  }
+  // Work order: most units first (so the tensors that finish last are small and quick to
+  // combine), ties in input order; zero-size tensors last.
+  std::vector<int32_t> order(T);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return units[a] > units[b]; });
+  std::vector<TensorDesc> desc(T);
+  int64_t first = 0;
+  for (int64_t w = 0; w < T; ++w) {
+    const int32_t i = order[w];
+    const KeyItem& k = e->key[i];
+    TensorDesc& d = desc[w];
+    d.ptr = k.ptr;
+    d.numel = k.numel;
+    d.first_unit = first;
+    d.num_units = units[i];
+    d.dtype = k.dtype;
+    d.orig = i;
+    d.align_offset = align_offset(k.ptr, k.dtype);
+    d.pad = 0;
+    first += units[i];
+    if (units[i] > 0) ++e->num_work;
+  }
+  e->total_units = first;
+  const int64_t bytes = std::max<int64_t>(T, 1) * static_cast<int64_t>(sizeof(TensorDesc));
+  e->bytes = bytes;
+  const auto dev_opts = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device);
+  if (!capturing) {
+    // One asynchronous H2D copy from pinned memory; PyTorch's host allocator recycles the
+    // pinned block only after the copy has run.
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memset(host.data_ptr(), 0, bytes);
+    std::memcpy(host.data_ptr(), desc.data(), T * sizeof(TensorDesc));
+    e->table = at::empty({bytes}, dev_opts);
+    e->table.copy_(host, /*non_blocking=*/true);
+    e->mark_filled(stream.stream());
+  } else {
+    // Kept for the life of the process: the graph's copy node reads it at every replay.
+    void* h = nullptr;
+    {
+      c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+      C10_CUDA_CHECK(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
+    }
+    std::memset(h, 0, bytes);
+    std::memcpy(h, desc.data(), T * sizeof(TensorDesc));
+    e->host_copy = h;
+    e->table = at::empty({bytes}, dev_opts);  // from the graph's private pool; never freed
+    e->retained = true;  // the copy node itself is added by TableCache::get
+  }
+  return e;
+}
+
+class TableCache {
+ public:
+  std::shared_ptr<Entry> get(int device, std::vector<KeyItem>&& key,
+                             const c10::cuda::CUDAStream& stream, bool capturing) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<Entry> e;
+    for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+      if ((*it)->device == device && (*it)->key == key) {
+        e = *it;
+        lru_.splice(lru_.begin(), lru_, it);
+        ++stats_.hits;
+        break;
+      }
+    }
+    if (!e) {
+      ++stats_.misses;
+      if (capturing) ++stats_.built_in_capture;
+      e = build_entry(device, std::move(key), stream, capturing);
+      lru_.push_front(e);
+      while (lru_.size() > kCapacity) {
+        if (lru_.back()->retained) kept_.push_back(lru_.back());
+        lru_.pop_back();
+      }
+    }
+    if (capturing) {
+      e->retained = true;
+      if (!e->filled) {
+        // Built during a capture and never written eagerly: each graph that reads the table
+        // carries its own copy node (a graph may be replayed before any other fills it).
+        C10_CUDA_CHECK(cudaMemcpyAsync(e->table.data_ptr(), e->host_copy, e->bytes,
+                                       cudaMemcpyHostToDevice, stream.stream()));
+      }
+    } else if (!e->filled) {
+      // Built during a capture: the device table holds the data only once a replay ran; write
+      // it now, eagerly, from the kept pinned copy.
+      C10_CUDA_CHECK(cudaMemcpyAsync(e->table.data_ptr(), e->host_copy, e->bytes,
+                                     cudaMemcpyHostToDevice, stream.stream()));
+      e->mark_filled(stream.stream());
+    } else if (stream.stream() != e->home &&
+               std::find(e->recorded.begin(), e->recorded.end(), stream.stream()) ==
+                   e->recorded.end()) {
+      // First use on another stream: wait (on the device) for the table's copy, and tell the
+      // caching allocator the table is in use there.
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), e->ready, 0));
+      if (!e->retained) {
+        c10::cuda::CUDACachingAllocator::recordStream(e->table.storage().data_ptr(), stream);
+      }
+      e->recorded.push_back(stream.stream());
+    }
+    return e;
+  }
+
+  CacheStats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    CacheStats s = stats_;
+    s.entries = static_cast<int64_t>(lru_.size());
+    s.retained = static_cast<int64_t>(kept_.size());
+    for (const auto& e : lru_) s.retained += e->retained ? 1 : 0;
+    return s;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& e : lru_) {
+      if (e->retained) kept_.push_back(e);
+    }
+    lru_.clear();
+  }
+
+ private:
+  static constexpr size_t kCapacity = 32;
+  std::mutex mu_;
+  std::list<std::shared_ptr<Entry>> lru_;
+  std::vector<std::shared_ptr<Entry>> kept_;  // dropped from the LRU but used by a capture
+  CacheStats stats_;
+};
+
+TableCache& cache() {
+  static TableCache* c = new TableCache();  // never destroyed: graphs may outlive static dtors
+  return *c;
+}
+
+// ------------------------------------------------------------------------- arguments --
+
+int32_t to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    default: return kDouble;
+  }
+}
+
+int32_t norm_kind(double p) {
+  if (std::isinf(p)) return kLinf;
+  if (p == 2.0) return kL2;
+  if (p == 1.0) return kL1;
+  return kLp;
+}
+
+void check_grads(at::TensorList grads) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", grads.size(),
+                      " is undefined");
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ",
+                      grads.size(), " has layout ", g.layout(),
+                      "; only dense (strided) gradients are supported. Convert it with "
+                      "`p.grad = p.grad.to_dense()`");
+    TORCH_CHECK_VALUE(g.device() == grads[0].device(),
+                      "gradstab: all gradients of one call must be on one device, gradient 0 "
+                      "is on ", grads[0].device(), " and gradient ", i, " on ", g.device(),
+                      "; call once per device");
+    const auto st = g.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
+                         st == at::kDouble,
+                     "gradstab: gradient ", i, " of ", grads.size(), " has dtype ", st,
+                     "; only float16, bfloat16, float32 and float64 gradients are supported");
+    TORCH_CHECK(g.device().is_cuda(), "gradstab: the CUDA kernel got a gradient on ",
+                g.device());
+  }
+}
+
+// The bound as the kernel reads it: a device pointer (never read here) or a host value.
+struct BoundArg {
+  const double* ptr = nullptr;
+  double value = 0.0;
+  at::Tensor keep;  // the float64 device copy `ptr` points into
+};
+
+BoundArg resolve_bound(const Bound& bound, const char* name, const at::Device& device) {
+  BoundArg out;
+  if (bound.tensor == nullptr) {
+    out.value = bound.value;
+  } else {
+    const at::Tensor& b = *bound.tensor;
+    TORCH_CHECK_VALUE(b.numel() == 1, "gradstab: ", name,
+                      " must be a tensor with one element, got shape ", b.sizes());
+    TORCH_CHECK_VALUE(!b.is_complex(), "gradstab: ", name, " must be a real number, got dtype ",
+                      b.scalar_type());
+    if (b.device().is_cpu()) {
+      out.value = b.item<double>();  // a CPU tensor: no device sync
+    } else {
+      TORCH_CHECK_VALUE(b.device() == device, "gradstab: ", name, " is on ", b.device(),
+                        " but the gradients are on ", device);
+      out.keep = b.reshape({}).to(at::kDouble);  // on the device, asynchronous; not checked
+      out.ptr = out.keep.const_data_ptr<double>();
+      return out;
+    }
+  }
+  TORCH_CHECK_VALUE(out.value >= 0.0, "gradstab: ", name,
+                    " must be a non-negative number, got ", out.value);
+  return out;
+}
+
+std::string nonfinite_message(double p, double total, at::TensorList grads,
+                              const at::Tensor& nonfinite_cpu) {
+  std::ostringstream os;
+  os << "The total norm of order " << p << " for gradients from `parameters` is non-finite ("
+     << total << "), so it cannot be clipped: ";
+  const int64_t* nf = nonfinite_cpu.const_data_ptr<int64_t>();
+  int64_t sum = 0, first = -1;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    sum += nf[i];
+    if (first < 0 && nf[i] > 0) first = static_cast<int64_t>(i);
+  }
+  if (first >= 0) {
+    os << sum << " non-finite value(s), the first in gradient " << first << " of "
+       << grads.size() << " (shape " << grads[first].sizes() << ")";
+  } else {
+    os << "no non-finite gradient value (the norm overflowed its result dtype)";
+  }
+  os << ". No gradient was changed. To disable this error and scale the gradients by the "
+        "non-finite norm anyway, set `error_if_nonfinite=False`";
+  return os.str();
+}
+
+int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------- ops --
+
+Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, double eps,
+             bool error_if_nonfinite) {
+  TORCH_CHECK_VALUE(norm_type > 0.0 && !std::isnan(norm_type),
+                    "gradstab: norm_type must be a positive number or inf, got ", norm_type);
+  check_grads(grads);
+  const char* bound_name = op == Op::kClipValue           ? "clip_value"
+                           : op == Op::kNormalizePerLayer ? "target_norm"
+                                                          : "max_norm";
+  const int64_t T = static_cast<int64_t>(grads.size());
+  if (T == 0) {  // reached only through a bound on the device; nothing to do
+    at::Device dev = bound.tensor != nullptr ? bound.tensor->device() : at::Device(at::kCPU);
+    auto f = at::TensorOptions().dtype(at::kFloat).device(dev);
+    return {at::empty({0}, f), at::empty({0}, f), at::empty({0}, f.dtype(at::kLong)),
+            at::zeros({}, f)};
+  }
+  const at::Device device = grads[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const bool capturing =
+      c10::cuda::captureStatusMayInitCtx(stream.stream()) != c10::cuda::CaptureStatus::None;
+  TORCH_CHECK(!(error_if_nonfinite && capturing),
+              "gradstab: error_if_nonfinite=True reads the total norm on the host, which is not "
+              "possible while a CUDA graph is being captured; capture with "
+              "error_if_nonfinite=False");
+  BoundArg b;
+  if (op != Op::kStats) b = resolve_bound(bound, bound_name, device);
+
+  // The memory the kernels work on: the gradient, or a contiguous copy of a strided one.
+  std::vector<std::pair<int64_t, at::Tensor>> copies;
+  std::vector<KeyItem> key(T);
+  bool any_double = false;
+  for (int64_t i = 0; i < T; ++i) {
+    const at::Tensor& g = grads[i];
+    const void* ptr = g.data_ptr();
+    if (g.numel() > 0 && !g.is_non_overlapping_and_dense()) {
+      copies.emplace_back(i, g.contiguous());
+      ptr = copies.back().second.data_ptr();
+    }
+    key[i] = KeyItem{reinterpret_cast<uint64_t>(ptr), g.numel(), to_dtype(g.scalar_type())};
+    any_double = any_double || g.scalar_type() == at::kDouble;
+  }
+  const int32_t kind = norm_kind(norm_type);
+  int32_t mode = kStats;
+  switch (op) {
+    case Op::kStats: mode = kStats; break;
+    case Op::kClipNorm: mode = kClipNorm; break;
+    case Op::kClipNormPerLayer: mode = kClipPerLayer; break;
+    case Op::kNormalizePerLayer: mode = kNormalize; break;
+    case Op::kClipValue:
+      // float64 norms and p-norms may be recomputed from the data: clamp after the statistics.
+      mode = (any_double || kind == kLp) ? kClipValueDeferred : kClipValue;
+      break;
+  }
+  const std::shared_ptr<Entry> entry =
+      cache().get(static_cast<int>(device.index()), std::move(key), stream, capturing);
+
+  const auto rd = any_double ? at::kDouble : at::kFloat;
+  const auto fopt = at::TensorOptions().dtype(rd).device(device);
+  at::Tensor norms = at::empty({T}, fopt);
+  at::Tensor max_abs = at::empty({T}, fopt);
+  at::Tensor nonfinite = at::empty({T}, fopt.dtype(at::kLong));
+  at::Tensor total = at::empty({}, fopt);
+
+  const int64_t counter_bytes = (T + 1) * static_cast<int64_t>(sizeof(int32_t));
+  const int64_t off_global = align16(counter_bytes);
+  const int64_t off_tensors = off_global + static_cast<int64_t>(sizeof(GlobalRecord));
+  const int64_t off_units = align16(off_tensors + T * static_cast<int64_t>(sizeof(TensorRecord)));
+  const int64_t scratch_bytes =
+      off_units + entry->total_units * static_cast<int64_t>(sizeof(UnitRecord));
+  at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, counter_bytes, stream.stream()));
+
+  Params P{};
+  P.table = static_cast<const TensorDesc*>(entry->table.const_data_ptr());
+  P.num_tensors = static_cast<int32_t>(T);
+  P.num_work = entry->num_work;
+  P.total_units = entry->total_units;
+  P.kind = kind;
+  P.mode = mode;
+  P.p = norm_type;
+  P.eps = eps;
+  P.bound_ptr = b.ptr;
+  P.bound_value = b.value;
+  P.units = reinterpret_cast<UnitRecord*>(base + off_units);
+  P.tensors = reinterpret_cast<TensorRecord*>(base + off_tensors);
+  P.global = reinterpret_cast<GlobalRecord*>(base + off_global);
+  P.tensor_done = reinterpret_cast<int32_t*>(base);
+  P.all_done = reinterpret_cast<int32_t*>(base) + T;
+  P.out_norms = norms.data_ptr();
+  P.out_max_abs = max_abs.data_ptr();
+  P.out_nonfinite = nonfinite.data_ptr<int64_t>();
+  P.out_total = total.data_ptr();
+  P.out_double = any_double ? 1 : 0;
+
+  const int dev = static_cast<int>(device.index());
+  const int cap = g_max_blocks.load(std::memory_order_relaxed);
+  C10_CUDA_CHECK(launch_reduce(P, reduce_grid(dev, entry->total_units, cap), stream.stream()));
+
+  if (error_if_nonfinite) {  // the documented host sync: the caller asked for it
+    const double t = scratch.narrow(0, off_global, 8).view(at::kDouble).item<double>();
+    if (!std::isfinite(t)) {
+      TORCH_CHECK(false, nonfinite_message(norm_type, t, grads, nonfinite.cpu()));
+    }
+  }
+  const bool writes = mode == kClipNorm || mode == kClipPerLayer || mode == kNormalize ||
+                      mode == kClipValueDeferred;
+  if (writes) {
+    C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, entry->total_units, cap), stream.stream()));
+  }
+  if (op != Op::kStats) {
+    for (auto& c : copies) {
+      const at::Tensor& g = grads[c.first];
+      if (g.dim() > kMaxWritebackDims) {
+        g.copy_(c.second);  // more dimensions than the write-back kernel takes: always copied
+        continue;
+      }
+      WritebackParams W{};
+      W.src = c.second.const_data_ptr();
+      W.dst = g.data_ptr();
+      W.numel = g.numel();
+      W.ndim = static_cast<int32_t>(g.dim());
+      W.elem_size = static_cast<int32_t>(g.element_size());
+      for (int64_t d = 0; d < g.dim(); ++d) {
+        W.sizes[d] = g.size(d);
+        W.strides[d] = g.stride(d);
+      }
+      if (mode == kClipNorm) {
+        W.flag32 = &P.global->scale;
+      } else {
+        W.flag64 = &P.tensors[c.first].write;
+      }
+      C10_CUDA_CHECK(launch_writeback(W, stream.stream()));
+    }
+  }
+  return {norms, max_abs, nonfinite, total};
+}
+
+void set_max_blocks(int blocks) { g_max_blocks.store(blocks < 0 ? 0 : blocks); }
+
+CacheStats cache_stats() { return cache().stats(); }
+
+void clear_cache() { cache().clear(); }
+
+std::string build_description() {
+  std::ostringstream os;
+  os << "CUDA runtime " << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10
+     << " at build time; one persistent-grid launch over " << kUnitBytes / 1024
+     << " KB units of every gradient, last-block-done finish, scale pass only when clipping";
+  return os.str();
+}
+
+namespace {
+
+Stats grad_stats_cuda(at::TensorList grads, double norm_type) {
+  return run_op(Op::kStats, grads, Bound{}, norm_type, 0.0, false);
+}
+
+Stats clip_norm_cuda(at::TensorList grads, const at::Tensor& max_norm, double norm_type,
+                     double eps, bool error_if_nonfinite) {
+  Bound b;
+  b.tensor = &max_norm;
+  return run_op(Op::kClipNorm, grads, b, norm_type, eps, error_if_nonfinite);
+}
+
+Stats clip_norm_per_layer_cuda(at::TensorList grads, const at::Tensor& max_norm,
+                               double norm_type, double eps) {
+  Bound b;
+  b.tensor = &max_norm;
+  return run_op(Op::kClipNormPerLayer, grads, b, norm_type, eps, false);
+}
+
+Stats normalize_per_layer_cuda(at::TensorList grads, const at::Tensor& target_norm,
+                               double norm_type, double eps) {
+  Bound b;
+  b.tensor = &target_norm;
+  return run_op(Op::kNormalizePerLayer, grads, b, norm_type, eps, false);
+}
+
+Stats clip_value_cuda(at::TensorList grads, const at::Tensor& clip_value, double norm_type) {
+  Bound b;
+  b.tensor = &clip_value;
+  return run_op(Op::kClipValue, grads, b, norm_type, 0.0, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradstab, CUDA, m) {
+  m.impl("grad_stats", &grad_stats_cuda);
+  m.impl("clip_norm", &clip_norm_cuda);
+  m.impl("clip_norm_per_layer", &clip_norm_per_layer_cuda);
+  m.impl("clip_value", &clip_value_cuda);
+  m.impl("normalize_per_layer", &normalize_per_layer_cuda);
+}
+
+}  // namespace cuda
+}  // namespace gradstab

@@ -1,0 +1,61 @@
+"""pytest configuration shared by all gradstab tests.
+
+- Puts ``tests/`` on ``sys.path`` so test files can ``from helpers import ...``.
+- Hypothesis profiles: ``default`` (no deadline: the first call of an op or a compiled
+  function is slow on a busy CI machine) and ``ci`` (the same, derandomized, so a CI run
+  replays the same examples); pick one with ``HYPOTHESIS_PROFILE=ci``. Each test sets its own
+  moderate ``max_examples`` so the core suite stays well under two minutes on two cores.
+- Fixtures: ``cpp_kernel`` skips a test unless the compiled C++ CPU kernel serves CPU;
+  ``num_threads`` restores torch's intra-op thread count after a test changes it;
+  ``one_thread`` runs a test with one intra-op thread (opt in per module with
+  ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a loaded 2-core machine,
+  two OpenMP threads make small torch ops 5-20x slower, and the tests that need the
+  kernels' parallel paths set two threads themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+_COMMON = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+settings.register_profile("default", **_COMMON)
+settings.register_profile("ci", derandomize=True, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def cpp_kernel() -> None:
+    """Skip unless ``gradstab._C`` registered its C++ kernel for CPU."""
+    import gradstab  # noqa: PLC0415
+
+    info = gradstab.backend_info()["cpu"]
+    if info["kernel"] != "cpp":
+        pytest.skip(f"the C++ CPU kernel is not in use: {info['reason']}")
+
+
+@pytest.fixture
+def num_threads():
+    """Restore ``torch.get_num_threads()`` after the test."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with ``torch.set_num_threads(1)``, restoring the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,879 @@
+"""GPU tests of the fused CUDA kernels (csrc/cuda); every test is skipped without CUDA.
+
+The ops (``torch.ops.gradstab.*`` through the dispatcher, and the direct entry point
+``gradstab._C.cuda_fast_path``) are checked against independent oracles: the pure-PyTorch
+reference kernels (:mod:`gradstab.reference`) run on CPU copies, float64 norms from
+``torch.linalg.vector_norm``, the C++ CPU kernel, and hand-computed cases. Clipped gradients are
+compared bit for bit with the documented arithmetic (float32/float64: multiply by the float64
+coefficient and round once; float16/bfloat16: multiply in float32) wherever the coefficient is
+known exactly (a list holding a float64 gradient returns float64 results).
+
+Run on a GPU machine with ``benchmarks/gpu/run_gpu_checks.sh`` (build, these tests, the
+compute-sanitizer runs, the benchmark) or ``python -m pytest -q tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradstab
+from gradstab import reference
+from gradstab._extension import has_kernel
+
+#: Every GPU test carries this mark; the tests of the benchmark's CUDA additions at the end run
+#: anywhere.
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEV = "cuda"
+OPS = torch.ops.gradstab
+EPS = 1e-6
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Sizes around the kernel's boundaries: 16-byte vectors (2-8 elements), 32 lanes, units of
+#: 16 KB (2048-8192 elements), several units per tensor.
+SIZES = (0, 1, 7, 63, 64, 65, 2047, 2049, 4095, 4096, 4097, 8191, 8193, 16385, 65537, 300_007)
+#: Relative tolerance of norms against float64 oracles: 1e-6 (the contract) for lists holding
+#: float16/bfloat16/float32 gradients (float32 partial sums of at most 8 terms, then double),
+#: 1e-12 for float64-only lists (double throughout).
+RTOL32 = 1e-6
+RTOL64 = 1e-12
+
+
+def _ext():
+    return gradstab._extension._C
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernel():
+    if not torch.cuda.is_available():
+        yield
+        return
+    if not has_kernel("cuda"):
+        pytest.fail(
+            "gradstab._C has no CUDA kernel: build it on this machine with "
+            "`TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .`"
+        )
+    yield
+    _ext()._cuda_set_max_blocks(0)
+    torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------------------------------- inputs --
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _randn(shape, dtype, gen, scale=1.0) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen, device=DEV, dtype=torch.float32) * scale
+    return x.to(dtype)
+
+
+def _make(n: int, dtype: torch.dtype, layout: str, gen, scale: float = 1.0) -> torch.Tensor:
+    """A CUDA gradient of ``n`` elements laid out as ``layout``.
+
+    contiguous; offset (a view one element into its storage: not 16-byte aligned);
+    offset3 (three elements in); strided (every other element: not dense, processed on a
+    copy); transposed (dense but permuted: used in place); matrix (2-D contiguous).
+    """
+    if layout == "contiguous":
+        return _randn((n,), dtype, gen, scale)
+    if layout == "offset":
+        return _randn((n + 1,), dtype, gen, scale)[1:]
+    if layout == "offset3":
+        return _randn((n + 3,), dtype, gen, scale)[3:]
+    if layout == "strided":
+        return _randn((2 * n,), dtype, gen, scale)[::2]
+    rows = max(1, math.isqrt(max(n, 1)))
+    cols = max(1, n // rows)
+    if layout == "transposed":
+        return _randn((cols, rows), dtype, gen, scale).t()
+    if layout == "matrix":
+        return _randn((rows, cols), dtype, gen, scale)
+    raise ValueError(layout)
+
+
+def _cpu(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g.detach().cpu().clone() for g in grads]
+
+
+def _clone(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g.clone() for g in grads]
+
+
+def _bound(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64, device=DEV)
+
+
+def _rd(grads) -> torch.dtype:
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+def _rtol(grads) -> float:
+    return RTOL64 if all(g.dtype == torch.float64 for g in grads) else RTOL32
+
+
+def _assert_stats(got, want, rtol: float) -> None:
+    """Our stats against a reference: counts and max exact, norms within rtol."""
+    norms, max_abs, nonfinite, total = (t.cpu() for t in got)
+    w_norms, w_max, w_nonfinite, w_total = (t.cpu() for t in want)
+    assert norms.dtype == w_norms.dtype and total.dtype == w_total.dtype
+    assert torch.equal(nonfinite, w_nonfinite)
+    torch.testing.assert_close(max_abs, w_max, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(norms, w_norms, rtol=rtol, atol=0, equal_nan=True)
+    torch.testing.assert_close(total, w_total, rtol=rtol, atol=0, equal_nan=True)
+
+
+def _oracle_norms(grads: list[torch.Tensor], p: float) -> torch.Tensor:
+    """float64 per-tensor norms from torch.linalg.vector_norm (inputs of normal range)."""
+    return torch.stack(
+        [torch.linalg.vector_norm(g.detach().cpu().double().reshape(-1), p) for g in grads]
+    )
+
+
+def _scaled(g: torch.Tensor, coef: float) -> torch.Tensor:
+    """``g * coef`` with the kernels' rounding, computed on the CPU."""
+    x = g.detach().cpu()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        cf = torch.tensor(coef, dtype=torch.float64).float()
+        return (x.float() * cf).to(x.dtype)
+    return (x.double() * coef).to(x.dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(view)
+
+
+# ----------------------------------------------------------------------------- basics --
+
+
+@gpu
+def test_cuda_kernel_registered_and_described():
+    info = gradstab.backend_info()["cuda"]
+    assert info["kernel"] == "cuda", info
+    for op in (
+        "grad_stats",
+        "clip_norm",
+        "clip_norm_per_layer",
+        "clip_value",
+        "normalize_per_layer",
+    ):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gradstab::{op}", "CUDA"), op
+    build = _ext().build_info()
+    assert build["cuda"] is True
+    assert "CUDA runtime" in build["cuda_kernel"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "offset3", "strided", "transposed"])
+def test_grad_stats_matches_reference_and_float64(dtype, layout):
+    gen = _gen(1)
+    grads = [_make(n, dtype, layout, gen) for n in SIZES]
+    got = OPS.grad_stats(grads, 2.0)
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    rtol = RTOL64 if dtype == torch.float64 else RTOL32
+    _assert_stats(got, want, rtol)
+    oracle = _oracle_norms(grads, 2.0)
+    torch.testing.assert_close(got[0].cpu().double(), oracle, rtol=rtol, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 0.5, math.inf])
+def test_norm_types_on_a_mixed_dtype_list(p):
+    gen = _gen(2)
+    grads = [
+        _make(n, dtype, layout, gen, scale=0.01 * (i + 1))
+        for i, (n, dtype, layout) in enumerate(
+            [
+                (4097, torch.float16, "offset"),
+                (8193, torch.bfloat16, "contiguous"),
+                (65537, torch.float32, "offset3"),
+                (2049, torch.float32, "strided"),
+                (0, torch.bfloat16, "contiguous"),
+                (777, torch.float16, "transposed"),
+            ]
+        )
+    ]
+    got = OPS.grad_stats(grads, p)
+    want = reference.grad_stats(_cpu(grads), p)
+    # p not in {1, 2, inf}: |x|^p by pow per element, in double.
+    _assert_stats(got, want, RTOL32 if p in (1.0, 2.0, math.inf) else 2e-6)
+    torch.testing.assert_close(got[0].cpu().double(), _oracle_norms(grads, p), rtol=2e-6, atol=0)
+
+
+@gpu
+def test_float64_in_the_list_gives_float64_results():
+    gen = _gen(3)
+    grads = [_make(5000, torch.bfloat16, "contiguous", gen), _make(3, torch.float64, "offset", gen)]
+    got = OPS.grad_stats(grads, 2.0)
+    assert all(t.dtype == torch.float64 for t in (got[0], got[1], got[3]))
+    assert got[2].dtype == torch.int64
+    _assert_stats(got, reference.grad_stats(_cpu(grads), 2.0), RTOL32)
+
+
+@gpu
+def test_agrees_with_the_cpu_kernel():
+    if not has_kernel("cpu"):
+        pytest.skip("no C++ CPU kernel in this build")
+    gen = _gen(4)
+    grads = [_make(n, d, "contiguous", gen) for d in FLOAT_DTYPES for n in (3, 4097, 70000)]
+    got = OPS.grad_stats(grads, 2.0)
+    cpu = OPS.grad_stats(_cpu(grads), 2.0)  # the CPU kernel, same contract
+    _assert_stats(got, cpu, RTOL32)  # both within the contract of the float64 norm
+
+
+@gpu
+def test_empty_list_with_device_bound():
+    norms, max_abs, nonfinite, total = OPS.clip_norm([], _bound(1.0), 2.0, EPS, False)
+    assert norms.numel() == max_abs.numel() == nonfinite.numel() == 0
+    assert float(total) == 0.0
+
+
+# ---------------------------------------------------------------- extremes, non-finite --
+
+
+@gpu
+def test_float32_norm_neither_overflows_nor_underflows():
+    big = torch.full((5000,), 3e30, device=DEV)  # squares overflow float32
+    tiny = torch.full((7000,), 1e-30, device=DEV)  # squares underflow float32
+    huge = torch.full((3,), 3e38, device=DEV)  # the norm itself exceeds float32: inf
+    norms, _, nonfinite, _ = OPS.grad_stats([big, tiny, huge], 2.0)
+    norms = norms.cpu().double()
+    assert math.isclose(norms[0], 3e30 * math.sqrt(5000), rel_tol=1e-6)
+    assert math.isclose(norms[1], 1e-30 * math.sqrt(7000), rel_tol=1e-6)
+    assert math.isinf(norms[2]) and int(nonfinite.sum()) == 0
+    pair = torch.tensor([1e30, 1e30], device=DEV)
+    assert math.isclose(float(OPS.grad_stats([pair], 2.0)[3]), 1.4142135e30, rel_tol=1e-6)
+
+
+@gpu
+def test_float64_overflow_and_underflow_are_rescued():
+    gen = _gen(5)
+    grads = [
+        torch.full((5000,), 1e200, dtype=torch.float64, device=DEV),
+        torch.full((3000,), 1e-200, dtype=torch.float64, device=DEV),
+        _make(4097, torch.float32, "contiguous", gen),
+    ]
+    got = OPS.grad_stats(grads, 2.0)
+    _assert_stats(got, reference.grad_stats(_cpu(grads), 2.0), RTOL32)
+    assert math.isclose(float(got[0][0]), 1e200 * math.sqrt(5000), rel_tol=1e-12)
+    assert math.isclose(float(got[0][1]), 1e-200 * math.sqrt(3000), rel_tol=1e-12)
+    # a p-norm whose p-powers overflow double is rescued the same way
+    x = torch.full((1000,), 1e10, device=DEV)
+    assert math.isclose(float(OPS.grad_stats([x], 40.0)[3]), 1e10 * 1000 ** (1 / 40), rel_tol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nonfinite_counts_and_nan_max(dtype):
+    gen = _gen(6)
+    a = _make(70000, dtype, "offset", gen)
+    idx = torch.randint(0, 70000, (37,), generator=torch.Generator().manual_seed(6))
+    a[idx[:20]] = float("nan")
+    a[idx[20:30]] = float("inf")
+    a[idx[30:]] = -float("inf")
+    b = _make(9000, dtype, "contiguous", gen)
+    b[8999] = float("inf")
+    c = _make(100, dtype, "contiguous", gen)
+    grads = [a, b, c]
+    got = OPS.grad_stats(grads, 2.0)
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    _assert_stats(got, want, RTOL64 if dtype == torch.float64 else RTOL32)
+    n_nonfinite = int((~torch.isfinite(a.cpu())).sum())
+    assert got[2].tolist() == [n_nonfinite, 1, 0]
+    assert math.isnan(float(got[1][0])) and math.isinf(float(got[1][1]))
+    assert math.isnan(float(got[3]))
+
+
+# -------------------------------------------------------------------------- clipping --
+
+
+def _clip_list(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """Every dtype and layout, plus a float64 gradient (float64 results: exact coefficients)."""
+    gen = _gen(seed)
+    specs = [
+        (300_007, torch.float32, "contiguous"),
+        (65537, torch.bfloat16, "offset"),
+        (8193, torch.float16, "offset3"),
+        (4097, torch.float32, "strided"),
+        (2049, torch.bfloat16, "transposed"),
+        (0, torch.float16, "contiguous"),
+        (1, torch.float32, "contiguous"),
+        (777, torch.float64, "offset"),
+    ]
+    return [_make(n, d, layout, gen, scale) for n, d, layout in specs]
+
+
+@gpu
+@pytest.mark.parametrize("max_norm", [1e9, 10.0, 0.0])
+def test_clip_norm_bit_exact(max_norm):
+    grads = _clip_list(7)
+    before = _cpu(grads)
+    got = OPS.clip_norm(grads, _bound(max_norm), 2.0, EPS, False)
+    _assert_stats(got, reference.grad_stats(before, 2.0), RTOL32)
+    total = float(got[3])  # float64: the kernel's own total, exactly
+    coef = min(1.0, max_norm / (total + EPS))
+    for g, b in zip(grads, before):
+        want = b if coef >= 1.0 else _scaled(b, coef)
+        assert torch.equal(_bits(g), _bits(want)), (g.dtype, g.shape)
+
+
+@gpu
+def test_clip_norm_float32_results_match_reference():
+    gen = _gen(8)
+    grads = [_make(n, d, "contiguous", gen) for n in (9000, 70001) for d in FLOAT_DTYPES[:3]]
+    ref = _cpu(grads)
+    got = OPS.clip_norm(grads, _bound(3.0), 2.0, EPS, False)
+    want = reference.clip_norm(ref, torch.tensor(3.0, dtype=torch.float64), 2.0, EPS, False)
+    _assert_stats(got, want, RTOL32)
+    for g, r in zip(grads, ref):
+        ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 4e-7}[g.dtype]
+        torch.testing.assert_close(g.cpu(), r, rtol=ulp, atol=0)
+
+
+@gpu
+def test_clip_norm_per_layer_bit_exact():
+    grads = _clip_list(9, scale=0.05)
+    before = _cpu(grads)
+    got = OPS.clip_norm_per_layer(grads, _bound(2.0), 2.0, EPS)
+    _assert_stats(got, reference.grad_stats(before, 2.0), RTOL32)
+    for g, b, norm in zip(grads, before, got[0].tolist()):
+        coef = min(1.0, 2.0 / (norm + EPS))
+        want = b if coef >= 1.0 else _scaled(b, coef)
+        assert torch.equal(_bits(g), _bits(want)), (g.dtype, g.shape)
+    assert any(n > 2.0 for n in got[0].tolist()) and any(0 < n < 2.0 for n in got[0].tolist())
+
+
+@gpu
+def test_normalize_per_layer_bit_exact():
+    grads = _clip_list(33)
+    before = _cpu(grads)
+    got = OPS.normalize_per_layer(grads, _bound(0.7), 2.0, EPS)
+    _assert_stats(got, reference.grad_stats(before, 2.0), RTOL32)
+    for g, b, norm in zip(grads, before, got[0].tolist()):
+        coef = 0.7 / (norm + EPS)  # up or down: no min(1, .)
+        want = b if coef == 1.0 else _scaled(b, coef)
+        assert torch.equal(_bits(g), _bits(want)), (g.dtype, g.shape)
+
+
+@gpu
+@pytest.mark.parametrize("with_float64", [False, True])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_clip_value_bit_exact_and_prior_stats(with_float64, p):
+    grads = _clip_list(10)
+    if not with_float64:
+        grads = grads[:-1]
+    grads[0][5] = float("nan")
+    grads[1][7] = float("inf")
+    before = _cpu(grads)
+    got = OPS.clip_value(grads, _bound(1.5), p)
+    # statistics of the gradients as they were (the float64 / p-norm path clamps afterwards)
+    _assert_stats(got, reference.grad_stats(before, p), 2e-6)
+    ref = _clone(before)
+    reference.clip_value(ref, torch.tensor(1.5, dtype=torch.float64), p)
+    for g, b, r in zip(grads, before, ref):
+        vt = torch.tensor(1.5, dtype=torch.float64).to(b.dtype)
+        assert torch.equal(_bits(g), _bits(torch.clamp(b, min=-vt, max=vt)))  # NaN kept
+        assert torch.equal(_bits(g), _bits(r))
+
+
+@gpu
+def test_healthy_clip_leaves_every_bit_alone():
+    grads = _clip_list(11)
+    grads[2][0] = -0.0
+    before = [_bits(g) for g in grads]
+    OPS.clip_norm(grads, _bound(1e30), 2.0, EPS, False)
+    OPS.clip_norm_per_layer(grads, _bound(1e30), 2.0, EPS)
+    OPS.clip_value(grads, _bound(1e30), 2.0)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+
+
+@gpu
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
+def test_strided_and_expanded_gradients_written_back_only_when_changed(op):
+    gen = _gen(31)
+    base = _randn((3, 1), torch.float32, gen)
+    grads = [
+        base.expand(3, 500),  # overlapping memory: copy_ into it would be refused
+        _randn((1000,), torch.bfloat16, gen)[::2],
+        torch.full((2,), 0.25, dtype=torch.float64, device=DEV),  # float64 results: exact
+    ]
+
+    def call(bound):
+        if op == "clip_norm":
+            return OPS.clip_norm(grads, _bound(bound), 2.0, EPS, False)
+        if op == "clip_norm_per_layer":
+            return OPS.clip_norm_per_layer(grads, _bound(bound), 2.0, EPS)
+        return OPS.clip_value(grads, _bound(bound), 2.0)
+
+    before = _cpu(grads)
+    call(1e9)  # healthy: nothing changes, nothing is written back
+    assert all(torch.equal(_bits(g), _bits(b)) for g, b in zip(grads, before))
+    got = call(0.1)
+    for i, (g, b) in enumerate(zip(grads, before)):
+        if op == "clip_value":
+            vt = torch.tensor(0.1, dtype=torch.float64).to(b.dtype)
+            want = torch.clamp(b, min=-vt, max=vt)
+        else:
+            norm = float(got[3] if op == "clip_norm" else got[0][i])
+            coef = min(1.0, 0.1 / (norm + EPS))
+            want = _scaled(b, coef)
+        assert torch.equal(_bits(g), _bits(want)), i
+
+
+@gpu
+def test_nan_gradients_give_nan_coefficient_and_nan_grads():
+    gen = _gen(12)
+    grads = [
+        _make(5000, torch.float32, "contiguous", gen),
+        _make(10, torch.bfloat16, "offset", gen),
+    ]
+    grads[0][3] = float("nan")
+    OPS.clip_norm(grads, _bound(1.0), 2.0, EPS, False)
+    assert all(bool(torch.isnan(g).all()) for g in grads)  # as torch.nn.utils.clip_grad_norm_
+
+
+@gpu
+def test_error_if_nonfinite_raises_before_any_change():
+    grads = _clip_list(13)
+    grads[3][100] = float("inf")
+    before = [_bits(g) for g in grads]
+    with pytest.raises(RuntimeError, match=r"non-finite .*the first in gradient 3 of 8"):
+        OPS.clip_norm(grads, _bound(1.0), 2.0, EPS, True)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+    total = gradstab.clip_grad_norm_([_param(g) for g in grads[:3]], 1.0, error_if_nonfinite=True)
+    assert math.isfinite(float(total))
+
+
+# ------------------------------------------------------------ determinism, sync, graphs --
+
+
+def _all_ops(grads: list[torch.Tensor], bound: torch.Tensor):
+    out = [OPS.grad_stats(grads, 2.0)]
+    out.append(OPS.clip_norm(grads, bound, 2.0, EPS, False))
+    out.append(OPS.clip_norm_per_layer(grads, bound, 2.0, EPS))
+    out.append(OPS.clip_value(grads, bound * 0.01, 2.0))
+    out.append(OPS.grad_stats(grads, 3.0))
+    return out
+
+
+@gpu
+def test_bit_identical_across_runs_and_grid_sizes():
+    base = _clip_list(14, scale=3.0)
+    results = []
+    for blocks in (0, 1, 3, 0):
+        _ext()._cuda_set_max_blocks(blocks)
+        grads = _clone(base)
+        outs = _all_ops(grads, _bound(5.0))
+        results.append(([_bits(t) for out in outs for t in out], [_bits(g) for g in grads]))
+    first = results[0]
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(first[0], other[0]))
+        assert all(torch.equal(a, b) for a, b in zip(first[1], other[1]))
+
+
+@gpu
+def test_no_host_sync_in_clip_calls():
+    grads = _clip_list(15)
+    fresh = _clip_list(16)  # never seen: the descriptor table is built inside the checked region
+    params = [_param(g) for g in _clip_list(17)]
+    bound = _bound(1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gs in (grads, fresh, grads):
+            _all_ops(gs, bound)
+        gradstab.clip_grad_norm_(params, bound)
+        gradstab.clip_grad_norm_(params, 1.0)  # a float: filled on the device
+        gradstab.clip_grad_norm_per_layer_(params, bound)
+        gradstab.clip_grad_value_(params, bound)
+        gradstab.grad_stats(params)
+        _ext().cuda_fast_path(1, params, 2.0, 1.0, EPS, False)
+        _ext().cuda_fast_path(3, params, 2.0, bound, EPS, False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def _param(g: torch.Tensor) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.empty_like(g))
+    p.grad = g
+    return p
+
+
+@gpu
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value", "grad_stats"])
+@pytest.mark.parametrize("warm", [True, False])
+def test_cuda_graph_capture_and_replay(op, warm):
+    grads = _clip_list(18)
+    bound = _bound(1.0)
+
+    def call(gs, b):
+        if op == "clip_norm":
+            return OPS.clip_norm(gs, b, 2.0, EPS, False)
+        if op == "clip_norm_per_layer":
+            return OPS.clip_norm_per_layer(gs, b, 2.0, EPS)
+        if op == "clip_value":
+            return OPS.clip_value(gs, b, 2.0)
+        return OPS.grad_stats(gs, 2.0)
+
+    if warm:  # a strided gradient gets a fresh contiguous copy (a new table) on every call
+        grads = [g for g in grads if g.is_non_overlapping_and_dense()]
+    built = _ext()._cuda_cache_info()["built_in_capture"]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        if warm:  # the eager call builds the descriptor table: the graph only reads it
+            call(grads, bound)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(grads, bound)
+    info = _ext()._cuda_cache_info()
+    assert info["built_in_capture"] == built + (0 if warm else 1)
+    assert info["retained"] >= 1
+    for trial, (seed, b) in enumerate([(19, 0.5), (20, 1e9), (21, 3.0)]):
+        fresh = _clip_list(seed, scale=1.0 + trial)
+        if warm:
+            fresh = [f for f in fresh if f.is_non_overlapping_and_dense()]
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        bound.fill_(b)
+        # the same values in the same layouts (results depend on each gradient's address
+        # modulo 16 bytes, which decides the vector/scalar split, so clones would not do)
+        expect_grads = _clip_list(seed, scale=1.0 + trial)
+        if warm:
+            expect_grads = [f for f in expect_grads if f.is_non_overlapping_and_dense()]
+        expect = call(expect_grads, _bound(b))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got_t, want_t in zip(out, expect):
+            assert torch.equal(_bits(got_t), _bits(want_t)), (op, trial)
+        for g, w in zip(grads, expect_grads):
+            assert torch.equal(_bits(g), _bits(w)), (op, trial)
+
+
+@gpu
+def test_table_built_in_capture_serves_eager_calls_and_other_graphs():
+    grads = [g for g in _clip_list(32) if g.is_non_overlapping_and_dense()]  # stable pointers
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    built = _ext()._cuda_cache_info()["built_in_capture"]
+    first = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first):  # never seen eagerly: the table is built in the capture
+        out_first = OPS.grad_stats(grads, 2.0)
+    second = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(second):  # a hit on a table that no eager call has written yet
+        out_second = OPS.grad_stats(grads, 2.0)
+    assert _ext()._cuda_cache_info()["built_in_capture"] == built + 1
+    second.replay()  # before the first graph ever ran
+    torch.cuda.synchronize()
+    _assert_stats(out_second, want, RTOL32)
+    _assert_stats(OPS.grad_stats(grads, 2.0), want, RTOL32)  # eager hit on that table
+    first.replay()
+    torch.cuda.synchronize()
+    _assert_stats(out_first, want, RTOL32)
+
+
+@gpu
+def test_error_if_nonfinite_refused_during_capture():
+    grads = _clip_list(22)
+    OPS.clip_norm(grads, _bound(1.0), 2.0, EPS, False)
+    bound = _bound(1.0)  # made before the capture (a host-to-device copy)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"), torch.cuda.graph(graph):
+        OPS.clip_norm(grads, bound, 2.0, EPS, True)
+
+
+@gpu
+def test_side_stream_and_cache_invalidation():
+    ext = _ext()
+    gen = _gen(23)
+    x = _randn((4096,), torch.float32, gen)
+    first = ext._cuda_cache_info()
+    OPS.grad_stats([x], 2.0)
+    OPS.grad_stats([x], 2.0)
+    info = ext._cuda_cache_info()
+    assert info["hits"] >= first["hits"] + 1
+    # same pointer, another dtype and element count: a new table, right answers
+    for y in (x.view(torch.bfloat16), x.view(torch.float16)[:777], x[:100], x.view(torch.float64)):
+        _assert_stats(OPS.grad_stats([y], 2.0), reference.grad_stats(_cpu([y]), 2.0), RTOL32)
+    # reallocated gradients (a freed block is likely reused at the same address)
+    shapes = [(1000,), (3000,), (70000,)]
+    del x, y
+    grads = []
+    for seed in range(3):
+        del grads  # freed blocks are likely handed out again at the same addresses
+        grads = [_randn(s, torch.float32, _gen(30 + seed)) for s in shapes[: seed + 1]]
+        _assert_stats(OPS.grad_stats(grads, 2.0), reference.grad_stats(_cpu(grads), 2.0), RTOL32)
+    # another stream, and the table shared with it
+    side = torch.cuda.Stream()
+    grads = _clip_list(24)
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    OPS.grad_stats(grads, 2.0)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = OPS.grad_stats(grads, 2.0)
+    torch.cuda.current_stream().wait_stream(side)
+    _assert_stats(got, want, RTOL32)
+    assert ext._cuda_cache_info()["misses"] > first["misses"]
+
+
+# ------------------------------------------------------------------- API, errors, misc --
+
+
+@gpu
+def test_fast_path_matches_dispatcher():
+    ext = _ext()
+    base = _clip_list(25, scale=2.0)
+    names = ["grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer"]
+    for op, name in enumerate(names):
+        a, b = _clone(base), _clone(base)
+        params = [_param(g) for g in a]
+        params.insert(2, torch.nn.Parameter(torch.zeros(3, device=DEV)))  # no grad: skipped
+        got = ext.cuda_fast_path(op, params, 2.0, 1.0, EPS, False)
+        args = {
+            "grad_stats": (b, 2.0),
+            "clip_norm": (b, _bound(1.0), 2.0, EPS, False),
+            "clip_norm_per_layer": (b, _bound(1.0), 2.0, EPS),
+            "clip_value": (b, _bound(1.0), 2.0),
+            "normalize_per_layer": (b, _bound(1.0), 2.0, EPS),
+        }[name]
+        want = getattr(OPS, name)(*args)
+        assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(got, want)), name
+        assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b)), name
+
+
+@gpu
+def test_fast_path_declines_what_it_does_not_serve():
+    ext = _ext()
+    cpu = [_param(torch.randn(10))]
+    assert ext.cuda_fast_path(0, cpu, 2.0, 0.0, EPS, False) is None
+    mixed = [_param(torch.randn(10, device=DEV)), *cpu]
+    assert ext.cuda_fast_path(0, mixed, 2.0, 0.0, EPS, False) is None
+    no_grad = [torch.nn.Parameter(torch.ones(2, device=DEV))]
+    assert ext.cuda_fast_path(0, no_grad, 2.0, 0.0, EPS, False) is None
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = torch.zeros(4, device=DEV).as_subclass(Sub)
+    sub.grad = torch.ones(4, device=DEV)
+    assert ext.cuda_fast_path(0, [sub], 2.0, 0.0, EPS, False) is None
+    with pytest.raises(ValueError, match="non-negative"):
+        ext.cuda_fast_path(1, [_param(torch.ones(4, device=DEV))], 2.0, -1.0, EPS, False)
+
+
+@gpu
+def test_functional_api_on_cuda_parameters():
+    grads = _clip_list(26)
+    params = [_param(g) for g in grads]
+    before = _cpu(grads)
+    total = gradstab.clip_grad_norm_(params, max_norm=1.0)
+    want = reference.grad_stats(before, 2.0)[3]
+    assert total.device.type == "cuda"
+    torch.testing.assert_close(total.cpu(), want, rtol=RTOL32, atol=0)
+    stats = gradstab.grad_stats(params)
+    assert stats.norms.device.type == "cuda"
+
+
+@gpu
+def test_errors_name_the_argument():
+    g = torch.randn(10, device=DEV)
+    with pytest.raises(ValueError, match="one device"):
+        OPS.grad_stats([g, torch.randn(3)], 2.0)
+    with pytest.raises(TypeError, match="only float16, bfloat16, float32 and float64"):
+        OPS.grad_stats([g, torch.ones(3, dtype=torch.int32, device=DEV)], 2.0)
+    with pytest.raises(ValueError, match="norm_type"):
+        OPS.grad_stats([g], 0.0)
+    with pytest.raises(ValueError, match="max_norm must be a tensor with one element"):
+        OPS.clip_norm([g], torch.ones(2, device=DEV), 2.0, EPS, False)
+    with pytest.raises(ValueError, match="clip_value must be a non-negative number"):
+        OPS.clip_value([g], torch.tensor(-1.0), 2.0)  # a CPU bound is read (and checked)
+    before = g.clone()
+    with pytest.raises(ValueError):
+        OPS.clip_norm([g, torch.ones(2, device=DEV).to_sparse()], _bound(0.1), 2.0, EPS, False)
+    assert torch.equal(g, before)
+
+
+@gpu
+def test_cpu_bound_tensor_is_read_on_the_host():
+    a, b = _clip_list(27), _clip_list(27)
+    got = OPS.clip_norm(a, torch.tensor(0.5), 2.0, EPS, False)
+    want = OPS.clip_norm(b, _bound(0.5), 2.0, EPS, False)
+    assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(got, want))
+    assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+@gpu
+def test_opcheck_on_cuda():
+    gen = _gen(28)
+    grads = [
+        _make(5000, torch.float32, "contiguous", gen),
+        _make(33, torch.bfloat16, "offset", gen),
+    ]
+    torch.library.opcheck(OPS.grad_stats.default, (grads, 2.0))
+    torch.library.opcheck(OPS.clip_norm.default, (grads, _bound(0.5), 2.0, EPS, False))
+    torch.library.opcheck(OPS.clip_norm_per_layer.default, (grads, _bound(0.5), 2.0, EPS))
+    torch.library.opcheck(OPS.clip_value.default, (grads, _bound(0.5), 2.0))
+    torch.library.opcheck(OPS.normalize_per_layer.default, (grads, _bound(0.5), 2.0, EPS))
+
+
+@gpu
+def test_torch_compile_fullgraph_on_cuda():
+    grads = [g.clone() for g in _clip_list(29)]  # all 16-byte aligned, as any clone of them
+    params = [_param(g) for g in grads]
+    ref = _clone(grads)
+
+    @torch.compile(fullgraph=True)
+    def step(ps, bound):
+        return gradstab.clip_grad_norm_(ps, bound)
+
+    total = step(params, _bound(1.0))
+    want = OPS.clip_norm(ref, _bound(1.0), 2.0, EPS, False)[3]
+    assert torch.equal(_bits(total), _bits(want))
+    assert all(torch.equal(_bits(p.grad), _bits(r)) for p, r in zip(params, ref))
+
+
+@gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(
+        st.tuples(
+            st.integers(0, 20_000),
+            st.sampled_from(FLOAT_DTYPES),
+            st.sampled_from(["contiguous", "offset", "offset3", "strided", "transposed"]),
+            st.sampled_from([1e-3, 1.0, 1e3]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    p=st.sampled_from([1.0, 2.0, math.inf]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_lists_match_reference(specs, p, seed):
+    gen = _gen(seed)
+    grads = [_make(n, d, layout, gen, scale) for n, d, layout, scale in specs]
+    rtol = _rtol(grads)
+    _assert_stats(OPS.grad_stats(grads, p), reference.grad_stats(_cpu(grads), p), rtol)
+    before = _cpu(grads)
+    got = OPS.clip_norm_per_layer(grads, _bound(1.0), p, EPS)
+    _assert_stats(got, reference.grad_stats(before, p), rtol)
+    if _rd(grads) == torch.float64:
+        for g, b, norm in zip(grads, before, got[0].tolist()):
+            coef = min(1.0, 1.0 / (norm + EPS))
+            assert torch.equal(_bits(g), _bits(b if coef >= 1.0 else _scaled(b, coef)))
+
+
+# ------------------------------------------------------------------ over 2**31 elements --
+
+
+def _free_bytes() -> int:
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+
+
+@gpu
+@pytest.mark.skipif(_free_bytes() < 16 * 2**30, reason="needs 16 GiB of free GPU memory")
+def test_bfloat16_tensor_over_2_pow_31_elements():
+    n = 2**31 + 4099
+    big = torch.empty(n, dtype=torch.bfloat16, device=DEV)
+    chunk = 2**27
+    gen = _gen(40)
+    for s in range(0, n, chunk):  # filled piece by piece (float32 temporaries stay small)
+        e = min(n, s + chunk)
+        big[s:e] = torch.randn(e - s, generator=gen, device=DEV).to(torch.bfloat16)
+    big[n - 1] = 7.5  # the largest |x|, past 2**31
+    small = torch.full((3,), 0.25, dtype=torch.float64, device=DEV)  # float64 results
+    sq = torch.zeros((), dtype=torch.float64, device=DEV)
+    for s in range(0, n, chunk):
+        sq += big[s : min(n, s + chunk)].double().square().sum()
+    oracle = math.sqrt(float(sq))
+    norms, max_abs, nonfinite, _ = OPS.grad_stats([big, small], 2.0)
+    assert math.isclose(float(norms[0]), oracle, rel_tol=RTOL32)
+    assert float(max_abs[0]) == 7.5 and int(nonfinite[0]) == 0
+    head, tail = big[:4096].clone(), big[-4096:].clone()
+    got = OPS.clip_norm([big, small], _bound(oracle / 2), 2.0, EPS, False)
+    coef = (oracle / 2) / (float(got[3]) + EPS)
+    assert torch.equal(_bits(big[:4096]), _bits(_scaled(head, coef)))
+    assert torch.equal(_bits(big[-4096:]), _bits(_scaled(tail, coef)))
+    del big
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------- the benchmark's CUDA additions (run anywhere) --
+
+
+def test_bench_llama1b_set_has_the_published_totals():
+    from gradstab.bench import llama32_1b_shapes  # noqa: PLC0415
+
+    shapes = dict(llama32_1b_shapes())
+    assert len(shapes) == 146
+    assert sum(math.prod(s) for s in shapes.values()) == 1_235_814_400
+    assert shapes["model.layers.15.self_attn.k_proj.weight"] == (512, 2048)
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (2048, 8192)
+
+
+def test_bench_sets_gpu_only_on_cuda_unless_named():
+    from gradstab import bench  # noqa: PLC0415
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench._resolve_sets(None, False, cpu) == ["gpt2", "resnet50", "many-small"]
+    assert bench._resolve_sets(bench._parse_sets("all"), False, cpu) == list(bench.PARAM_SETS)
+    assert bench._resolve_sets(None, False, cuda)[-1] == "llama1b"
+    assert bench._resolve_sets(bench._parse_sets("all"), False, cuda)[-1] == "llama1b"
+    assert bench._resolve_sets(bench._parse_sets("llama1b"), False, cpu) == ["llama1b"]
+    assert bench._resolve_sets(None, True, cuda) == list(bench.QUICK_SETS)
+    assert bench._default_repeats("llama1b", False) == bench.GPU_REPEATS["llama1b"]
+
+
+def test_bench_rotation():
+    from gradstab import bench  # noqa: PLC0415
+
+    assert bench.rotation_copies(10, torch.device("cpu")) == 1
+    assert bench.rotation_copies(10, torch.device("cuda"), requested=40) == bench.MAX_ROTATE
+    calls = []
+    fns = [lambda k=k: calls.append(("fn", k)) for k in range(3)]
+    afters = [lambda k=k: calls.append(("after", k)) for k in range(2)] + [None]
+    rot = bench._Rotation(fns, afters)
+    for _ in range(4):
+        rot.call()
+        rot.after()
+    assert calls == [
+        ("fn", 0),
+        ("after", 0),
+        ("fn", 1),
+        ("after", 1),
+        ("fn", 2),
+        ("fn", 0),
+        ("after", 0),
+    ]
+    # copies of a set: same gradients, separate memory
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    params[0].grad = torch.arange(3.0)
+    ((copy, flat, outliers),) = bench._rotation_copies(params, torch.ones(4), 2, 1.5)
+    assert torch.equal(copy[0].grad, params[0].grad)
+    assert copy[0].grad.data_ptr() != params[0].grad.data_ptr()
+    assert outliers is not None and outliers.count == 1 and torch.equal(flat, torch.ones(4))
+
+
+def test_bench_cuda_summary_checks_the_targets():
+    from gradstab.bench import Result, cuda_summary  # noqa: PLC0415
+
+    def row(name, kind, ms, floor=None):
+        return Result("gpt2", "fp32", "healthy", name, kind, [ms], 400_000_000, floor=floor)
+
+    ours = row("gradstab", "gradstab", 0.16)
+    ours.floor_ms = 0.14
+    rows = [ours, row("torch foreach=True", "baseline", 0.5), row("floor", "floor", 0.14, "read")]
+    text = cuda_summary(rows)
+    assert "| gpt2 | fp32 | healthy | gradstab | 2500 | 2857 | 0.88 | 3.12x" in text
+    assert "target >= 2.5x torch foreach=True, >= 85% of floor: met" in text
+    ours.times_ms = [0.25]
+    assert "NOT met" in cuda_summary(rows)

@@ -1,0 +1,492 @@
+"""The ``torch.ops.gradstab`` ops against float64 oracles, and the C++ kernel against the
+pure-PyTorch reference kernel (``gradstab.reference``, called directly).
+
+C++ kernel vs reference, what is exact and what is not (measured, then asserted below):
+
+- non-finite counts, max-abs and value-clipped gradients: bit-identical;
+- float32-reported norms: within 1 ulp. The reference sums in float64; the C++ kernel sums
+  float16/bfloat16/float32 gradients in float32 lanes added in double per block (about 1e-9
+  relative on random data), so the two doubles differ slightly and their float32 roundings
+  occasionally land one ulp apart;
+- float64-reported norms: relative 1e-12 for float64 gradients (float64 sums in a different
+  order), float32 epsilon for lower-precision gradients (their float32 lanes);
+- norm-clipped gradients: within 1 ulp (float64 gradients: the norm's relative tolerance),
+  since the coefficient comes from the norm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import (
+    DESIGN_RTOL,
+    FP32_ACCUM_RTOL,
+    FP64_RTOL,
+    NORM_TYPES,
+    GradSpec,
+    assert_bitwise_equal,
+    assert_grads_match,
+    assert_rel_close,
+    assert_stats_match,
+    assert_ulp_close,
+    clone_grads,
+    grad_lists,
+    make_grad,
+    make_grads,
+    oracle_stats,
+    result_dtype,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradstab  # noqa: F401  (defines the ops)
+from gradstab import reference
+
+OPS = torch.ops.gradstab
+EPS = 1e-6
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one intra-op thread unless a test sets more (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def f64(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def run_op(name: str, grads, norm_type: float, bound: float, impl: str = "op"):
+    """Run op ``name`` (via the dispatcher, or ``impl="reference"``) on ``grads`` in place."""
+    fns = {
+        "op": {
+            "grad_stats": OPS.grad_stats,
+            "clip_norm": OPS.clip_norm,
+            "clip_norm_per_layer": OPS.clip_norm_per_layer,
+            "clip_value": OPS.clip_value,
+        },
+        "reference": {
+            "grad_stats": reference.grad_stats,
+            "clip_norm": reference.clip_norm,
+            "clip_norm_per_layer": reference.clip_norm_per_layer,
+            "clip_value": reference.clip_value,
+        },
+    }[impl]
+    if name == "grad_stats":
+        return fns[name](grads, norm_type)
+    if name == "clip_norm":
+        return fns[name](grads, f64(bound), norm_type, EPS, False)
+    if name == "clip_norm_per_layer":
+        return fns[name](grads, f64(bound), norm_type, EPS)
+    return fns[name](grads, f64(bound), norm_type)
+
+
+OP_NAMES = ("grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value")
+
+
+# ------------------------------------------------------------------ ops vs float64 oracle --
+
+
+@settings(max_examples=60)
+@given(specs=grad_lists(min_size=0, max_size=5, big=True), p=st.sampled_from(NORM_TYPES))
+def test_grad_stats_matches_float64_oracle(specs, p):
+    grads = make_grads(specs)
+    before = clone_grads(grads)
+    stats = OPS.grad_stats(grads, p)
+    assert_stats_match(stats, oracle_stats(grads, p), grads, f"p={p}")
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b, "grad_stats must not write")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "norm"),
+    [
+        # finite gradients never give an infinite norm, tiny ones are not flushed to zero
+        (torch.float32, [1e30, 1e30], math.sqrt(2) * 1e30),
+        (torch.float32, [1e-30, 1e-30], math.sqrt(2) * 1e-30),
+        (torch.float32, [3e38, -3e38, 1e38], math.sqrt(19) * 1e38),
+        (torch.float32, [1e-45, -1e-45, 3e-45], None),  # subnormals
+        (torch.float16, [60000.0, -60000.0, 60000.0], math.sqrt(3) * 60000),
+        (torch.float16, [6e-8, 6e-8], None),  # float16 subnormals
+        (torch.bfloat16, [3e38, 3e38], None),  # the norm exceeds float32: the only inf
+        (torch.bfloat16, [1e-38, 1e-38, 1e-38, 1e-38], None),
+        (torch.float64, [1e300, 1e300], math.sqrt(2) * 1e300),
+        (torch.float64, [1e-300, 1e-300], math.sqrt(2) * 1e-300),
+        (torch.float64, [5e-324, 5e-324, 5e-324, 5e-324], None),
+    ],
+)
+@pytest.mark.parametrize("n_repeat", [1, 3000])
+def test_no_overflow_or_underflow(dtype, values, norm, n_repeat):
+    """Hand-checked extremes, short (scalar tail loop) and long (vector loop, 2048-blocks).
+
+    The long ones repeat a few values, the float32 lanes' worst case: within the DESIGN
+    bound there, within 1 ulp of the float64 value for the short ones.
+    """
+    g = torch.tensor(values * n_repeat, dtype=torch.float64).to(dtype)
+    for p in (2.0, 1.0, math.inf, 3.0):
+        stats = OPS.grad_stats([g], p)
+        expected = oracle_stats([g], p)
+        if n_repeat == 1 or g.dtype == torch.float64 or math.isinf(p):
+            assert_stats_match(stats, expected, [g], f"p={p}")
+        else:
+            assert torch.equal(stats[2], expected[2]) and torch.equal(stats[1], expected[1].float())
+            assert_rel_close(stats[0], expected[0].float(), DESIGN_RTOL, f"p={p}")
+            assert_rel_close(stats[3], expected[3].float(), DESIGN_RTOL, f"p={p}")
+        exact = float(expected.total_norm)
+        if exact < torch.finfo(stats[3].dtype).max:  # finite unless the result dtype overflows
+            assert math.isfinite(float(stats[3])) and float(stats[3]) > 0, (p, stats)
+        else:
+            assert float(stats[3]) == math.inf
+    hand_norm = None if norm is None else norm * math.sqrt(n_repeat)
+    if hand_norm is not None and hand_norm < torch.finfo(result_dtype([g])).max:
+        hand = torch.tensor(hand_norm, dtype=torch.float64)
+        norm2 = OPS.grad_stats([g], 2.0)[3]
+        if n_repeat == 1:
+            assert_ulp_close(norm2, hand, 1, "hand value")
+        else:
+            assert_rel_close(norm2, hand, DESIGN_RTOL, "hand value")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("n", [64, 2048, 4096 + 64 + 5])
+def test_float32_accumulation_within_design_bound(dtype, p, n):
+    """Constant-valued blocks: the float32 lanes' worst case stays within 1e-6 (DESIGN)."""
+    for v in (1.8972415924072266, 1.5936895608901978, 1.0 + 3 * 2.0**-23, 0.1, 3.3):
+        g = torch.full((n,), v, dtype=dtype)
+        norm = OPS.grad_stats([g], p)[0][0].double()
+        exact = torch.linalg.vector_norm(g.double(), p)
+        assert abs(float(norm - exact)) <= DESIGN_RTOL * float(exact), (v, float(norm - exact))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 64, 64 * 33 + 7])
+def test_nonfinite_counts_and_nan_propagating_max(dtype, n):
+    """NaN/Inf at the first, a middle and the last position (vector loop and scalar tail)."""
+    for positions, vals in [
+        ([0], [math.nan]),
+        ([n // 2], [math.inf]),
+        ([n - 1], [-math.inf]),
+        ([0, n - 1], [math.inf, math.nan]),
+        ([n // 3, n // 2, n - 1], [-math.inf, 1e4, math.inf]),
+    ]:
+        x = torch.linspace(-1, 1, n, dtype=torch.float64)
+        for i, v in zip(positions, vals):
+            x[i] = v
+        g = x.to(dtype)
+        for p in (2.0, 1.0, math.inf, 3.0):
+            grads = [g, torch.ones(3)]
+            norms, max_abs, nonfinite, total = OPS.grad_stats(grads, p)
+            expected = oracle_stats(grads, p)
+            assert int(nonfinite[0]) == sum(not math.isfinite(v) for v in vals)
+            assert int(nonfinite[1]) == 0
+            assert (math.isnan(float(max_abs[0]))) == any(math.isnan(v) for v in vals)
+            assert_stats_match((norms, max_abs, nonfinite, total), expected, grads, f"p={p}")
+
+
+# -------------------------------------------------------- C++ kernel vs reference kernel --
+
+
+@pytest.mark.usefixtures("cpp_kernel")
+@settings(max_examples=40)
+@given(
+    specs=grad_lists(min_size=0, max_size=5, big=True),
+    p=st.sampled_from(NORM_TYPES),
+    op=st.sampled_from(OP_NAMES),
+    bound_exp=st.integers(-8, 8),
+)
+def test_cpp_matches_reference(specs, p, op, bound_exp):
+    bound = 10.0**bound_exp
+    g_cpp, g_ref = make_grads(specs), make_grads(specs)
+    torch.set_num_threads(2)  # the C++ kernel's parallel passes (restored by one_thread)
+    out_cpp = run_op(op, g_cpp, p, bound)
+    torch.set_num_threads(1)
+    out_ref = run_op(op, g_ref, p, bound, impl="reference")
+    # reference statistics are exact float64 rounded once: the oracle for the C++ ones
+    assert_stats_match(out_cpp, out_ref, g_cpp, f"{op} p={p}")
+    assert torch.equal(out_cpp[2], out_ref[2])
+    assert_bitwise_equal(out_cpp[1], out_ref[1], "max_abs")
+    if op in {"clip_value", "grad_stats"}:
+        for i, (a, b) in enumerate(zip(g_cpp, g_ref)):
+            assert_bitwise_equal(a, b, f"{op} grad {i}")
+    else:
+        rtol = FP64_RTOL if all(g.dtype == torch.float64 for g in g_cpp) else FP32_ACCUM_RTOL
+        assert_grads_match(g_cpp, g_ref, rtol, op)
+    for a, spec in zip(g_cpp, specs):
+        assert a.stride() == make_grad(spec).stride()
+
+
+# ---------------------------------------------------------------------- determinism --
+
+
+def _determinism_grads():
+    """Over the serial threshold and several 65,536-element chunks; every dtype, odd layouts."""
+    specs = [
+        GradSpec((70_001,), torch.float32, scale_exp=0, seed=1),
+        GradSpec((200, 400), torch.bfloat16, "transposed", scale_exp=-2, seed=2),
+        GradSpec((66_000,), torch.float64, scale_exp=3, seed=3),
+        GradSpec((3, 5, 7, 9), torch.float16, "channels_last", scale_exp=-1, seed=4),
+        GradSpec((130_000,), torch.float32, "strided", scale_exp=1, seed=5),
+        GradSpec((0, 4), torch.float32, seed=6),
+    ]
+    return make_grads(specs)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 2.5])
+def test_bit_identical_run_to_run_and_across_thread_counts(op, p, num_threads):
+    outs = []
+    for threads in (1, 2, 2, 1):
+        torch.set_num_threads(threads)
+        grads = _determinism_grads()
+        stats = run_op(op, grads, p, 0.5 if op == "clip_value" else 10.0)
+        outs.append((stats, grads))
+    (s0, g0), rest = outs[0], outs[1:]
+    for s, g in rest:
+        for a, b in zip(s, s0):
+            assert_bitwise_equal(a, b, f"{op} stats")
+        for a, b in zip(g, g0):
+            assert_bitwise_equal(a, b, f"{op} grads")
+
+
+# ------------------------------------------------- "a coefficient of 1 writes nothing" --
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_healthy_step_keeps_memory_and_bits(impl):
+    """Coefficient 1 (and nothing beyond the value bound): same storage, same bits, same
+    strides; strided gradients' gaps are untouched (the write-protected-memory version of
+    this test, which also catches value-preserving writes, follows)."""
+    specs = [
+        GradSpec((300,), torch.float32, seed=1),
+        GradSpec((20, 30), torch.float16, "transposed", seed=2),
+        GradSpec((40, 3), torch.bfloat16, "strided", seed=3),
+        GradSpec((2, 3, 4, 5), torch.float64, "channels_last", seed=4),
+        GradSpec((0,), torch.float32, seed=5),
+    ]
+    for op in OP_NAMES:
+        grads = make_grads(specs)
+        strided_base = grads[2]._base
+        base_before = strided_base.clone()
+        ptrs = [g.data_ptr() for g in grads]
+        before = clone_grads(grads)
+        run_op(op, grads, 2.0, 1e6, impl)
+        for g, b, ptr in zip(grads, before, ptrs):
+            assert g.data_ptr() == ptr and g.stride() == b.stride()
+            assert_bitwise_equal(g, b, op)
+        assert_bitwise_equal(strided_base, base_before, f"{op}: strided gradient's storage")
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_clipping_strided_grad_leaves_gaps_alone(impl):
+    for op in ("clip_norm", "clip_norm_per_layer", "clip_value"):
+        g = make_grad(GradSpec((50, 7), torch.float32, "strided", scale_exp=2, seed=9))
+        gaps = g._base[1::2].clone()
+        run_op(op, [g], 2.0, 0.5, impl)
+        assert_bitwise_equal(g._base[1::2], gaps, f"{op}: gap elements")
+        assert float(g.abs().max()) < 100
+
+
+# ------------------------------------------ gradients that share memory (views, duplicates) --
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
+def test_expanded_grad_untouched_when_nothing_to_write(impl, op):
+    base = torch.tensor([3.0, -4.0])
+    other = torch.randn(5)
+    grads = [other, base.expand(3, 2)]
+    before = clone_grads(grads)
+    run_op(op, grads, 2.0, 1e3, impl)
+    assert_bitwise_equal(base, torch.tensor([3.0, -4.0]))
+    assert_bitwise_equal(other, before[0])
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
+def test_expanded_grad_that_must_change_is_refused_before_any_write(impl, op):
+    """An expanded view cannot be written in place (PyTorch's own in-place ops refuse it):
+    a clip that must change it raises ValueError naming it, and changes nothing at all."""
+    base = torch.tensor([3.0, -4.0])
+    big = torch.full((100_000,), 2.0)  # large: the C++ kernel scales it in parallel
+    small = torch.full((10,), 2.0)  # small: per-layer mode scales it during the reduction
+    grads = [big, small, base.expand(3, 2)]
+    before = clone_grads(grads)
+    what = "clamped" if op == "clip_value" else "scaled"
+    with pytest.raises(ValueError, match=rf"gradient 2 of 3 \(shape \[3, 2\]\) must be {what}"):
+        run_op(op, grads, 2.0, 0.5, impl)
+    assert_bitwise_equal(base, torch.tensor([3.0, -4.0]))
+    for g, b in zip(grads[:2], before[:2]):
+        assert_bitwise_equal(g, b, "no gradient may change")
+
+
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
+@pytest.mark.parametrize("n", [10, 300_000])
+def test_duplicate_grad_is_processed_twice_in_order_like_pytorch(op, n, num_threads):
+    """The same gradient passed twice: written twice, in list order, as PyTorch's loops do
+    (clip_grad_norm_ scales it by coef**2), deterministically: the parallel passes used to
+    race on it (some elements scaled once, some twice, varying run to run)."""
+    torch.set_num_threads(2)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0)) * 3
+    g_cpp, g_ref = x.clone(), x.clone()
+    list_cpp = [g_cpp, x[:5].clone(), g_cpp]
+    out_cpp = run_op(op, list_cpp, 2.0, 0.5)
+    out_ref = run_op(op, [g_ref, x[:5].clone(), g_ref], 2.0, 0.5, impl="reference")
+    assert_stats_match(out_cpp, out_ref, list_cpp, op)
+    assert_ulp_close(g_cpp, g_ref, 2, op)  # two roundings, each may differ by one ulp
+    if op == "clip_norm":
+        p = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        q = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        p.grad, q.grad = x.double(), x[:5].double()
+        torch.nn.utils.clip_grad_norm_([p, q, p], 0.5, foreach=False)
+        assert_ulp_close(g_cpp, p.grad, 2, "vs torch.nn.utils.clip_grad_norm_")
+    for _ in range(2):  # run to run
+        again = x.clone()
+        run_op(op, [again, x[:5].clone(), again], 2.0, 0.5)
+        assert_bitwise_equal(again, g_cpp, f"{op} rerun")
+
+
+@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
+def test_overlapping_views_match_reference(op):
+    def views():
+        buf = torch.linspace(-5, 5, 130_000, dtype=torch.float32)
+        return [buf[:70_000], buf[60_000:], buf[::3], buf.view(1000, 130).t()[2:50:5]]
+
+    g_cpp, g_ref = views(), views()
+    out_cpp = run_op(op, g_cpp, 2.0, 0.5)
+    out_ref = run_op(op, g_ref, 2.0, 0.5, impl="reference")
+    assert_stats_match(out_cpp, out_ref, g_cpp, op)
+    # an element lies in up to 4 of the views: up to 4 roundings, each may differ by one ulp
+    assert_ulp_close(g_cpp[0]._base, g_ref[0]._base, 4, f"{op}: shared buffer")
+
+
+def test_interleaved_non_overlapping_views_are_fine():
+    buf = torch.arange(1.0, 200_001.0)
+    evens, odds = buf[::2], buf[1::2]
+    ref = buf.clone()
+    run_op("clip_norm", [evens, odds], 2.0, 1.0)
+    run_op("clip_norm", [ref], 2.0, 1.0, impl="reference")
+    assert_ulp_close(buf, ref, 1)
+
+
+# ----------------------------------------------------------------------------- opcheck --
+
+
+def _opcheck_samples():
+    """Fresh argument tuples per op: mixed dtypes, non-contiguous, zero-size, NaN."""
+
+    def grads(seed):
+        return make_grads(
+            [
+                GradSpec((7, 5), torch.float32, "transposed", scale_exp=1, seed=seed),
+                GradSpec((33,), torch.bfloat16, "strided", seed=seed + 1),
+                GradSpec((2, 3, 4, 5), torch.float16, "channels_last", seed=seed + 2),
+                GradSpec((0, 3), torch.float32, seed=seed + 3),
+            ]
+        )
+
+    yield "grad_stats", lambda: (grads(1), 2.0)
+    yield "grad_stats", lambda: ([*grads(2), torch.randn(9, dtype=torch.float64)], math.inf)
+    yield "grad_stats", lambda: ([], 2.0)
+    yield "clip_norm", lambda: (grads(3), f64(0.5), 2.0, EPS, False)
+    yield "clip_norm", lambda: (grads(4), f64(1e9), 1.0, EPS, False)
+    # (no NaN samples: opcheck compares eager and traced outputs with NaN != NaN)
+    yield (
+        "clip_norm",
+        lambda: ([torch.tensor([1.0, -2.0]), torch.ones(3, 3)], f64(0.5), 3.0, EPS, False),
+    )
+    yield "clip_norm_per_layer", lambda: (grads(5), f64(0.5), 2.0, EPS)
+    yield "clip_norm_per_layer", lambda: (grads(6), f64(2.0), math.inf, EPS)
+    yield "clip_value", lambda: (grads(7), f64(0.5), 2.0)
+    yield "clip_value", lambda: (grads(8), f64(1e9), 1.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "make_args"), list(_opcheck_samples()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck(name, make_args):
+    torch.library.opcheck(getattr(OPS, name).default, make_args())
+
+
+_READ_ONLY_SCRIPT = r"""
+import ctypes, math, mmap, sys
+import torch
+import gradstab
+from gradstab import reference
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+def read_only(values):
+    # a tensor over write-protected pages: any store into it kills the process (SIGSEGV)
+    data = values.contiguous().view(torch.uint8).numpy().tobytes()
+    size = (len(data) // mmap.PAGESIZE + 1) * mmap.PAGESIZE
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    ctypes.memmove(addr, data, len(data))
+    assert libc.mprotect(addr, size, mmap.PROT_READ) == 0
+    buf = (ctypes.c_char * len(data)).from_address(addr)
+    return torch.frombuffer(buf, dtype=values.dtype).view(values.shape)
+
+gen = torch.Generator().manual_seed(0)
+def grads():
+    big = read_only(torch.randn(200_000, generator=gen))  # parallel chunks
+    base = read_only(torch.randn(64, 33, generator=gen).to(torch.bfloat16))
+    return [
+        big,
+        read_only(torch.randn(300, generator=gen).half()),
+        base.t(),  # transposed (dense, read in place)
+        base[::2, 1:],  # strided: read through a copy
+        read_only(torch.randn(7, dtype=torch.float64, generator=gen)).expand(5, 7),
+        big[:1000],  # shares memory with the first: the serial write path
+        read_only(torch.tensor([math.nan, 1.0])),  # NaN: nothing beyond the value bound
+    ]
+
+f64 = lambda x: torch.tensor(x, dtype=torch.float64)
+for impl in (torch.ops.gradstab, reference):
+    for p in (2.0, 1.0, math.inf, 3.0):
+        g = grads()
+        impl.grad_stats(g, p)
+        impl.clip_value(g, f64(1e6), p)
+        impl.clip_norm_per_layer(g[:-1], f64(1e9), p, 1e-6)
+        impl.clip_norm(g[:-1], f64(1e9), p, 1e-6, False)
+g = grads()[:-1]
+params = []
+for x in g:
+    q = torch.nn.Parameter(torch.zeros(x.shape, dtype=x.dtype))
+    q.grad = x
+    params.append(q)
+gradstab.grad_stats(params)
+gradstab.clip_grad_norm_(params, 1e9)
+gradstab.clip_grad_norm_per_layer_(params, 1e9)
+gradstab.clip_grad_value_(params, 1e6)
+print("no write")
+"""
+
+
+def test_healthy_step_writes_nothing_to_read_only_memory(tmp_path):
+    """With every coefficient 1 (and nothing beyond the value bound), no gradient is written
+    at all, not even with its own value: the gradients live in write-protected pages, where
+    any store kills the process. All four ops, C++ and reference, and the public functions
+    (the CPU shortcut); dense, transposed, strided, expanded and memory-sharing gradients."""
+    script = tmp_path / "read_only.py"
+    script.write_text(_READ_ONLY_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "no write" in proc.stdout, (
+        f"exit status {proc.returncode} (-11: a write hit protected memory)\n"
+        f"{proc.stdout}\n{proc.stderr}"
+    )
