@@ -711,6 +711,10 @@ def conclusions(results: DemoResults) -> list[str]:
     return out
 
 
+def _matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plot_run(r: RunResult, out_dir: str) -> list[str]:
     from gradstab import plots  # noqa: PLC0415 - needs matplotlib, optional
 
@@ -750,7 +754,7 @@ def run_demo(cfg: DemoConfig, *, echo: Any = print) -> DemoResults:
     _require_lightning()
     t0 = time.perf_counter()
     plots_note = None
-    if cfg.plots and importlib.util.find_spec("matplotlib") is None:
+    if cfg.plots and not _matplotlib_available():
         plots_note = (
             "no pictures: matplotlib is not installed "
             '(pip install "gradstab[demo]" or pip install matplotlib); the tables are complete'
