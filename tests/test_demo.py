@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
-from gradstab import demo  # noqa: E402
-from gradstab.__main__ import main  # noqa: E402
+from gradstab import demo
+from gradstab.__main__ import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
