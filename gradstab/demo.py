@@ -319,6 +319,9 @@ class DemoConfig:
             raise ValueError(f"DemoConfig: threads must be >= 1 or None, got {self.threads}")
 
 
+#: The steps of the second, end-of-run diagnosis.
+END_WINDOW = 50
+
 #: ``--tiny``: the settings of the smoke tests (a few seconds in all).
 TINY = {"steps": 40, "n_train": 1024, "n_val": 512}
 
@@ -348,6 +351,8 @@ class RunResult:
         diagnosis: :func:`gradstab.diagnose` of the recorded history.
         history: the recorded history on the host (what the pictures show).
         verdict: :func:`verdict` of the diagnosis.
+        verdict_end: :func:`verdict` of the diagnosis of the last :data:`END_WINDOW` steps
+            only (a run that collapsed late, e.g. with every ReLU dead, shows there).
         clip: how run (d) clipped (``None`` elsewhere).
         plots: the PNG files written.
         seconds: wall time of the run.
@@ -372,6 +377,7 @@ class RunResult:
     diagnosis: Diagnosis
     history: HistoryData
     verdict: str
+    verdict_end: str = ""
     clip: str | None = None
     model_text: str = ""
     plots: list[str] = field(default_factory=list)
@@ -379,9 +385,12 @@ class RunResult:
 
     @property
     def as_expected(self) -> bool:
-        """The verdict contains what the run was designed to show (or is healthy if so)."""
+        """The verdict contains what the run was designed to show.
+
+        A run designed to be healthy must be so over the whole run and over its end.
+        """
         if self.info.expected == "healthy":
-            return self.verdict == "healthy"
+            return self.verdict == "healthy" and self.verdict_end in ("healthy", "")
         return self.info.expected in self.verdict.split(", ")
 
     @property
@@ -525,6 +534,7 @@ def train_run(
         )
 
     diag = gradstab.diagnose(parts.history)
+    end = gradstab.diagnose(parts.history, window=END_WINDOW)
     hist = parts.history.data()
     losses = tracker.losses
     tail = losses[-max(1, len(losses) // 10) :]
@@ -565,6 +575,7 @@ def train_run(
         diagnosis=diag,
         history=hist,
         verdict=verdict(diag),
+        verdict_end=verdict(end),
         clip=parts.clip,
         model_text=_model_text(key, cfg),
         seconds=time.perf_counter() - t0,
@@ -591,7 +602,7 @@ def _steps_text(r: RunResult) -> str:
     if r.first_nonfinite_loss is not None:
         text += f"; loss NaN/Inf from step {r.first_nonfinite_loss}"
         if r.stopped_early:
-            text += " (run stopped)"
+            text += " (stopped after a run of NaN/Inf losses)"
     return text
 
 
@@ -622,6 +633,9 @@ def run_table(r: RunResult) -> str:
         ("clipped / skipped steps", _clip_text(r)),
         ("diagnosis", r.verdict.upper() if r.verdict != "healthy" else "healthy"),
     ]
+    if r.steps_run > END_WINDOW:
+        end = r.verdict_end.upper() if r.verdict_end != "healthy" else "healthy"
+        rows.append((f"  last {END_WINDOW} steps only", end))
     if r.clip is not None:
         rows.insert(1, ("gradstab", r.clip))
     width = max(len(k) for k, _ in rows)
@@ -631,7 +645,7 @@ def run_table(r: RunResult) -> str:
     if not r.as_expected:
         lines.append(
             f"  note: this run was designed to be {r.info.expected!r} but the diagnosis says "
-            f"{r.verdict!r} with these settings"
+            f"{r.verdict!r} (last {END_WINDOW} steps: {r.verdict_end!r}) with these settings"
         )
     return "\n".join(lines)
 
@@ -665,7 +679,9 @@ def comparison_table(results: DemoResults) -> str:
                 "-" if r.clipped_steps is None else str(r.clipped_steps),
                 "-" if r.skipped_steps is None else str(r.skipped_steps),
                 f"{r.steps_run}/{r.steps_planned}",
-                r.verdict,
+                r.verdict
+                if r.steps_run <= END_WINDOW or r.verdict_end == r.verdict
+                else f"{r.verdict}; last {END_WINDOW} steps: {r.verdict_end}",
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
@@ -705,7 +721,11 @@ def conclusions(results: DemoResults) -> list[str]:
     if bad:
         out.append(
             "Not as designed with these settings: "
-            + "; ".join(f"({r.info.key}) {r.verdict} (expected {r.info.expected})" for r in bad)
+            + "; ".join(
+                f"({r.info.key}) {r.verdict}, last {END_WINDOW} steps {r.verdict_end} "
+                f"(expected {r.info.expected})"
+                for r in bad
+            )
             + "."
         )
     return out
@@ -779,10 +799,10 @@ def run_demo(cfg: DemoConfig, *, echo: Any = print) -> DemoResults:
             sys.stdout.flush()
             echo("")
             echo(run_table(result))
-            echo("")
     finally:
         torch.set_num_threads(threads)
     results.seconds = time.perf_counter() - t0
+    echo("")
     echo("Comparison")
     echo(comparison_table(results))
     for sentence in conclusions(results):
@@ -792,7 +812,7 @@ def run_demo(cfg: DemoConfig, *, echo: Any = print) -> DemoResults:
         echo(f"Pictures ({len(written)}) in {os.path.abspath(cfg.out)}:")
         for p in written:
             echo(f"  {os.path.basename(p)}")
-    echo(f"Total time {results.seconds:.1f} s.")
+    echo(f"Total time {results.seconds:.1f} s (training, diagnosis, pictures).")
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -221,3 +222,18 @@ def test_data_and_builders():
     assert [type(m).__name__ for m in sig] == ["Linear", "Sigmoid"] * 2 + ["Linear"]
     with pytest.raises(ValueError, match="init_gain"):
         demo.exploding_mlp(2, 8, init_gain=0.0)
+
+
+def test_a_run_that_misses_its_design_is_reported(tiny):
+    """A healthy-by-design run whose end is dead (as --max-norm 5 gives on some seeds)."""
+    results, _ = tiny
+    d = results.runs["d"]
+    assert d.verdict_end == "healthy"  # 40 steps: the end window is the whole run
+    bad = dataclasses.replace(d, verdict_end="dead", steps_run=demo.END_WINDOW + 10)
+    assert not bad.as_expected
+    table = demo.run_table(bad)
+    assert f"last {demo.END_WINDOW} steps only" in table and "DEAD" in table
+    assert "note: this run was designed to be 'healthy'" in table
+    both = dataclasses.replace(results, runs={**results.runs, "d": bad})
+    assert f"healthy; last {demo.END_WINDOW} steps: dead" in demo.comparison_table(both)
+    assert demo.conclusions(both)[-1].startswith("Not as designed with these settings: (d)")
