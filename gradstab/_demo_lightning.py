@@ -224,7 +224,15 @@ def fit(
     steps: int,
     progress_bar: bool,
 ) -> pl.Trainer:
-    """One CPU ``Trainer`` for ``steps`` steps, no logger or checkpoints; returns it."""
+    """Fit ``module`` with a CPU ``Trainer`` for ``steps`` steps, no logger or checkpoints.
+
+    Returns:
+        The trainer, after ``fit``.
+
+    Example:
+        >>> trainer = fit(Classifier(net, 0.05), loader, [], steps=10,
+        ...               progress_bar=False)  # doctest: +SKIP
+    """
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=1,
