@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,14 +158,14 @@ class RunCallbacks:
 
     Attributes:
         callbacks: for ``Trainer(callbacks=...)``, in this order.
-        history: the run's gradient history (filled during ``fit``).
+        history: returns the run's gradient history (call it after ``fit``).
         clipper: the :class:`gradstab.GradStabCallback`, or ``None`` when the run does not
             clip.
         clip: how the run clips, in words, or ``None``.
     """
 
     callbacks: list[Callback]
-    history: GradHistory
+    history: Callable[[], GradHistory]
     clipper: Any | None
     clip: str | None
 
@@ -195,7 +195,7 @@ def build_callbacks(model: nn.Module, *, capacity: int, max_norm: float | None) 
     if clipper is not None:
         callbacks.append(clipper)
     callbacks.append(recorder.post)
-    return RunCallbacks(callbacks, recorder.history, clipper, clip)
+    return RunCallbacks(callbacks, lambda: recorder.history, clipper, clip)
 
 
 @contextlib.contextmanager

@@ -533,9 +533,10 @@ def train_run(
             progress_bar=cfg.progress_bar,
         )
 
-    diag = gradstab.diagnose(parts.history)
-    end = gradstab.diagnose(parts.history, window=END_WINDOW)
-    hist = parts.history.data()
+    history = parts.history()
+    diag = gradstab.diagnose(history)
+    end = gradstab.diagnose(history, window=END_WINDOW)
+    hist = history.data()
     losses = tracker.losses
     tail = losses[-max(1, len(losses) // 10) :]
     final_loss = sum(tail) / len(tail) if all(math.isfinite(v) for v in tail) else math.nan
