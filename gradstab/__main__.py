@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gradstab.bench",
         "time gradstab against torch.nn.utils clipping and a memory-bandwidth floor",
     ),
+    "demo": (
+        "gradstab.demo",
+        "train vanishing, fixed, exploding and clipped nets side by side; diagnose and plot them",
+    ),
     "report": (
         "gradstab.report",
         "diagnose vanishing/exploding/dead/NaN gradients from a training log and plot them",

@@ -1,0 +1,90 @@
+"""Smoke runs of the demo's example scripts on tiny settings, checking what they measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def load(name: str):
+    path = os.path.join(EXAMPLES, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_vanishing_sigmoid_mlp(tmp_path, capsys):
+    out = load("vanishing_sigmoid_mlp").main(["--steps", "12", "--plots", str(tmp_path)])
+    report = out["diagnosis"]
+    assert report.steps == 12 and report.vanishing_gradients
+    assert "0.weight" in report.vanishing
+    first, last = report.layers[0], report.layers[-2]
+    assert last.median_norm > 1e3 * first.median_norm
+    assert 0 <= out["accuracy"] <= 1 and len(out["losses"]) == 12
+    assert sorted(os.path.basename(p) for p in out["plots"]) == [
+        "grad_norm_heatmap.png",
+        "total_norm.png",
+    ]
+    assert "vanishing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lsuv", [False, True])
+def test_fixed_init_and_norm(lsuv, capsys):
+    argv = ["--steps", "12"] + (["--lsuv"] if lsuv else [])
+    out = load("fixed_init_and_norm").main(argv)
+    assert out["diagnosis"].healthy
+    assert all(math.isfinite(v) for v in out["losses"])
+    printed = capsys.readouterr().out
+    assert "LayerNorm" in printed and "healthy" in printed
+    assert ("kaiming" in printed) != lsuv  # init_model_'s table, or LSUV's
+
+
+def test_exploding_without_clipping(capsys):
+    out = load("exploding_without_clipping").main(["--steps", "40", "--patience", "5"])
+    report = out["diagnosis"]
+    assert out["first_nonfinite"] is not None
+    assert len(out["losses"]) == out["first_nonfinite"] + 5  # stopped after 5 NaN losses
+    assert report.nonfinite is not None and report.exploding
+    assert "non-finite gradients first at step" in capsys.readouterr().out
+
+
+def test_exploding_with_gradstab(capsys):
+    pytest.importorskip("lightning.pytorch")
+    threads = torch.get_num_threads()
+    out = load("exploding_with_gradstab").main(["--steps", "15", "--no-progress-bar"])
+    torch.set_num_threads(threads)
+    light, adaptive = out["lightning"], out["adaptive"]
+    assert light["counters"]["steps"] == 15
+    assert light["counters"]["clipped_steps"] >= 1 and light["counters"]["skipped_steps"] == 0
+    assert light["accuracy"] is not None and adaptive["accuracy"] is not None
+    assert light["diagnosis"].nonfinite is None and adaptive["diagnosis"].nonfinite is None
+    assert 1 <= adaptive["clipped_steps"] <= 15
+    printed = capsys.readouterr().out
+    assert "GradStabCallback(max_norm=2" in printed and "ZScoreThreshold(max_norm=2)" in printed
+
+
+def test_seed_remedies(capsys):
+    module = load("seed_remedies")
+    rows = module.main(["--steps", "8"])
+    assert len(rows) == len(module.VARIANTS)
+    by = {(r["problem"], r["remedy"]): r for r in rows}
+    assert "vanishing" in by[("vanishing", "none (sigmoid, SGD)")]["verdict"]
+    baseline = by[("exploding", "none (SGD lr 0.05)")]
+    assert baseline["first_nonfinite"] is not None and "non-finite" in baseline["verdict"]
+    assert by[("exploding", "smaller LR (0.005)")]["first_nonfinite"] is None
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == len(rows) + 2  # header, rule, one line per variant
