@@ -488,8 +488,15 @@ class DeepSigmoid(pl.LightningModule):
 def test_history_diagnosis_and_plots_at_fit_end(tmp_path, caplog):
     pytest.importorskip("matplotlib")
     cb = GradStabCallback(max_norm=1.0, history=20, plot_dir=tmp_path / "plots")
-    with caplog.at_level(logging.INFO):
-        fit(DeepSigmoid(), [cb], max_steps=8)
+    # Lightning's logger may not propagate to the root (where caplog listens): it sets
+    # propagate=False when imported while the root logger has no handler
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            fit(DeepSigmoid(), [cb], max_steps=8)
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
     assert isinstance(cb.history, gradstab.GradHistory) and len(cb.history) == 8
     assert cb.history.names[0] == "net.0.weight"
     d = cb.diagnosis
