@@ -22,6 +22,10 @@ cpu_fast_path = None
 cuda_fast_path = None
 _load_error: str | None = None
 _warned: set[str] = set()
+#: Device types known to have a compiled kernel.  Only the positive answer is cached: the
+#: extension registers its kernels once, when it is imported with gradstab, and never removes
+#: them, so a type that has a kernel keeps it (a negative answer is asked again, ~5 us).
+_has_kernel_cache: set[str] = set()
 
 
 def _load() -> None:
@@ -101,10 +105,15 @@ def backend_info() -> dict[str, dict[str, str]]:
 
 def warn_if_fallback(device: torch.device) -> None:
     """Warn once per device type when the pure-PyTorch kernel serves it."""
+    kind = device.type
+    if kind in _has_kernel_cache:
+        return
     if torch.compiler.is_compiling():
         return  # traced code: warnings are for eager calls, and tracing needs no dispatcher query
-    kind = device.type
-    if kind in _warned or kind not in ("cpu", "cuda") or has_kernel(kind):
+    if kind in _warned or kind not in ("cpu", "cuda"):
+        return
+    if has_kernel(kind):  # a dispatcher query (~5 us): asked until the answer is yes
+        _has_kernel_cache.add(kind)
         return
     _warned.add(kind)
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":

@@ -10,16 +10,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.amp.grad_scaler import OptState
 
 from gradstab import _clipping
+from gradstab.adaptive import AdaptiveThreshold
+from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 from gradstab.optimizer import GradStabOptimizer
 
 __all__ = ["GradStabCallback"]
@@ -40,10 +44,23 @@ class GradStabCallback(Callback):
     ``min(1, max_norm / (total_norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` in value);
     ``"layer"`` does that per tensor or, with ``group_by="module"``, per module (the direct
     parameters of a module share the coefficient of their joint norm); ``"value"`` clamps to
-    ``[-clip_value, clip_value]``; ``None`` only monitors.  A dict
-    ``{param_group_index: threshold}`` clips each listed param group on its own; unlisted groups
-    are monitored only.  A healthy step reads every gradient once and writes only the gradients
-    that are clipped.
+    ``[-clip_value, clip_value]``; ``"agc"`` is unit-wise adaptive gradient clipping (NFNets:
+    each output unit's gradient to at most ``clip_factor * max(||W_unit||, agc_eps)``;
+    parameters matched by ``agc_exclude``, e.g. the final classifier, are monitored, not
+    clipped); ``"normalize"`` rescales every gradient (or, with ``group_by="module"``, every
+    module's gradients jointly) to norm ``target_norm``, up or down (LARS-style); ``None`` only
+    monitors.  A dict ``{param_group_index: threshold}`` clips each listed param group on its
+    own; unlisted groups are monitored only.  A healthy step reads every gradient once and
+    writes only the gradients that are clipped (``"normalize"`` writes them all).
+
+    **Adaptive thresholds**: ``max_norm`` (modes ``"norm"`` and ``"layer"``, also as a dict
+    value) may be a :class:`~gradstab.ZScoreThreshold` (ZClip) or
+    :class:`~gradstab.PercentileThreshold` (AutoClip).  It is a prototype: each optimizer (and
+    each param group of a dict) gets its own copy, which tracks the total norm (``"norm"``),
+    each tensor's norm (``"layer"``) or each module's (``group_by="module"``), is consulted
+    and updated with the unscaled pre-clip norm exactly once per optimizer step, all on the
+    device, and is saved in :meth:`state_dict`, so a resumed run continues the same sequence
+    of thresholds bit for bit.  A rule that needs this step's norm reads the gradients twice.
 
     **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule, logged at
     the same ``step`` as the metrics of ``training_step``) the callback writes to every logger
@@ -56,8 +73,15 @@ class GradStabCallback(Callback):
     - ``<prefix>/nonfinite_steps``: optimizer steps whose gradients held a NaN/Inf, so far;
     - ``<prefix>/skipped_steps``: optimizer steps skipped so far (by ``nonfinite="skip"`` or
       by fp16 AMP's GradScaler);
+    - ``<prefix>/clip_threshold``: the bound in force where it is one number (``max_norm``
+      or ``clip_value``, an adaptive threshold's current bound; ``_group<i>`` per param group
+      of a dict), and an adaptive threshold's ``<prefix>/threshold/<statistic>`` (ZClip:
+      ``mean``, ``std``, ``count``, ``spikes``; AutoClip: ``count``, ``percentile``);
+    - ``<prefix>/agc_clipped_units`` (``"agc"``): units clipped at this step;
     - with ``log_per_layer=True``: ``grad_{p}_norm/<param name>`` and
-      ``<prefix>/max_abs/<param name>`` (pre-clip).
+      ``<prefix>/max_abs/<param name>`` (pre-clip; ``"agc"``:
+      ``<prefix>/agc_clipped_units/<param name>`` instead), and per-tensor adaptive bounds
+      ``<prefix>/clip_threshold/<param name>``.
 
     ``p`` is ``float(norm_type)`` (``2.0``, ``inf``).  With several optimizers the aggregate
     keys get a suffix ``_opt<i>``.  The last metrics are also kept in :attr:`last_metrics`.
@@ -82,9 +106,32 @@ class GradStabCallback(Callback):
     **Fused optimizers** (``fused=True``) under fp16 AMP unscale inside ``step()``, so their
     gradients reach the hook still scaled.  The callback then multiplies its thresholds by the
     scale on the device and divides the logged statistics by it: the clip is that of the
-    unscaled gradients (up to ``eps``) and never of the scaled ones.  In ``"value"`` mode it
-    calls ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the
-    scaler).
+    unscaled gradients (up to ``eps``) and never of the scaled ones, and adaptive thresholds
+    see unscaled norms.  In ``"value"`` and ``"agc"`` modes it calls
+    ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the scaler;
+    AGC compares gradients with weights).
+
+    **Gradient history and diagnosis** (``history=N``): the statistics each step already
+    computed (no extra pass over the gradients), the post-clip norm, the threshold and the
+    skipped flag are kept for the last ``N`` optimizer steps in a
+    :class:`~gradstab.GradHistory` on the device (:attr:`history`; global rank 0 only;
+    ``history_extras=True`` adds zero fractions and parameter norms, one extra read each).  At
+    the end of ``fit`` the :class:`~gradstab.Diagnosis` (vanishing/exploding layers, spikes,
+    dead parameters, where NaNs appeared) is logged with ``rank_zero_info`` and kept in
+    :attr:`diagnosis` (``diagnose_on_fit_end``), and ``plot_dir`` receives
+    ``grad_norm_heatmap.png`` and ``total_norm.png`` (a warning, not an error, without
+    matplotlib).  :meth:`diagnose` diagnoses on demand.
+
+    **Distributed**: with DDP the gradients are already averaged, so every rank computes the
+    same clip.  Sharded gradients are combined across ranks: FSDP2 ``DTensor`` gradients
+    need nothing; plain tensors that are shards (ZeRO-style, each rank a disjoint part of the
+    same tensors in the same order) need ``process_group=`` (a group, or ``"world"``: the
+    default group, looked up at the first step; never with DDP, whose gradients are
+    replicated: they would count once per rank).  Every rank then makes the same collectives
+    at the same steps (one float64 all-reduce per step; a second, ``MAX``, one where a
+    max-abs is needed), and the norms, the non-finite flag, the skip decision, the counters
+    and the adaptive thresholds are those of one process on the full model.  ``"agc"`` and
+    ``history_extras`` are refused with sharded parameters.
 
     **Manual optimization**: nothing to add.  ``opt.step()`` on an optimizer from
     ``self.optimizers()`` runs ``on_before_optimizer_step`` for that optimizer, so each
@@ -96,17 +143,33 @@ class GradStabCallback(Callback):
     :class:`~gradstab.GradStabOptimizer` (both would clip a second time).
 
     Args:
-        mode: ``"norm"``, ``"layer"``, ``"value"`` or ``None`` (monitor only).
-        max_norm: threshold of ``"norm"``/``"layer"``: a positive number or a dict
-            ``{param_group_index: number}``.
-        clip_value: threshold of ``"value"``, same forms.
+        mode: ``"norm"``, ``"layer"``, ``"value"``, ``"agc"``, ``"normalize"`` or ``None``
+            (monitor only).
+        max_norm: threshold of ``"norm"``/``"layer"``: a positive number, an adaptive
+            threshold (:class:`~gradstab.ZScoreThreshold`,
+            :class:`~gradstab.PercentileThreshold`), or a dict
+            ``{param_group_index: number or threshold}``.
+        clip_value: threshold of ``"value"``: a positive number or such a dict.
+        target_norm: the norm of every gradient in ``"normalize"`` (default 1.0; number or
+            dict).
+        clip_factor: lambda of ``"agc"`` (default 0.01; number or dict).
+        agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
+        agc_exclude: parameters ``"agc"`` monitors without clipping: a name prefix, a
+            sequence of prefixes (e.g. ``"fc."``), or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
-        group_by: ``"param"`` or ``"module"`` (for ``mode="layer"``).
+        group_by: ``"param"`` or ``"module"`` (for ``"layer"`` and ``"normalize"``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
         log_every_n_steps: logging period in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``; 0 never logs.
         log_per_layer: also log per-parameter norms and max-abs.
         log_prefix: prefix of gradstab's own metric keys.
+        history: keep a gradient history of this many optimizer steps (0: off).
+        history_extras: the history also records zero fractions and parameter norms.
+        diagnose_on_fit_end: log the diagnosis of the history at the end of ``fit``.
+        plot_dir: write the history's plots into this folder at the end of ``fit`` (needs
+            ``history``; matplotlib).
+        process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``,
+            or ``None`` (see *Distributed*).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -125,14 +188,25 @@ class GradStabCallback(Callback):
         self,
         *,
         mode: str | None = "norm",
-        max_norm: Union[float, Mapping[int, float], None] = None,
+        max_norm: Union[
+            float, AdaptiveThreshold, Mapping[int, Union[float, AdaptiveThreshold]], None
+        ] = None,
         clip_value: Union[float, Mapping[int, float], None] = None,
+        target_norm: Union[float, Mapping[int, float], None] = None,
+        clip_factor: Union[float, Mapping[int, float], None] = None,
+        agc_eps: float | None = None,
+        agc_exclude: Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None] = None,
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
         log_every_n_steps: int | None = None,
         log_per_layer: bool = False,
         log_prefix: str = "grad",
+        history: int = 0,
+        history_extras: bool = False,
+        diagnose_on_fit_end: bool = True,
+        plot_dir: Union[str, os.PathLike, None] = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         self._config = _clipping.make_config(
@@ -140,18 +214,47 @@ class GradStabCallback(Callback):
             mode=mode,
             max_norm=max_norm,
             clip_value=clip_value,
+            target_norm=target_norm,
+            clip_factor=clip_factor,
+            agc_eps=agc_eps,
+            agc_exclude=agc_exclude,
             norm_type=norm_type,
             group_by=group_by,
             nonfinite=nonfinite,
             log_per_layer=log_per_layer,
             log_prefix=log_prefix,
+            history=history,
+            history_extras=history_extras,
+            process_group=process_group,
         )
         self._log_every = _clipping.check_log_every(_OWNER, log_every_n_steps)
+        if not isinstance(diagnose_on_fit_end, bool):
+            raise TypeError(
+                f"{_OWNER}: diagnose_on_fit_end must be True or False; got {diagnose_on_fit_end!r}"
+            )
+        if plot_dir is not None:
+            if not isinstance(plot_dir, (str, os.PathLike)) or not os.fspath(plot_dir):
+                raise TypeError(
+                    f"{_OWNER}: plot_dir must be a folder path (str) or None; got {plot_dir!r}"
+                )
+            if not history:
+                raise ValueError(
+                    f"{_OWNER}: plot_dir={plot_dir!r} plots the gradient history, which is off; "
+                    "set history=<number of steps to keep> too"
+                )
+        self._diagnose_on_fit_end = diagnose_on_fit_end
+        self._plot_dir = None if plot_dir is None else os.fspath(plot_dir)
         self._states: dict[int, _clipping.ClipState] = {}
         self._plans: dict[int, _clipping.Plan] = {}
         self._names: dict[int, str] | None = None
         self._module_of: dict[int, int] | None = None
         self.last_metrics: dict[str, float] = {}
+        #: The gradient history (a :class:`~gradstab.GradHistory` on the gradients' device)
+        #: with ``history > 0``, on global rank 0, from the first optimizer step; else None.
+        self.history: GradHistory | None = None
+        #: The :class:`~gradstab.Diagnosis` made at the end of ``fit`` (``history > 0``,
+        #: ``diagnose_on_fit_end=True``, global rank 0); else None.
+        self.diagnosis: Diagnosis | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -171,6 +274,16 @@ class GradStabCallback(Callback):
         return self._config.clip_value
 
     @property
+    def target_norm(self) -> Union[float, dict[int, float], None]:
+        """The target norm(s) of ``mode="normalize"``."""
+        return self._config.target_norm
+
+    @property
+    def clip_factor(self) -> Union[float, dict[int, float], None]:
+        """The clip factor(s) of ``mode="agc"``."""
+        return self._config.clip_factor
+
+    @property
     def norm_type(self) -> float:
         """p of the p-norm."""
         return self._config.norm_type
@@ -184,6 +297,16 @@ class GradStabCallback(Callback):
     def state_key(self) -> str:
         """Tells instances with different options apart in a checkpoint."""
         c = self._config
+        extra: dict[str, Any] = {}  # options that change the state, only where they are set
+        if c.mode in ("agc", "normalize"):
+            extra[c.threshold_name] = c.threshold  # type: ignore[index]
+        if c.mode == "agc":
+            extra["agc_eps"] = c.agc_eps
+            ex = c.agc_exclude
+            if ex is not None:
+                extra["agc_exclude"] = (
+                    ex if isinstance(ex, tuple) else f"{ex.__module__}.{ex.__qualname__}"
+                )
         return self._generate_state_key(
             mode=c.mode,
             max_norm=c.max_norm,
@@ -192,6 +315,7 @@ class GradStabCallback(Callback):
             group_by=c.group_by,
             nonfinite=c.nonfinite,
             log_prefix=c.log_prefix,
+            **extra,
         )
 
     def counters(self) -> dict[str, int]:
@@ -221,6 +345,9 @@ class GradStabCallback(Callback):
         self._names = None
         self._module_of = None
         self._plans = {}
+        if stage == "fit":
+            self.history = None  # a new history for each fit, made at its first step
+            self.diagnosis = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step)."""
@@ -265,7 +392,7 @@ class GradStabCallback(Callback):
         if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
             # A fused optimizer: Lightning left the gradients scaled; step() unscales them.
             if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-                if self._config.mode == "value" or scaler._scale is None:
+                if self._config.mode in ("value", "agc") or scaler._scale is None:
                     scaler.unscale_(optimizer)
                 else:
                     grad_scale = scaler._scale
@@ -273,6 +400,8 @@ class GradStabCallback(Callback):
         every = trainer.log_every_n_steps if self._log_every is None else self._log_every
         batches = trainer.fit_loop.epoch_loop._batches_that_stepped
         log = bool(every) and (batches + 1) % every == 0
+        if self._config.history and self.history is None and trainer.is_global_zero:
+            self.history = self._make_history(pl_module)
         skip, metrics = _clipping.clip_step(
             self._config,
             state,
@@ -281,14 +410,15 @@ class GradStabCallback(Callback):
             grad_scale=grad_scale,
             scaler_skips=scaler_on,
             step=trainer.global_step,
+            history=self.history,
+            history_step=batches,
         )
         if skip:
             for p in plan.params:
                 p.grad = None
         if metrics is not None:
             if len(trainer.optimizers) > 1:
-                keys = _clipping.metric_names(self._config)
-                per_param = (keys["layer"], keys["max_abs"])
+                per_param = _clipping.per_param_prefixes(self._config)
                 metrics = {
                     (k if k.startswith(per_param) else f"{k}_opt{idx}"): v
                     for k, v in metrics.items()
@@ -297,10 +427,69 @@ class GradStabCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=batches)
 
+    # ------------------------------------------------------------------ diagnosis
+
+    def _make_history(self, pl_module: pl.LightningModule) -> GradHistory:
+        c = self._config
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        return GradHistory(
+            named,
+            capacity=c.history,
+            norm_type=c.norm_type,
+            zero_fraction=c.history_extras,
+            param_norms=c.history_extras,
+        )
+
+    def diagnose(self, **kwargs: Any) -> Diagnosis:
+        """Diagnose the gradient history now (copies it to the host once).
+
+        Args:
+            **kwargs: thresholds of :func:`gradstab.diagnose` (``window``, ``vanish_decades``,
+                ``spike_z``, ...).
+
+        Returns:
+            The :class:`~gradstab.Diagnosis` (``print`` it for the findings and a table).
+
+        Raises:
+            RuntimeError: no history (``history=0``, not global rank 0, or before the first
+                optimizer step).
+
+        Example:
+            >>> cb = GradStabCallback(max_norm=1.0, history=500)  # doctest: +SKIP
+            >>> trainer.fit(model); print(cb.diagnose(window=100))  # doctest: +SKIP
+        """
+        if self.history is None:
+            why = (
+                "construct the callback with history=<number of steps to keep>"
+                if not self._config.history
+                else "it is recorded on global rank 0 only, from the first optimizer step on"
+            )
+            raise RuntimeError(f"{_OWNER}.diagnose: there is no gradient history ({why})")
+        return diagnose(self.history, **kwargs)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With a history: log the diagnosis (``diagnose_on_fit_end``), write the plots."""
+        if self.history is None or not trainer.is_global_zero:
+            return
+        if self._diagnose_on_fit_end or self._plot_dir is not None:
+            self.diagnosis = self.diagnose()
+        if self._diagnose_on_fit_end:
+            rank_zero_info(str(self.diagnosis))
+        if self._plot_dir is not None:
+            from gradstab.plots import plot_history  # noqa: PLC0415 - needs matplotlib
+
+            try:
+                paths = plot_history(self.history.data(), self._plot_dir, diagnosis=self.diagnosis)
+            except ImportError as exc:
+                rank_zero_warn(f"{_OWNER}(plot_dir={self._plot_dir!r}): no plots written: {exc}")
+            else:
+                rank_zero_info(f"{_OWNER}: gradient plots written: {', '.join(paths)}")
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The counters per optimizer, as Python ints (reads the device counters)."""
+        """The counters per optimizer, as Python ints (reads the device counters), and the
+        state of each adaptive threshold (device tensors): a resumed run continues both."""
         return {
             "version": 1,
             "optimizers": {i: st.state_dict() for i, st in sorted(self._states.items())},
@@ -311,8 +500,15 @@ class GradStabCallback(Callback):
         self._states = {}
         for i, d in state_dict.get("optimizers", {}).items():
             st = _clipping.ClipState()
-            st.load_state_dict(d)
+            st.load_state_dict(d, self._config)
             self._states[int(i)] = st
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_plans": {}, "_names": None, "_module_of": None}
+        # the history holds the parameters (by reference): not part of a pickle
+        return {
+            **self.__dict__,
+            "_plans": {},
+            "_names": None,
+            "_module_of": None,
+            "history": None,
+        }

@@ -12,12 +12,14 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 
 from gradstab import _clipping
+from gradstab.adaptive import AdaptiveThreshold
+from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 
 __all__ = ["GradStabOptimizer"]
 
@@ -32,9 +34,10 @@ class GradStabOptimizer(torch.optim.Optimizer):
     written), applies the non-finite policy, then calls the wrapped optimizer's ``step()``.
     Everything else is the wrapped optimizer's: ``param_groups``, ``state``, ``defaults``,
     ``zero_grad``, ``add_param_group`` and ``state_dict``/``load_state_dict`` forward to it
-    (the state dict gains a ``"gradstab"`` entry with the counters, which
-    ``load_state_dict`` restores and tolerates missing).  It is an ``Optimizer`` subclass, so
-    LR schedulers, ``torch.amp.GradScaler`` and Lightning's ``configure_optimizers`` accept it.
+    (the state dict gains a ``"gradstab"`` entry with the counters and the adaptive
+    thresholds' states, which ``load_state_dict`` restores and tolerates missing).  It is an
+    ``Optimizer`` subclass, so LR schedulers, ``torch.amp.GradScaler`` and Lightning's
+    ``configure_optimizers`` accept it.
 
     With a ``torch.amp.GradScaler`` use the usual pattern.  The scaler unscales the gradients
     before it calls ``step()`` (the wrapper declares ``_step_supports_amp_scaling = False``,
@@ -56,18 +59,32 @@ class GradStabOptimizer(torch.optim.Optimizer):
     ``"zero"`` reads its flag, which costs nothing there; elsewhere it masks every gradient
     each step, a read and a write, instead).
 
+    The options are those of :class:`~gradstab.GradStabCallback` (adaptive thresholds,
+    ``"agc"``, ``"normalize"``, sharded gradients, the gradient history: see there); with
+    ``history=N`` the history is made at the first step (on rank 0 only when
+    ``torch.distributed`` is initialized) and read with :attr:`history` and
+    :meth:`diagnose`.
+
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
             the closure).
         mode: ``"norm"`` (global norm, like ``clip_grad_norm_``), ``"layer"`` (each tensor, or
-            each module with ``group_by="module"``, by its own norm), ``"value"`` (clamp) or
-            ``None`` (monitor only).
-        max_norm: threshold for ``"norm"``/``"layer"``: a positive number, or a dict
-            ``{param_group_index: number}`` to clip each listed group on its own (unlisted
-            groups are monitored only).
-        clip_value: threshold for ``"value"``, same forms.
+            each module with ``group_by="module"``, by its own norm), ``"value"`` (clamp),
+            ``"agc"`` (unit-wise adaptive gradient clipping), ``"normalize"`` (every gradient
+            to norm ``target_norm``) or ``None`` (monitor only).
+        max_norm: threshold for ``"norm"``/``"layer"``: a positive number, an adaptive
+            threshold (:class:`~gradstab.ZScoreThreshold`,
+            :class:`~gradstab.PercentileThreshold`; a prototype copied per param group), or a
+            dict ``{param_group_index: number or threshold}`` to clip each listed group on
+            its own (unlisted groups are monitored only).
+        clip_value: threshold for ``"value"``: a positive number or such a dict.
+        target_norm: the norm of every gradient in ``"normalize"`` (default 1.0).
+        clip_factor: lambda of ``"agc"`` (default 0.01).
+        agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
+        agc_exclude: parameters ``"agc"`` monitors without clipping: name prefix(es) (names
+            from ``module``) or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
-        group_by: ``"param"`` or ``"module"`` (``mode="layer"`` only; needs ``module``).
+        group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.
@@ -78,6 +95,11 @@ class GradStabOptimizer(torch.optim.Optimizer):
             ``SummaryWriter``'s ``add_scalar`` in a loop over ``metrics``.
         log_per_layer: include per-tensor norms and max-abs in the metrics.
         log_prefix: prefix of gradstab's own metric names.
+        history: keep a gradient history of this many steps (0: off).
+        history_extras: the history also records zero fractions and parameter norms.
+        process_group: the group plain gradients are sharded over (ZeRO-style flat shards:
+            each rank a disjoint part of the same tensors, in the same order), ``"world"``
+            (the default group), or ``None``.  FSDP2 ``DTensor`` gradients need none.
 
     Example:
         >>> import torch, gradstab
@@ -106,8 +128,14 @@ class GradStabOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         *,
         mode: str | None = "norm",
-        max_norm: Union[float, Mapping[int, float]] | None = None,
+        max_norm: Union[
+            float, AdaptiveThreshold, Mapping[int, Union[float, AdaptiveThreshold]], None
+        ] = None,
         clip_value: Union[float, Mapping[int, float]] | None = None,
+        target_norm: Union[float, Mapping[int, float]] | None = None,
+        clip_factor: Union[float, Mapping[int, float]] | None = None,
+        agc_eps: float | None = None,
+        agc_exclude: Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None] = None,
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
@@ -116,6 +144,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         log_per_layer: bool = False,
         log_prefix: str = "grad",
+        history: int = 0,
+        history_extras: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -137,11 +168,18 @@ class GradStabOptimizer(torch.optim.Optimizer):
             mode=mode,
             max_norm=max_norm,
             clip_value=clip_value,
+            target_norm=target_norm,
+            clip_factor=clip_factor,
+            agc_eps=agc_eps,
+            agc_exclude=agc_exclude,
             norm_type=norm_type,
             group_by=group_by,
             nonfinite=nonfinite,
             log_per_layer=log_per_layer,
             log_prefix=log_prefix,
+            history=history,
+            history_extras=history_extras,
+            process_group=process_group,
         )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"{_OWNER}: module must be a torch.nn.Module or None; got {module!r}")
@@ -159,6 +197,8 @@ class GradStabOptimizer(torch.optim.Optimizer):
         self._module = module
         self._clip_state = _clipping.ClipState()
         self._plan: _clipping.Plan | None = None
+        self._history: GradHistory | None = None
+        self._history_made = False
         # What Optimizer.__init__ sets up for hooks, without re-registering the parameters.
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -221,16 +261,15 @@ class GradStabOptimizer(torch.optim.Optimizer):
         """Load a :meth:`state_dict`, or a plain state dict of the wrapped optimizer's type."""
         sd = dict(state_dict)
         ours = sd.pop("gradstab", None) or {}
+        st = _clipping.ClipState(last_metrics=self._clip_state.last_metrics)
+        st.load_state_dict(ours, self._config)  # checked before anything is changed
         self._wrapped.load_state_dict(sd)
-        self._clip_state.load_state_dict(ours)
+        self._clip_state = st
         self._plan = None
 
     def __repr__(self) -> str:
         cfg = self._config
-        if cfg.mode == "value":
-            bound = f"clip_value={cfg.clip_value}"
-        else:
-            bound = f"max_norm={cfg.max_norm}"
+        bound = f"{cfg.threshold_name or 'max_norm'}={cfg.threshold}"
         inner = repr(self._wrapped).replace("\n", "\n    ")
         return (
             f"{_OWNER}(mode={cfg.mode!r}, {bound}, norm_type={cfg.norm_type}, "
@@ -242,6 +281,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer, the pickle holds the optimizer, not its schedulers' patches.
         d = {k: v for k, v in self.__dict__.items() if k not in ("step", "_opt_called")}
         d["_plan"] = None
+        d["_history"], d["_history_made"] = None, False  # holds the parameters by reference
         return d
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -261,6 +301,56 @@ class GradStabOptimizer(torch.optim.Optimizer):
         Reads the device counters on the host (one transfer).
         """
         return self._clip_state.counters()
+
+    @property
+    def history(self) -> GradHistory | None:
+        """The gradient history (``history > 0``; made at the first step; with
+        ``torch.distributed`` initialized, on rank 0 only), else ``None``."""
+        return self._history
+
+    def diagnose(self, **kwargs: Any) -> Diagnosis:
+        """Diagnose the gradient history now (copies it to the host once).
+
+        Args:
+            **kwargs: thresholds of :func:`gradstab.diagnose` (``window``, ...).
+
+        Returns:
+            The :class:`~gradstab.Diagnosis`.
+
+        Raises:
+            RuntimeError: no history (``history=0``, not rank 0, or before the first step).
+
+        Example:
+            >>> print(opt.diagnose())  # doctest: +SKIP
+        """
+        if self._history is None:
+            why = (
+                "construct the optimizer with history=<number of steps to keep>"
+                if not self._config.history
+                else "it is made at the first step, on rank 0 only"
+            )
+            raise RuntimeError(f"{_OWNER}.diagnose: there is no gradient history ({why})")
+        return diagnose(self._history, **kwargs)
+
+    def _make_history(self, plan: _clipping.Plan) -> GradHistory | None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        if self._module is not None:
+            named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+        else:
+            named = [(n, p) for u in plan.units for n, p in zip(u.names, u.params)]
+            order = {id(p): i for i, p in enumerate(plan.params)}
+            named.sort(key=lambda item: order[id(item[1])])
+        c = self._config
+        return GradHistory(
+            named,
+            capacity=c.history,
+            norm_type=c.norm_type,
+            zero_fraction=c.history_extras,
+            param_norms=c.history_extras,
+        )
 
     def _current_plan(self) -> _clipping.Plan:
         groups = self._wrapped.param_groups
@@ -290,8 +380,18 @@ class GradStabOptimizer(torch.optim.Optimizer):
         st = self._clip_state
         every = self._log_every
         log = every > 0 and (st.steps + 1) % every == 0
+        plan = self._current_plan()
+        if self._config.history and not self._history_made:
+            self._history = self._make_history(plan)
+            self._history_made = True
         skip, metrics = _clipping.clip_step(
-            self._config, st, self._current_plan(), log=log, step=st.steps
+            self._config,
+            st,
+            plan,
+            log=log,
+            step=st.steps,
+            history=self._history,
+            history_step=st.steps,
         )
         if metrics is not None and self._log_fn is not None:
             self._log_fn(metrics, st.steps)
