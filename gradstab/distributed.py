@@ -689,8 +689,8 @@ def layout_stats(
 def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor in place by the 0-d ``coef`` (float64, on their device).
 
-    On CPU the coefficient is read on the host (free there) and a coefficient ``>= 1``
-    writes nothing; elsewhere the multiply is issued without a host read.  float16 and
+    On CPU the coefficient is read on the host (free there) and a coefficient of exactly 1
+    writes nothing (any other, above 1 too, is applied); elsewhere the multiply is issued without a host read.  float16 and
     bfloat16 multiply in float32, float32 by the coefficient rounded to float32 (as
     ``torch.nn.utils.clip_grad_norm_`` does).
 
@@ -702,7 +702,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """
     if not tensors:
         return
-    if tensors[0].device.type == "cpu" and float(coef) >= 1.0:
+    if tensors[0].device.type == "cpu" and float(coef) == 1.0:
         return
     # A 0-d tensor, not a Python float: with a float, foreach rounds it to float16 first.
     torch._foreach_mul_(list(tensors), coef)
@@ -711,8 +711,8 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
 def scale_each_(tensors: Sequence[Tensor], coefs: Tensor) -> None:
     """Multiply tensor ``i`` in place by ``coefs[i]`` (float64 ``[T]`` on their device).
 
-    On CPU the coefficients are read on the host and tensors whose coefficient is ``>= 1``
-    are not written; elsewhere nothing is read on the host.
+    On CPU the coefficients are read on the host and tensors whose coefficient is exactly 1
+    are not written (any other, above 1 too, is applied); elsewhere nothing is read on the host.
 
     Example:
         >>> import torch, gradstab
@@ -725,7 +725,7 @@ def scale_each_(tensors: Sequence[Tensor], coefs: Tensor) -> None:
         return
     cs = coefs.unbind(0)
     if tensors[0].device.type == "cpu":
-        keep = [i for i, c in enumerate(coefs.tolist()) if not c >= 1.0]
+        keep = [i for i, c in enumerate(coefs.tolist()) if c != 1.0]
         if keep:
             torch._foreach_mul_([tensors[i] for i in keep], [cs[i] for i in keep])
         return

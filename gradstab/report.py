@@ -12,10 +12,10 @@ Keys understood (any subset; other columns are ignored):
   ``2.0`` or ``inf``;
 - ``grad_{p}_norm_total``: total norm (else computed from the per-tensor norms);
 - ``<prefix>/max_abs/<param>``, ``<prefix>/post_clip_norm_total``, ``<prefix>/clip_threshold``
-  (also ``<prefix>/max_norm``), and the cumulative counters ``<prefix>/nonfinite_count`` and
-  ``<prefix>/skipped_steps`` (a step where a counter grew is marked), with ``<prefix>`` =
-  ``grad`` unless ``--prefix`` says otherwise.  Keys with an ``_opt<i>`` suffix (several
-  optimizers) are combined: norms as p-norms, counters summed.
+  (also ``<prefix>/max_norm``), and the cumulative counters ``<prefix>/nonfinite_steps``
+  (or ``nonfinite_count``) and ``<prefix>/skipped_steps`` (a step where a counter grew is
+  marked), with ``<prefix>`` = ``grad`` unless ``--prefix`` says otherwise.  Keys with an
+  ``_opt<i>`` suffix (several optimizers) are combined: norms as p-norms, counters summed.
 
 ``CSVLogger`` writes one row per ``log_metrics`` call, with empty cells for the keys not logged
 then; rows of the same step are merged.  It sorts its columns by name, which loses the
@@ -223,7 +223,7 @@ def _combine_opt(rows: Mapping[int, Mapping[str, float]], p: float) -> dict[int,
                     new[base] = max(vals)
                 else:
                     new[base] = math.fsum(abs(v) ** p for v in vals) ** (1 / p)
-            elif base.endswith(("_count", "skipped_steps")):
+            elif base.endswith(("_count", "_steps")):
                 new[base] = math.fsum(vals)
             else:
                 new[base] = vals[0]
@@ -307,7 +307,8 @@ def read_log(
         "post": g + "post_clip_norm_total",
         "thr": g + "clip_threshold",
         "thr2": g + "max_norm",
-        "nf": g + "nonfinite_count",
+        "nf": g + "nonfinite_steps",  # GradStabCallback's key
+        "nf2": g + "nonfinite_count",  # older logs
         "skip": g + "skipped_steps",
     }
     grad_keys = {total_key, *keys.values(), g + "clip_rate", g + "clip_coef"}
@@ -366,7 +367,7 @@ def read_log(
         v = row.get(keys["thr"], row.get(keys["thr2"]))
         if v is not None:
             thr[r], have_thr = v, True
-        v = row.get(keys["nf"])
+        v = row.get(keys["nf"], row.get(keys["nf2"]))
         if v is not None:
             if v > prev_nf:
                 nf_step[r] = True

@@ -106,7 +106,7 @@ class NormLogger(pl.Callback):
         else:
             metrics["grad/post_clip_norm_total"] = min(total, 1.0)
             torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        metrics["grad/nonfinite_count"] = float(self.nonfinite)
+        metrics["grad/nonfinite_steps"] = float(self.nonfinite)
         metrics["grad/skipped_steps"] = float(self.skipped)
         metrics["grad/clip_rate"] = float(total > 1.0)
         metrics["grad/clip_threshold"] = 1.0
@@ -353,3 +353,46 @@ def test_plots_of_a_grad_history(tmp_path):
     empty = GradHistory(model).data()
     assert len(plot_history(empty, str(tmp_path / "empty"))) == 2
     _check_pngs(str(tmp_path / "empty"))
+
+
+class _PoisonGrad(pl.Callback):
+    """Puts a NaN into ``net.4.weight``'s gradient at NAN_STEP (before gradstab's callback)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == NAN_STEP:
+            pl_module.net[4].weight.grad[0, 0] = float("nan")
+
+
+def test_report_on_a_gradstab_callback_log(tmp_path, capsys):
+    """End to end: GradStabCallback's own CSV keys are what the report reads."""
+    from lightning.pytorch.loggers import CSVLogger  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    root = str(tmp_path / "logs")
+    cb = gradstab.GradStabCallback(
+        max_norm=1.0, nonfinite="skip", log_per_layer=True, log_every_n_steps=1
+    )
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        logger=CSVLogger(root),
+        callbacks=[_PoisonGrad(), cb],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(SigmoidNet())
+    assert cb.counters()["skipped_steps"] == 1
+    data = read_log(root)
+    assert data.nonfinite_step.nonzero().flatten().tolist() == [NAN_STEP]
+    assert data.skipped is not None and data.skipped.nonzero().flatten().tolist() == [NAN_STEP]
+    assert data.clip_threshold is not None and set(data.clip_threshold.tolist()) == {1.0}
+    d = gradstab.diagnose(data)
+    assert d.nonfinite is not None and d.nonfinite.step == NAN_STEP
+    assert d.nonfinite.origin == "net.4.weight"
+    assert d.skipped_steps == [NAN_STEP]
+    rc = main(["report", root, "--no-plots"])
+    assert rc == 0
+    assert f"non-finite gradients first at step {NAN_STEP}" in capsys.readouterr().out
