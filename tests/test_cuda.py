@@ -18,6 +18,14 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    DESIGN_RTOL,
+    assert_bitwise_equal,
+    assert_rel_close,
+    assert_stats_match,
+    assert_ulp_close,
+    oracle_stats,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -451,6 +459,203 @@ def test_error_if_nonfinite_raises_before_any_change():
     assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
     total = gradstab.clip_grad_norm_([_param(g) for g in grads[:3]], 1.0, error_if_nonfinite=True)
     assert math.isfinite(float(total))
+
+
+# ------------------------- the CPU suite's bug classes: shared memory, overflow, statistics --
+
+
+def _run_clip(op: str, grads, bound: float, p: float = 2.0, impl=OPS):
+    """``op`` on ``grads`` through ``impl`` (the dispatcher or :mod:`gradstab.reference`)."""
+    dev = grads[0].device if grads else DEV
+    b = torch.tensor(bound, dtype=torch.float64, device=dev)
+    if op == "clip_norm":
+        return impl.clip_norm(grads, b, p, EPS, False)
+    if op == "clip_norm_per_layer":
+        return impl.clip_norm_per_layer(grads, b, p, EPS)
+    if op == "normalize_per_layer":
+        return impl.normalize_per_layer(grads, b, p, EPS)
+    return impl.clip_value(grads, b, p)
+
+
+CLIP_OPS = ("clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer")
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_duplicate_gradient_written_twice_in_list_order(op, blocks):
+    """The same gradient twice: statistics of the entry values, then scaled (clamped) twice
+    in list order, as the CPU kernel and PyTorch's loops do, bit-identically run to run. Both
+    entries' units used to be scaled concurrently by different warps (some elements once, some
+    twice), and value clipping's in-pass clamp raced with the other entry's reads."""
+    _ext()._cuda_set_max_blocks(blocks)
+    x = _randn((300_007,), torch.float32, _gen(40), scale=3.0)
+    x[17] = float("inf")  # value clipping: counted on entry, by both entries
+    if op != "clip_value":
+        x[17] = 5.0
+    small = _randn((5,), torch.float32, _gen(41))
+    results = []
+    for _ in range(2):
+        g = x.clone()
+        grads = [g, small.clone(), g]
+        got = _run_clip(op, grads, 0.5)
+        results.append((got, g))
+    g_ref = x.cpu().clone()
+    want = _run_clip(op, [g_ref, small.cpu().clone(), g_ref], 0.5, impl=reference)
+    got, g = results[0]
+    assert_stats_match(tuple(t.cpu() for t in got), want, [g_ref, small, g_ref], op)
+    assert_ulp_close(g.cpu(), g_ref, 2, op)  # two roundings, each may differ by one ulp
+    if op == "clip_norm":  # PyTorch's own loop on float64 copies
+        p = torch.nn.Parameter(torch.zeros(x.numel(), dtype=torch.float64))
+        q = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        p.grad, q.grad = x.cpu().double(), small.cpu().double()
+        torch.nn.utils.clip_grad_norm_([p, q, p], 0.5, foreach=False)
+        assert_ulp_close(g.cpu(), p.grad, 2, "vs torch.nn.utils.clip_grad_norm_")
+    again, g2 = results[1]
+    assert_bitwise_equal(g2.cpu(), g.cpu(), f"{op} rerun")
+    for a, b in zip(again, got):
+        assert_bitwise_equal(a.cpu(), b.cpu(), f"{op} rerun stats")
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+def test_overlapping_views_match_reference(op):
+    """Overlapping dense views, a strided view across them (processed on a copy, re-read
+    before its turn) and a transposed slice: the reference kernel on the same views of a CPU
+    buffer is the oracle (entry statistics, writes in list order)."""
+
+    def views(buf):
+        return [buf[:70_000], buf[60_000:], buf[::3], buf.view(1000, 130).t()[2:50:5]]
+
+    buf = torch.linspace(-5, 5, 130_000, dtype=torch.float32, device=DEV)
+    buf_ref = buf.cpu().clone()
+    g, g_ref = views(buf), views(buf_ref)
+    got = _run_clip(op, g, 0.5)
+    want = _run_clip(op, g_ref, 0.5, impl=reference)
+    assert_stats_match(tuple(t.cpu() for t in got), want, g_ref, op)
+    # an element lies in up to 4 of the views: up to 4 roundings, each may differ by one ulp
+    assert_ulp_close(buf.cpu(), buf_ref, 4, f"{op}: shared buffer")
+
+
+@gpu
+def test_interleaved_views_and_same_storage_disjoint_views_are_fine():
+    buf = torch.arange(1.0, 200_001.0, device=DEV)
+    ref = buf.clone()
+    OPS.clip_norm([buf[::2], buf[1::2]], _bound(1.0), 2.0, EPS, False)  # conservative path
+    OPS.clip_norm([ref], _bound(1.0), 2.0, EPS, False)
+    assert_ulp_close(buf.cpu(), ref.cpu().double(), 1)
+    a = torch.arange(1.0, 20_001.0, device=DEV)
+    b = a.clone()
+    OPS.clip_norm_per_layer([a[:10_000], a[10_000:]], _bound(1.0), 2.0, EPS)  # adjacent
+    OPS.clip_norm_per_layer([b[:10_000].clone(), b[10_000:].clone()], _bound(1.0), 2.0, EPS)
+    c = b.clone()
+    OPS.clip_norm_per_layer([c[:10_000], c[10_000:]], _bound(1.0), 2.0, EPS)
+    assert_bitwise_equal(a.cpu(), c.cpu(), "adjacent views")
+
+
+def _unmergeable_expanded(device) -> torch.Tensor:
+    """A 14-dimensional expanded view whose dimensions cannot be merged to 12 or fewer."""
+    base = torch.randn((2, 1) * 7, device=device)
+    return base.expand((2, 2) * 7)
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+def test_expanded_gradient_beyond_12_dims_refused_before_any_write(op):
+    """Such a gradient could only be written back by copy_, which refuses overlapping
+    memory: it used to raise only after the other gradients had been scaled (or clamped in
+    the reduce pass). Now a ValueError names it before anything is launched."""
+    big = _randn((70_000,), torch.float32, _gen(42), scale=3.0)
+    odd = _unmergeable_expanded(DEV)
+    grads = [big, odd]
+    before = [_bits(g) for g in grads]
+    with pytest.raises(ValueError, match=r"gradient 1 of 2 .* more than 12 dimensions"):
+        _run_clip(op, grads, 0.1)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+    _assert_stats(OPS.grad_stats(grads, 2.0), reference.grad_stats(_cpu(grads), 2.0), RTOL32)
+
+
+@gpu
+def test_strided_gradient_beyond_12_dims_is_written_back():
+    base = _randn((2,) * 13 + (3,), torch.float32, _gen(43), scale=2.0)
+    g = base[..., ::2]  # 14 dimensions, strided, no overlap: copied back with copy_
+    before = g.cpu().clone()
+    f64 = torch.zeros(1, dtype=torch.float64, device=DEV)  # float64 results: the exact total
+    got = OPS.clip_norm([g, f64], _bound(0.5), 2.0, EPS, False)
+    coef = min(1.0, 0.5 / (float(got[3]) + EPS))
+    assert torch.equal(_bits(g), _bits(_scaled(before, coef)))
+    assert torch.equal(_bits(base[..., 1]), _bits(base.cpu()[..., 1]))  # gaps untouched
+
+
+@gpu
+def test_float32_total_beyond_float32_range_is_inf_and_error_if_nonfinite_raises():
+    """A float32 total above FLT_MAX is reported as inf (not an error), and
+    error_if_nonfinite=True must then raise: it used to check the float64 total, which is
+    finite, and so clipped without the error the caller asked for."""
+    vals = [3e38, -3e38, 1e38]
+    g = torch.tensor(vals, device=DEV)
+    norms, _, nonfinite, total = OPS.grad_stats([g], 2.0)
+    assert math.isinf(float(total)) and math.isinf(float(norms[0]))
+    assert int(nonfinite[0]) == 0
+    before = _bits(g)
+    with pytest.raises(RuntimeError, match="overflowed its result dtype"):
+        OPS.clip_norm([g], _bound(1.0), 2.0, EPS, True)
+    assert torch.equal(_bits(g), before)
+    ref = torch.tensor(vals)
+    want = reference.clip_norm([ref], torch.tensor(1.0, dtype=torch.float64), 2.0, EPS, False)
+    got = OPS.clip_norm([g], _bound(1.0), 2.0, EPS, False)  # scaled by 1 / 4.36e38
+    assert math.isinf(float(got[3])) and math.isinf(float(want[3]))
+    assert_ulp_close(g.cpu(), ref, 1, "scaled by the float64 coefficient")
+    exact = math.sqrt(19) * 1e38
+    assert_rel_close(g.cpu().double().norm(), torch.tensor(1.0, dtype=torch.float64), 1e-6)
+    assert exact > torch.finfo(torch.float32).max
+    # beside a float64 gradient the results are float64: the same total is finite, no error
+    g32 = torch.tensor(vals, device=DEV)
+    total64 = OPS.clip_norm(
+        [g32, torch.zeros(1, dtype=torch.float64, device=DEV)], _bound(1.0), 2.0, EPS, True
+    )[3]
+    assert math.isclose(float(total64), exact, rel_tol=1e-6)
+
+
+@gpu
+def test_clip_value_returns_statistics_of_the_gradients_on_entry():
+    """Infs are counted (and max-abs is inf) before the clamp replaces them; a float64 norm
+    that needs the max-abs rescue, and a p-norm, are computed from the unclamped values."""
+    fused = torch.tensor([math.inf, 1.0, -math.inf, 0.5], device=DEV)  # float32, p = 2: fused
+    norms, max_abs, nonfinite, total = OPS.clip_value([fused], _bound(1.0), 2.0)
+    assert nonfinite.tolist() == [2] and math.isinf(float(max_abs[0]))
+    assert math.isinf(float(norms[0])) and math.isinf(float(total))
+    assert fused.tolist() == [1.0, 1.0, -1.0, 0.5]
+    g64 = torch.full((3000,), 1e200, dtype=torch.float64, device=DEV)  # deferred clamp
+    before = _cpu([g64])
+    norms, max_abs, _, _ = OPS.clip_value([g64], _bound(1.0), 2.0)
+    assert math.isclose(float(norms[0]), 1e200 * math.sqrt(3000), rel_tol=1e-12)
+    assert float(max_abs[0]) == 1e200 and bool((g64 == 1.0).all())
+    _assert_stats(
+        (norms, max_abs, torch.zeros(1, dtype=torch.int64), norms[0]),
+        (*reference.grad_stats(before, 2.0)[:3], reference.grad_stats(before, 2.0)[0][0]),
+        RTOL64,
+    )
+    big = torch.full((1000,), 1e10, device=DEV)  # |x|^40 overflows double: rescued
+    got = OPS.clip_value([big, torch.tensor([math.inf], device=DEV)], _bound(1.0), 40.0)
+    assert math.isclose(float(got[0][0]), 1e10 * 1000 ** (1 / 40), rel_tol=1e-6)
+    assert got[2].tolist() == [0, 1] and bool((big == 1.0).all())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("n", [64, 2048, 4096 + 64 + 5, 300_007])
+def test_float32_accumulation_within_design_bound(dtype, p, n):
+    """Constant-valued data, the float32 partial sums' worst case: within 1e-6 of float64."""
+    for v in (1.8972415924072266, 1.5936895608901978, 1.0 + 3 * 2.0**-23, 0.1, 3.3):
+        for layout in ("contiguous", "offset"):
+            g = torch.full((n + 1,), v, dtype=dtype, device=DEV)
+            g = g[1:] if layout == "offset" else g[:n]
+            norms, _, _, total = OPS.grad_stats([g, g[:7].double()], p)  # float64 results
+            exact = oracle_stats([g.cpu(), g[:7].cpu().double()], p)
+            assert_rel_close(norms[0].cpu(), exact.norms[0], DESIGN_RTOL, f"{v} {layout}")
+            assert_rel_close(total.cpu(), exact.total_norm, DESIGN_RTOL, f"{v} {layout}")
 
 
 # ------------------------------------------------------------ determinism, sync, graphs --

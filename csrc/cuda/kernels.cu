@@ -793,8 +793,9 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   const double gcoef = P.global->coef;
   const double bound = P.mode == kClipValueDeferred ? read_bound(P) : 0.0;
-  for (int64_t k = warp; k < P.total_units; k += warps) {
-    const int64_t u = P.total_units - 1 - k;  // reverse: the last units read are still in L2
+  const int64_t n = P.scale_end - P.scale_begin;
+  for (int64_t k = warp; k < n; k += warps) {
+    const int64_t u = P.scale_end - 1 - k;  // reverse: the last units read are still in L2
     const int t = find_tensor(P, u);
     const TensorDesc d = P.table[t];
     double coef = gcoef;
