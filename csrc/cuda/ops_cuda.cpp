@@ -2,7 +2,7 @@
 // clip_value and normalize_per_layer (schemas in gradstab/_library.py), registered for the CUDA
 // dispatch key; the ATen side of kernels.cu (argument checks, descriptor table, scratch,
 // launches), and the table cache and write-back helpers declared in table_cache.h (also used by
-// agc_cuda.cpp). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
+// agc_ops_cuda.cpp). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
 //
 // Per call, with no host-device synchronisation (except error_if_nonfinite=True, which must read
 // the norm, as returned: inf also where a float32 result overflows): check every argument; make

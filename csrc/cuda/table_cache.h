@@ -1,5 +1,5 @@
 // Contract: the launcher-side helpers the CUDA ops share (ops_cuda.cpp for the norm ops,
-// agc_cuda.cpp for adaptive_clip): the per-process cache of device-resident work tables
+// agc_ops_cuda.cpp for adaptive_clip): the per-process cache of device-resident work tables
 // (implemented in ops_cuda.cpp, where the comment explains why and how it stays correct), the
 // grid cap of the test hook, the strided write-back of a gradient's working copy, and the
 // memory-overlap test. Host code only (ATen and the CUDA runtime API).
