@@ -541,6 +541,12 @@ def adaptive_clip_grad_(
     ``inf`` (and no NaN) has norm ``inf`` and coefficient 0, so its finite elements become
     0 and its infinite ones NaN.  Pair with a non-finite policy (skip the step) if that matters.
 
+    Gradients (and parameters) may share memory: every unit is decided on the values as
+    they were on entry, then the gradients are written in list order (one passed twice is
+    scaled twice).  A gradient whose own elements share memory (an expanded view) cannot be
+    written in place: if one of its units must be clipped (on CUDA: always, as that is not
+    known without a host sync), ``ValueError`` is raised before any gradient is changed.
+
     Args:
         parameters: a tensor or an iterable of tensors; those whose ``.grad`` is ``None``
             are skipped.  Parameters and gradients may have different dtypes (float16,

@@ -364,14 +364,23 @@ def adaptive_clip(
     check_agc_args(grads, params, clip_factor, eps, norm_type)
     stats = _stats64(grads, norm_type)
     device = grads[0].device if grads else torch.device("cpu")
-    counts = []
+    # Every unit is decided from the data as it was on entry (gradients and parameters may
+    # share memory), an expanded gradient that must change is refused, then the gradients are
+    # written in list order (one passed twice is scaled twice), as the C++ kernel does.
+    decided = []
     for g, w in zip(grads, params):
-        gn = _unit_norms64(g, norm_type)
-        wn = _unit_norms64(w, norm_type)
-        coef, clipped = agc_coefficients(gn, wn, clip_factor, eps)
+        coef, clipped = agc_coefficients(
+            _unit_norms64(g, norm_type), _unit_norms64(w, norm_type), clip_factor, eps
+        )
+        # not written when nothing is clipped (CPU); other devices: a multiply by 1, no sync
+        write = g.numel() > 0 and (g.device.type != "cpu" or bool(clipped.any()))
+        decided.append((coef, clipped, write))
+    _check_writable(grads, [write for _, _, write in decided], "clipped")
+    counts = []
+    for g, (coef, clipped, write) in zip(grads, decided):
         counts.append(clipped.sum())
-        if g.numel() == 0 or (g.device.type == "cpu" and not bool(clipped.any())):
-            continue  # nothing clipped: not written (other devices: a multiply by 1, no sync)
+        if not write:
+            continue
         opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
         scaled = unit_view(g).to(opmath) * coef.to(opmath)[:, None]
         g.copy_(scaled.reshape(g.shape))

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_bitwise_equal, assert_grads_match, assert_ulp_close, clone_grads
 
 import gradstab
 from gradstab import reference
@@ -273,6 +274,213 @@ def test_unclipped_units_are_not_written():
     _, clipped, _, _ = OPS["adaptive_clip"]([g], [w], 0.01, 1e-3, 2.0)
     assert clipped.tolist() == [0]
     assert torch.equal(g.view(torch.int32), before.view(torch.int32))
+
+
+# ------------------------------------------ gradients that share memory (views, duplicates) --
+
+
+def unit_coefs(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
+    """Float64 AGC coefficient of every unit of ``g`` (1 where not clipped), unit by unit."""
+    rows_g = _unit_rows(g.detach().to(torch.float64))
+    rows_w = _unit_rows(w.detach().to(torch.float64))
+    coefs = torch.ones(rows_g.shape[0], dtype=torch.float64)
+    for i in range(rows_g.shape[0]):
+        gn = float(torch.linalg.vector_norm(rows_g[i], p))
+        wn = float(torch.linalg.vector_norm(rows_w[i], p))
+        max_norm = clip_factor * (eps if wn < eps else wn)
+        if gn > max_norm:
+            coefs[i] = max_norm / gn
+    return coefs
+
+
+def sequential_oracle(buf: torch.Tensor, views, params, clip_factor=0.01, eps=1e-3):
+    """Float64 copy of ``buf`` after AGC on the gradients ``view(buf)`` for each view.
+
+    The contract for gradients (and parameters) that share memory: every unit is decided
+    from the data as it was on entry, then the gradients are scaled in list order, each by
+    its entry coefficients (a gradient passed twice is scaled twice). ``params`` may be
+    callables of ``buf`` as well (a parameter aliasing a gradient).
+    """
+    out = buf.detach().to(torch.float64).clone()
+    entry = out.clone()
+    ws = [w(entry) if callable(w) else w for w in params]
+    coefs = [unit_coefs(view(entry), w, clip_factor, eps) for view, w in zip(views, ws)]
+    for view, c in zip(views, coefs):
+        v = view(out)
+        v.mul_(c.reshape(-1, *[1] * (v.dim() - 1)) if v.dim() >= 2 else c)  # in place in out
+    return out
+
+
+def _assert_buffer(actual: torch.Tensor, expected64: torch.Tensor, scalings: int, what: str):
+    """A buffer against its float64 oracle: float32 within one ulp per scaling of an element."""
+    if actual.dtype == torch.float64:  # float64 norms (and weights): 1e-12 per scaling
+        assert_grads_match([actual], [expected64], 1e-12 * scalings, what)
+    else:
+        assert_ulp_close(actual, expected64, scalings, what)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("needs_clip", [True, False])
+def test_expanded_gradient_refused_before_any_write(kernel, needs_clip):
+    """An expanded gradient (elements sharing memory) cannot be written in place: if one of
+    its units must be clipped, a ValueError names it and no gradient changes at all (the
+    others would have been clipped in the parallel pass before); if none must, the call
+    clips the others and leaves it alone."""
+    gen = torch.Generator().manual_seed(30)
+    grads = [
+        torch.randn(64, 2048, generator=gen) * 0.5,  # parallel pass, clipped
+        torch.randn(70_001, generator=gen).to(torch.bfloat16),  # a long unit (pieces)
+        (torch.randn(40, 30, generator=gen) * 0.5).t(),  # strided units: a copy, written back
+        torch.randn(1, 5, generator=gen).expand(3, 5),  # expanded: row 0 shared by all rows
+    ]
+    params = [
+        torch.randn(64, 2048, generator=gen),
+        torch.randn(70_001, generator=gen),
+        torch.randn(30, 40, generator=gen),
+        torch.full((3, 5), 1.0 if needs_clip else 1e6),
+    ]
+    base = grads[3]._base if grads[3]._base is not None else grads[3]
+    before = [g.clone() for g in grads]
+    base_before = base.clone()
+    if needs_clip:
+        with pytest.raises(
+            ValueError, match=r"gradient 3 of 4 \(shape \[3, 5\]\) must be clipped.*No gradient"
+        ):
+            run(kernel, grads, params)
+        for g, b in zip(grads, before):
+            assert_bitwise_equal(g, b, "no gradient may change")
+    else:
+        expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+        _, clipped, _, _ = run(kernel, grads, params)
+        assert clipped.tolist() == [n for _, n in expected]
+        assert clipped[:3].min() > 0 and int(clipped[3]) == 0
+        for g, (want, _) in zip(grads[:3], expected):
+            assert ulp_close(g, want)
+    assert_bitwise_equal(base, base_before, "the expanded gradient's memory")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_duplicate_gradient_is_clipped_twice_in_list_order(kernel, dtype, num_threads):
+    """The same gradient twice (with its parameter twice): both entries decided on the entry
+    data, then scaled one after the other (coefficient squared), deterministically. The
+    parallel pass used to scale it from two threads at once (some units once, some twice)."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(31)
+    spread = torch.logspace(-3, 0, 256, dtype=torch.float64)[:, None]  # some units clip
+    x = (torch.randn(256, 300, generator=gen, dtype=torch.float64) * spread).to(dtype)
+    w = torch.randn(256, 300, generator=gen, dtype=dtype)  # float64: exact coefficients
+    other_g = torch.randn(5, 7, generator=gen, dtype=dtype)
+    other_w = torch.randn(5, 7, generator=gen)
+    want_other, _ = oracle(other_g, other_w, 0.01, 1e-3)
+    want = sequential_oracle(x, [lambda b: b, lambda b: b], [w, w])
+    n_clipped = int((unit_coefs(x, w, 0.01, 1e-3) < 1).sum())
+    assert 0 < n_clipped < 256
+    results = []
+    for _ in range(3):
+        g = x.clone()
+        og = other_g.clone()
+        norms, clipped, _, total = run(kernel, [g, og, g], [w, other_w, w])
+        assert clipped.tolist() == [n_clipped, int(clipped[1]), n_clipped]
+        entry = torch.linalg.vector_norm(x.double())
+        torch.testing.assert_close(norms[0].double(), entry, rtol=1e-6, atol=0)
+        torch.testing.assert_close(norms[2], norms[0], rtol=0, atol=0)  # statistics on entry
+        _assert_buffer(g, want, 2, "duplicate")
+        assert ulp_close(og, want_other)
+        results.append((g, norms, clipped, total))
+    for g, *stats in results[1:]:  # run to run: bit-identical
+        assert_bitwise_equal(g, results[0][0], "rerun")
+        for a, b in zip(stats, results[0][1:]):
+            assert_bitwise_equal(a, b, "rerun stats")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlapping_views_are_clipped_in_list_order(kernel, dtype, num_threads):
+    """Overlapping views of one buffer (rows shared by two gradients, a transposed view with
+    its units across the others', a long 1-D unit over everything): each view's units are
+    decided on the entry data, and the views are scaled in list order."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(32)
+    spread = torch.logspace(-4, -1, 80_000, dtype=torch.float64)  # some units clip
+    buf = (torch.randn(80_000, generator=gen, dtype=torch.float64) * spread).to(dtype)
+    views = [
+        lambda b: b[:40_000].view(200, 200),
+        lambda b: b[30_000:70_000].view(400, 100),  # its first 100 rows are rows 150..199 above
+        lambda b: b[:40_000].view(200, 200).t(),  # units are columns: processed on a copy
+        lambda b: b[10_000:],  # one unit of 70,000 elements: pieces
+    ]
+
+    def rows(n):  # weight norms growing along dim 0: some units clip, others not
+        return torch.logspace(-3, 1, n, dtype=dtype)[:, None]
+
+    params = [
+        torch.randn(200, 200, generator=gen, dtype=dtype) * rows(200),
+        torch.randn(400, 100, generator=gen, dtype=dtype) * rows(400),
+        torch.randn(200, 200, generator=gen, dtype=dtype) * rows(200),
+        torch.full((70_000,), 0.01, dtype=dtype),
+    ]
+    want = sequential_oracle(buf, views, params)
+    for v, w in zip(views, params):
+        c = unit_coefs(v(buf), w, 0.01, 1e-3)
+        assert (c < 1).any(), "clipped units"
+        assert c.numel() == 1 or (c == 1).any(), "and units not clipped"
+    got = buf.clone()
+    grads = [v(got) for v in views]
+    stats = run(kernel, grads, params)
+    ref_stats = reference.grad_stats([v(buf) for v in views], 2.0)
+    torch.testing.assert_close(stats[0], ref_stats[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats[3], ref_stats[3], rtol=1e-6, atol=0)
+    _assert_buffer(got, want, 4, "overlapping views")  # an element lies in up to 4 views
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_parameter_aliasing_a_gradient_is_read_on_entry(kernel, num_threads):
+    """A parameter that is (a view of) another pair's gradient: its unit norms are those of
+    the data on entry, not of the half-clipped gradient another thread is writing."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(33)
+    spread = torch.logspace(-4, 0, 300)[:, None]
+    buf = torch.randn(2, 300, 200, generator=gen) * torch.stack([spread, spread.flip(0)])
+    w1 = torch.randn(300, 200, generator=gen) * 0.5
+    views = [lambda b: b[0], lambda b: b[1]]
+    params = [lambda b: b[1], w1]  # gradient 0's parameter is gradient 1
+    want = sequential_oracle(buf, views, params)
+    got = buf.clone()
+    _, clipped, _, _ = run(kernel, [got[0], got[1]], [got[1], w1])
+    assert clipped.tolist() == [
+        int((unit_coefs(buf[0], buf[1], 0.01, 1e-3) < 1).sum()),
+        int((unit_coefs(buf[1], w1, 0.01, 1e-3) < 1).sum()),
+    ]
+    assert 0 < int(clipped[0]) < 300 and 0 < int(clipped[1]) < 300
+    _assert_buffer(got, want, 1, "aliased parameter")
+    # the same tensor as gradient and parameter: every unit clipped to clip_factor * norm
+    g = torch.randn(50, 40, generator=gen)
+    g0 = g.clone()
+    run(kernel, [g], [g])
+    assert_grads_match([g], [g0.double() * 0.01], 1e-12, "g clipped by its own norm")
+
+
+@pytest.mark.skipif(not CPP, reason="needs the C++ kernel")
+def test_memory_sharing_agrees_with_reference_and_interleaved_views_are_fine(num_threads):
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(34)
+    buf = torch.randn(3, 100_000, generator=gen) * 0.05
+    w = torch.randn(3, 50_000, generator=gen)
+    a, b = buf.clone(), buf.clone()
+    out_cpp = run("cpp", [a[:, ::2], a[:, 1::2], a[:, ::2]], [w, w, w])
+    out_ref = run("reference", [b[:, ::2], b[:, 1::2], b[:, ::2]], [w, w, w])
+    for x, y in zip(out_cpp, out_ref):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+    assert_ulp_close(a, b.double(), 2, "C++ against the reference")
+    # interleaved disjoint views (conservatively written one at a time): as if separate
+    c = buf.clone()
+    grads = [c[:, ::2], c[:, 1::2]]
+    separate = clone_grads(grads)
+    OPS["adaptive_clip"](grads, [w, w], 0.01, 1e-3, 2.0)
+    OPS["adaptive_clip"](separate, [w, w], 0.01, 1e-3, 2.0)
+    for x, y in zip(grads, separate):
+        assert_bitwise_equal(x.contiguous(), y.contiguous(), "interleaved views")
 
 
 def test_functional_api_skips_none_and_returns_stats():

@@ -18,6 +18,15 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    DESIGN_RTOL,
+    assert_bitwise_equal,
+    assert_grads_match,
+    assert_rel_close,
+    assert_stats_match,
+    assert_ulp_close,
+    oracle_stats,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -453,6 +462,203 @@ def test_error_if_nonfinite_raises_before_any_change():
     assert math.isfinite(float(total))
 
 
+# ------------------------- the CPU suite's bug classes: shared memory, overflow, statistics --
+
+
+def _run_clip(op: str, grads, bound: float, p: float = 2.0, impl=OPS):
+    """``op`` on ``grads`` through ``impl`` (the dispatcher or :mod:`gradstab.reference`)."""
+    dev = grads[0].device if grads else DEV
+    b = torch.tensor(bound, dtype=torch.float64, device=dev)
+    if op == "clip_norm":
+        return impl.clip_norm(grads, b, p, EPS, False)
+    if op == "clip_norm_per_layer":
+        return impl.clip_norm_per_layer(grads, b, p, EPS)
+    if op == "normalize_per_layer":
+        return impl.normalize_per_layer(grads, b, p, EPS)
+    return impl.clip_value(grads, b, p)
+
+
+CLIP_OPS = ("clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer")
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_duplicate_gradient_written_twice_in_list_order(op, blocks):
+    """The same gradient twice: statistics of the entry values, then scaled (clamped) twice
+    in list order, as the CPU kernel and PyTorch's loops do, bit-identically run to run. Both
+    entries' units used to be scaled concurrently by different warps (some elements once, some
+    twice), and value clipping's in-pass clamp raced with the other entry's reads."""
+    _ext()._cuda_set_max_blocks(blocks)
+    x = _randn((300_007,), torch.float32, _gen(40), scale=3.0)
+    x[17] = float("inf")  # value clipping: counted on entry, by both entries
+    if op != "clip_value":
+        x[17] = 5.0
+    small = _randn((5,), torch.float32, _gen(41))
+    results = []
+    for _ in range(2):
+        g = x.clone()
+        grads = [g, small.clone(), g]
+        got = _run_clip(op, grads, 0.5)
+        results.append((got, g))
+    g_ref = x.cpu().clone()
+    want = _run_clip(op, [g_ref, small.cpu().clone(), g_ref], 0.5, impl=reference)
+    got, g = results[0]
+    assert_stats_match(tuple(t.cpu() for t in got), want, [g_ref, small, g_ref], op)
+    assert_ulp_close(g.cpu(), g_ref, 2, op)  # two roundings, each may differ by one ulp
+    if op == "clip_norm":  # PyTorch's own loop on float64 copies
+        p = torch.nn.Parameter(torch.zeros(x.numel(), dtype=torch.float64))
+        q = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+        p.grad, q.grad = x.cpu().double(), small.cpu().double()
+        torch.nn.utils.clip_grad_norm_([p, q, p], 0.5, foreach=False)
+        assert_ulp_close(g.cpu(), p.grad, 2, "vs torch.nn.utils.clip_grad_norm_")
+    again, g2 = results[1]
+    assert_bitwise_equal(g2.cpu(), g.cpu(), f"{op} rerun")
+    for a, b in zip(again, got):
+        assert_bitwise_equal(a.cpu(), b.cpu(), f"{op} rerun stats")
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+def test_overlapping_views_match_reference(op):
+    """Overlapping dense views, a strided view across them (processed on a copy, re-read
+    before its turn) and a transposed slice: the reference kernel on the same views of a CPU
+    buffer is the oracle (entry statistics, writes in list order)."""
+
+    def views(buf):
+        return [buf[:70_000], buf[60_000:], buf[::3], buf.view(1000, 130).t()[2:50:5]]
+
+    buf = torch.linspace(-5, 5, 130_000, dtype=torch.float32, device=DEV)
+    buf_ref = buf.cpu().clone()
+    g, g_ref = views(buf), views(buf_ref)
+    got = _run_clip(op, g, 0.5)
+    want = _run_clip(op, g_ref, 0.5, impl=reference)
+    assert_stats_match(tuple(t.cpu() for t in got), want, g_ref, op)
+    # an element lies in up to 4 of the views: up to 4 roundings, each may differ by one ulp
+    assert_ulp_close(buf.cpu(), buf_ref, 4, f"{op}: shared buffer")
+
+
+@gpu
+def test_interleaved_views_and_same_storage_disjoint_views_are_fine():
+    buf = torch.arange(1.0, 200_001.0, device=DEV)
+    ref = buf.clone()
+    OPS.clip_norm([buf[::2], buf[1::2]], _bound(1.0), 2.0, EPS, False)  # conservative path
+    OPS.clip_norm([ref], _bound(1.0), 2.0, EPS, False)
+    assert_ulp_close(buf.cpu(), ref.cpu().double(), 1)
+    a = torch.arange(1.0, 20_001.0, device=DEV)
+    b = a.clone()
+    OPS.clip_norm_per_layer([a[:10_000], a[10_000:]], _bound(1.0), 2.0, EPS)  # adjacent
+    OPS.clip_norm_per_layer([b[:10_000].clone(), b[10_000:].clone()], _bound(1.0), 2.0, EPS)
+    c = b.clone()
+    OPS.clip_norm_per_layer([c[:10_000], c[10_000:]], _bound(1.0), 2.0, EPS)
+    assert_bitwise_equal(a.cpu(), c.cpu(), "adjacent views")
+
+
+def _unmergeable_expanded(device) -> torch.Tensor:
+    """A 14-dimensional expanded view whose dimensions cannot be merged to 12 or fewer."""
+    base = torch.randn((2, 1) * 7, device=device)
+    return base.expand((2, 2) * 7)
+
+
+@gpu
+@pytest.mark.parametrize("op", CLIP_OPS)
+def test_expanded_gradient_beyond_12_dims_refused_before_any_write(op):
+    """Such a gradient could only be written back by copy_, which refuses overlapping
+    memory: it used to raise only after the other gradients had been scaled (or clamped in
+    the reduce pass). Now a ValueError names it before anything is launched."""
+    big = _randn((70_000,), torch.float32, _gen(42), scale=3.0)
+    odd = _unmergeable_expanded(DEV)
+    grads = [big, odd]
+    before = [_bits(g) for g in grads]
+    with pytest.raises(ValueError, match=r"gradient 1 of 2 .* more than 12 dimensions"):
+        _run_clip(op, grads, 0.1)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+    _assert_stats(OPS.grad_stats(grads, 2.0), reference.grad_stats(_cpu(grads), 2.0), RTOL32)
+
+
+@gpu
+def test_strided_gradient_beyond_12_dims_is_written_back():
+    base = _randn((2,) * 13 + (3,), torch.float32, _gen(43), scale=2.0)
+    g = base[..., ::2]  # 14 dimensions, strided, no overlap: copied back with copy_
+    before = g.cpu().clone()
+    f64 = torch.zeros(1, dtype=torch.float64, device=DEV)  # float64 results: the exact total
+    got = OPS.clip_norm([g, f64], _bound(0.5), 2.0, EPS, False)
+    coef = min(1.0, 0.5 / (float(got[3]) + EPS))
+    assert torch.equal(_bits(g), _bits(_scaled(before, coef)))
+    assert torch.equal(_bits(base[..., 1]), _bits(base.cpu()[..., 1]))  # gaps untouched
+
+
+@gpu
+def test_float32_total_beyond_float32_range_is_inf_and_error_if_nonfinite_raises():
+    """A float32 total above FLT_MAX is reported as inf (not an error), and
+    error_if_nonfinite=True must then raise: it used to check the float64 total, which is
+    finite, and so clipped without the error the caller asked for."""
+    vals = [3e38, -3e38, 1e38]
+    g = torch.tensor(vals, device=DEV)
+    norms, _, nonfinite, total = OPS.grad_stats([g], 2.0)
+    assert math.isinf(float(total)) and math.isinf(float(norms[0]))
+    assert int(nonfinite[0]) == 0
+    before = _bits(g)
+    with pytest.raises(RuntimeError, match="overflowed its result dtype"):
+        OPS.clip_norm([g], _bound(1.0), 2.0, EPS, True)
+    assert torch.equal(_bits(g), before)
+    ref = torch.tensor(vals)
+    want = reference.clip_norm([ref], torch.tensor(1.0, dtype=torch.float64), 2.0, EPS, False)
+    got = OPS.clip_norm([g], _bound(1.0), 2.0, EPS, False)  # scaled by 1 / 4.36e38
+    assert math.isinf(float(got[3])) and math.isinf(float(want[3]))
+    assert_ulp_close(g.cpu(), ref, 1, "scaled by the float64 coefficient")
+    exact = math.sqrt(19) * 1e38
+    assert_rel_close(g.cpu().double().norm(), torch.tensor(1.0, dtype=torch.float64), 1e-6)
+    assert exact > torch.finfo(torch.float32).max
+    # beside a float64 gradient the results are float64: the same total is finite, no error
+    g32 = torch.tensor(vals, device=DEV)
+    total64 = OPS.clip_norm(
+        [g32, torch.zeros(1, dtype=torch.float64, device=DEV)], _bound(1.0), 2.0, EPS, True
+    )[3]
+    assert math.isclose(float(total64), exact, rel_tol=1e-6)
+
+
+@gpu
+def test_clip_value_returns_statistics_of_the_gradients_on_entry():
+    """Infs are counted (and max-abs is inf) before the clamp replaces them; a float64 norm
+    that needs the max-abs rescue, and a p-norm, are computed from the unclamped values."""
+    fused = torch.tensor([math.inf, 1.0, -math.inf, 0.5], device=DEV)  # float32, p = 2: fused
+    norms, max_abs, nonfinite, total = OPS.clip_value([fused], _bound(1.0), 2.0)
+    assert nonfinite.tolist() == [2] and math.isinf(float(max_abs[0]))
+    assert math.isinf(float(norms[0])) and math.isinf(float(total))
+    assert fused.tolist() == [1.0, 1.0, -1.0, 0.5]
+    g64 = torch.full((3000,), 1e200, dtype=torch.float64, device=DEV)  # deferred clamp
+    before = _cpu([g64])
+    norms, max_abs, _, _ = OPS.clip_value([g64], _bound(1.0), 2.0)
+    assert math.isclose(float(norms[0]), 1e200 * math.sqrt(3000), rel_tol=1e-12)
+    assert float(max_abs[0]) == 1e200 and bool((g64 == 1.0).all())
+    _assert_stats(
+        (norms, max_abs, torch.zeros(1, dtype=torch.int64), norms[0]),
+        (*reference.grad_stats(before, 2.0)[:3], reference.grad_stats(before, 2.0)[0][0]),
+        RTOL64,
+    )
+    big = torch.full((1000,), 1e10, device=DEV)  # |x|^40 overflows double: rescued
+    got = OPS.clip_value([big, torch.tensor([math.inf], device=DEV)], _bound(1.0), 40.0)
+    assert math.isclose(float(got[0][0]), 1e10 * 1000 ** (1 / 40), rel_tol=1e-6)
+    assert got[2].tolist() == [0, 1] and bool((big == 1.0).all())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("n", [64, 2048, 4096 + 64 + 5, 300_007])
+def test_float32_accumulation_within_design_bound(dtype, p, n):
+    """Constant-valued data, the float32 partial sums' worst case: within 1e-6 of float64."""
+    for v in (1.8972415924072266, 1.5936895608901978, 1.0 + 3 * 2.0**-23, 0.1, 3.3):
+        for layout in ("contiguous", "offset"):
+            g = torch.full((n + 1,), v, dtype=dtype, device=DEV)
+            g = g[1:] if layout == "offset" else g[:n]
+            norms, _, _, total = OPS.grad_stats([g, g[:7].double()], p)  # float64 results
+            exact = oracle_stats([g.cpu(), g[:7].cpu().double()], p)
+            assert_rel_close(norms[0].cpu(), exact.norms[0], DESIGN_RTOL, f"{v} {layout}")
+            assert_rel_close(total.cpu(), exact.total_norm, DESIGN_RTOL, f"{v} {layout}")
+
+
 # ------------------------------------------------------------ determinism, sync, graphs --
 
 
@@ -770,6 +976,540 @@ def test_random_lists_match_reference(specs, p, seed):
         for g, b, norm in zip(grads, before, got[0].tolist()):
             coef = min(1.0, 1.0 / (norm + EPS))
             assert torch.equal(_bits(g), _bits(b if coef >= 1.0 else _scaled(b, coef)))
+
+
+# ------------------------------------------------------- adaptive_clip (AGC) on the GPU --
+
+#: conv 4-D, linear 2-D, 1-D, 0-D, zero-size (no units; units of no elements), units just
+#: under and over the kernel's 4,096-element work item (longer ones are split into pieces),
+#: a long 1-D unit, many short units.
+AGC_SHAPES = [
+    (6, 3, 3, 3),
+    (5, 7),
+    (9,),
+    (),
+    (0, 4),
+    (3, 0),
+    (3, 4096),
+    (3, 4097),
+    (2, 70_001),
+    (140_003,),
+    (300, 33),
+]
+
+
+def _agc_place(x: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    """``x`` (CPU float64) as a ``DEV`` tensor of ``dtype`` laid out as ``layout``.
+
+    contiguous; offset (one element into its storage: rows not 16-byte aligned); transposed
+    (last two dims swapped in memory: units are not blocks, processed on a copy);
+    channels_last (4-D: units are still blocks, used in place).
+    """
+    shape = tuple(x.shape)
+    if layout == "offset":
+        out = torch.empty(x.numel() + 1, dtype=dtype, device=DEV)[1:].view(shape)
+    elif layout == "transposed" and len(shape) >= 2:
+        swapped = (*shape[:-2], shape[-1], shape[-2])
+        out = torch.empty(swapped, dtype=dtype, device=DEV).transpose(-1, -2)
+    elif layout == "channels_last" and len(shape) == 4:
+        out = torch.empty(shape, dtype=dtype, device=DEV, memory_format=torch.channels_last)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=DEV)
+    return out.copy_(x.to(dtype))
+
+
+def _agc_pairs(seed: int, gdtype, wdtype, layout="contiguous", shapes=AGC_SHAPES):
+    """(grads, params) on ``DEV``: randn weights, gradients spread over rows so that some units
+    are clipped and others not (clip factor 0.01)."""
+    gen = torch.Generator().manual_seed(seed)
+    grads, params = [], []
+    for s in shapes:
+        w = torch.randn(s, generator=gen, dtype=torch.float64)
+        g = torch.randn(s, generator=gen, dtype=torch.float64) * 0.02
+        if len(s) >= 2 and s[0] > 1:
+            g *= torch.logspace(-1, 1, s[0], dtype=torch.float64).reshape(-1, *[1] * (len(s) - 1))
+        grads.append(_agc_place(g, gdtype, layout))
+        params.append(_agc_place(w, wdtype, layout))
+    return grads, params
+
+
+def _units(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().to(torch.float64)
+    return (
+        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    )
+
+
+def _row_norms(rows: torch.Tensor, p: float) -> torch.Tensor:
+    """Float64 p-norm of every row (0 for rows of no elements)."""
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=torch.float64)
+    return torch.linalg.vector_norm(rows, p, dim=1)
+
+
+def _agc_oracle(grads, params, clip_factor=0.01, eps=1e-3, p=2.0):
+    """Float64 expected gradients and clipped-unit counts: the paper's rule unit by unit, with
+    norms from torch.linalg.vector_norm on CPU float64 copies."""
+    out, counts = [], []
+    for g, w in zip(grads, params):
+        rg, rw = _units(g), _units(w)
+        gn = _row_norms(rg, p)
+        wn = _row_norms(rw, p)
+        max_norm = clip_factor * torch.where(wn < eps, eps, wn)  # a NaN weight norm stays NaN
+        clipped = gn > max_norm
+        coef = torch.where(clipped, max_norm / gn, torch.ones_like(gn))
+        out.append((rg * coef[:, None]).reshape(g.shape))
+        counts.append(int(clipped.sum()))
+    return out, counts
+
+
+def _agc_rtol(g: torch.Tensor, w: torch.Tensor) -> float:
+    """Accuracy of a float64 gradient's coefficient: float64 norms only if W is float64 too."""
+    return 1e-12 if w.dtype == torch.float64 else 1e-6
+
+
+def _assert_agc(grads, params, got, expected, what=""):
+    """Our AGC results against ``expected = _agc_oracle(...)``: counts exact, gradients within
+    one ulp (float64: within the accuracy of the coefficient)."""
+    want, counts = expected
+    norms, clipped, nonfinite, total = (t.cpu() for t in got)
+    rd = _rd(grads)
+    assert norms.dtype == total.dtype == rd and clipped.dtype == nonfinite.dtype == torch.int64
+    assert clipped.tolist() == counts, (what, clipped.tolist(), counts)
+    for i, (g, w, e) in enumerate(zip(grads, params, want)):
+        if g.dtype == torch.float64:
+            assert_grads_match([g.cpu()], [e], _agc_rtol(g, w), f"{what} grad {i}")
+        else:
+            assert_ulp_close(g.cpu(), e, 1, f"{what} grad {i} ({g.dtype}, {tuple(g.shape)})")
+
+
+def _assert_agc_stats(got, want, rtol: float) -> None:
+    """AGC statistics against the reference's: counts exact, norms within ``rtol``."""
+    norms, clipped, nonfinite, total = (t.cpu() for t in got)
+    assert norms.dtype == want[0].dtype and total.dtype == want[3].dtype
+    assert torch.equal(clipped, want[1]) and torch.equal(nonfinite, want[2])
+    torch.testing.assert_close(norms, want[0], rtol=rtol, atol=0, equal_nan=True)
+    torch.testing.assert_close(total, want[3], rtol=rtol, atol=0, equal_nan=True)
+
+
+def _agc_clipped_rows(g: torch.Tensor, w: torch.Tensor, clip_factor=0.01, eps=1e-3):
+    """Which units of ``g`` the rule clips (float64, on the CPU)."""
+    gn = _row_norms(_units(g), 2.0)
+    wn = _row_norms(_units(w), 2.0)
+    return gn > clip_factor * torch.where(wn < eps, eps, wn)
+
+
+def _agc_call(grads, params, clip_factor=0.01, eps=1e-3, p=2.0):
+    return OPS.adaptive_clip(grads, params, clip_factor, eps, p)
+
+
+@gpu
+def test_agc_kernel_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gradstab::adaptive_clip", "CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("gdtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "transposed", "channels_last"])
+def test_agc_matches_float64_oracle_and_reference(gdtype, layout):
+    grads, params = _agc_pairs(50, gdtype, torch.float32, layout)
+    params[1][2].zero_()  # a zero-weight unit: the eps floor
+    before = _cpu(grads)
+    expected = _agc_oracle(grads, params)
+    assert 0 < sum(expected[1]) < sum(_units(g).shape[0] for g in grads if g.numel())
+    got = _agc_call(grads, params)
+    _assert_agc(grads, params, got, expected, f"{gdtype} {layout}")
+    ref_grads = _clone(before)
+    ref = reference.adaptive_clip(ref_grads, _cpu(params), 0.01, 1e-3, 2.0)
+    _assert_agc_stats(got, ref, _rtol(grads))
+    oracle = _oracle_norms(before, 2.0)
+    torch.testing.assert_close(got[0].cpu().double(), oracle, rtol=RTOL32, atol=0)
+    for g, r in zip(grads, ref_grads):
+        if g.dtype != torch.float64:
+            assert_ulp_close(g.cpu(), r.double(), 1, "against the reference")
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("gdtype", "wdtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float16),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_agc_mixed_dtypes(gdtype, wdtype):
+    grads, params = _agc_pairs(51, gdtype, wdtype)
+    expected = _agc_oracle(grads, params)
+    _assert_agc(grads, params, _agc_call(grads, params), expected, f"{gdtype}/{wdtype}")
+
+
+@gpu
+def test_agc_mixed_dtype_list_gives_float64_results():
+    g1, w1 = _agc_pairs(52, torch.bfloat16, torch.float32, shapes=[(64, 100), (3, 5000)])
+    g2, w2 = _agc_pairs(53, torch.float64, torch.float64, shapes=[(7, 9)])
+    g3, w3 = _agc_pairs(54, torch.float16, torch.bfloat16, shapes=[(200,)])
+    grads, params = g1 + g2 + g3, w1 + w2 + w3
+    expected = _agc_oracle(grads, params)
+    got = _agc_call(grads, params)
+    assert got[0].dtype == got[3].dtype == torch.float64
+    _assert_agc(grads, params, got, expected)
+
+
+@gpu
+@pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
+def test_agc_other_norm_types(p):
+    grads, params = _agc_pairs(55, torch.float32, torch.float32)
+    expected = _agc_oracle(grads, params, 0.05, 1e-3, p)
+    got = _agc_call(grads, params, 0.05, 1e-3, p)
+    _assert_agc(grads, params, got, expected, f"p={p}")
+
+
+@gpu
+def test_agc_statistics_are_pre_clip():
+    grads, params = _agc_pairs(56, torch.float32, torch.float32)
+    before = _cpu(grads)
+    norms, _, nonfinite, total = _agc_call(grads, params)
+    oracle = _oracle_norms(before, 2.0)
+    torch.testing.assert_close(norms.cpu().double(), oracle, rtol=RTOL32, atol=0)
+    torch.testing.assert_close(
+        total.cpu().double(), torch.linalg.vector_norm(oracle), rtol=RTOL32, atol=0
+    )
+    assert nonfinite.tolist() == [0] * len(grads)
+
+
+@gpu
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_agc_nonfinite_follow_the_float64_formula(gdtype):
+    g = torch.tensor(
+        [
+            [0.5, math.nan, 0.5],  # NaN unit: comparison false, unchanged
+            [0.5, math.inf, -0.5],  # inf unit: coefficient 0 -> 0, NaN (inf * 0), -0
+            [3.0, 4.0, 0.0],  # ordinary unit, clipped
+            [0.1, 0.1, 0.1],  # weight norm NaN: max_norm NaN, unchanged
+        ],
+        dtype=gdtype,
+        device=DEV,
+    )
+    w = torch.ones(4, 3, device=DEV)
+    w[3, 0] = math.nan
+    long_g = torch.full((2, 9000), 0.5, dtype=gdtype, device=DEV)  # the same in long units
+    long_g[0, 8500] = math.inf
+    long_g[1, 3] = math.nan
+    long_w = torch.ones(2, 9000, device=DEV)
+    grads, params = [g, long_g], [w, long_w]
+    want, counts = _agc_oracle(grads, params, 0.1, 1e-3)
+    norms, clipped, nonfinite, total = _agc_call(grads, params, 0.1, 1e-3)
+    assert clipped.tolist() == counts == [2, 1]
+    assert nonfinite.tolist() == [2, 2]
+    for a, e in zip(grads, want):
+        assert torch.equal(torch.isnan(a.cpu()), torch.isnan(e))
+        fin = ~torch.isnan(e)
+        assert_ulp_close(a.cpu()[fin], e[fin], 1)
+    assert math.isnan(float(norms[0])) and math.isnan(float(total))
+
+
+@gpu
+def test_agc_huge_and_tiny_values():
+    g = torch.tensor([[3e30, 4e30], [3e-30, 4e-30]], device=DEV)  # squares over/underflow fp32
+    w = torch.tensor([[1e38, 1e38], [1e-30, 0.0]], device=DEV)
+    norms, clipped, _, _ = _agc_call([g], [w], 1e-8, 0.0)
+    assert math.isclose(float(norms[0]), 5e30, rel_tol=1e-6)
+    want, counts = _agc_oracle([torch.tensor([[3e30, 4e30], [3e-30, 4e-30]])], [w], 1e-8, 0.0)
+    assert clipped.tolist() == counts == [2]
+    assert_ulp_close(g.cpu(), want[0], 1)
+    g64 = torch.full((2, 5000), 1e200, dtype=torch.float64, device=DEV)  # rescued by max |x|
+    w64 = torch.full((2, 5000), 1e300, dtype=torch.float64, device=DEV)
+    w64[1] = 1e190
+    norms, clipped, _, total = _agc_call([g64], [w64], 0.01, 1e-3)
+    row = 1e200 * math.sqrt(5000)
+    assert math.isclose(float(norms[0]), row * math.sqrt(2), rel_tol=1e-12)
+    assert math.isclose(float(total), row * math.sqrt(2), rel_tol=1e-12)
+    assert clipped.tolist() == [1]
+    assert bool((g64[0] == 1e200).all())
+    coef = 0.01 * 1e190 * math.sqrt(5000) / row
+    assert_rel_close(g64[1].cpu(), torch.full((5000,), 1e200 * coef, dtype=torch.float64), 1e-12)
+
+
+@gpu
+def test_agc_zero_weights_use_eps_floor_and_zero_gradients_stay_zero():
+    g = torch.full((3, 4), 0.5, device=DEV)
+    w = torch.zeros(3, 4, device=DEV)
+    w[1] = 1.0  # norm 2
+    _, clipped, _, _ = _agc_call([g], [w], 0.1, 1e-3)
+    assert clipped.tolist() == [3]
+    norms = torch.linalg.vector_norm(g.cpu().double(), dim=1)
+    torch.testing.assert_close(norms, torch.tensor([1e-4, 0.2, 1e-4], dtype=torch.float64))
+    g = torch.tensor([[1.0, 2.0], [0.0, 0.0]], device=DEV)
+    _, clipped, _, _ = _agc_call([g], [torch.zeros(2, 2, device=DEV)], 0.1, 0.0)
+    assert clipped.tolist() == [1] and bool((g == 0).all())
+
+
+@gpu
+def test_agc_bit_identical_across_runs_and_grid_sizes():
+    base_g, params = _agc_pairs(57, torch.float32, torch.float32)
+    base_g[0][1, 0, 0, 0] = math.inf
+    outs = []
+    for blocks in (0, 1, 3, 0):
+        _ext()._cuda_set_max_blocks(blocks)
+        grads = _clone(base_g)
+        stats = _agc_call(grads, params)
+        outs.append(([_bits(t) for t in stats], [_bits(g) for g in grads]))
+    for stats, grads in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(stats, outs[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(grads, outs[0][1]))
+
+
+@gpu
+def test_agc_unclipped_units_and_healthy_steps_are_not_written():
+    grads, params = _agc_pairs(58, torch.float32, torch.float32, "transposed")
+    grads += [_randn((1000,), torch.bfloat16, _gen(58))[::2]]  # strided: copy, no write-back
+    params += [torch.ones(500, device=DEV)]
+    grads[1][0, 0] = -0.0
+    grads[2][4] = math.nan  # a NaN unit is not clipped: its payload survives
+    before = [_bits(g) for g in grads]
+    gaps = _bits(grads[-1]._base[1::2])
+    _, clipped, _, _ = _agc_call(grads, params, 1e6)  # nothing clipped: nothing written
+    assert clipped.tolist() == [0] * len(grads)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+    # some units clipped: every other unit keeps its bits; the strided gaps are never touched
+    rows = [_agc_clipped_rows(g, w) for g, w in zip(grads, params)]
+    assert any(r.any() for r in rows) and any((~r).any() for r in rows)
+    _agc_call(grads, params)
+    for g, b, r in zip(grads, before, rows):
+        if g.numel() == 0:
+            continue
+        got_rows = _bits(g).reshape(r.shape[0], g.numel() // r.shape[0])
+        want_rows = b.reshape(r.shape[0], g.numel() // r.shape[0])
+        assert torch.equal(got_rows[~r], want_rows[~r])
+    assert torch.equal(_bits(grads[-1]._base[1::2]), gaps)
+
+
+@gpu
+def test_agc_strided_gradients_written_back():
+    gen = _gen(59)
+    base = _randn((40, 60), torch.float32, gen, scale=0.5)
+    grads = [base[:, ::2], _randn((30, 20), torch.float16, gen).t()]  # both on copies
+    params = [torch.randn(40, 30, device=DEV), torch.randn(20, 30, device=DEV)]
+    before = _cpu(grads)
+    gaps = _bits(base[:, 1::2])
+    expected = _agc_oracle(before, params)
+    assert min(expected[1]) > 0
+    _assert_agc(grads, params, _agc_call(grads, params), expected)
+    assert torch.equal(_bits(base[:, 1::2]), gaps)
+
+
+@gpu
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_agc_shared_memory_matches_reference(blocks):
+    """A gradient twice, overlapping views, a transposed view on a copy, a long unit over
+    everything, a parameter that is another pair's gradient: decided on the entry data,
+    written in list order, exactly as the CPU reference does it on the same views."""
+    _ext()._cuda_set_max_blocks(blocks)
+    gen = torch.Generator().manual_seed(60)
+    spread = torch.logspace(-4, -1, 80_000, dtype=torch.float64)
+    host = torch.randn(80_000, generator=gen, dtype=torch.float64) * spread
+
+    def views(b):
+        return [
+            b[:40_000].view(200, 200),
+            b[30_000:70_000].view(400, 100),  # its first 100 rows are rows 150..199 above
+            b[:40_000].view(200, 200).t(),  # units are columns: processed on a copy
+            b[10_000:],  # one unit of 70,000 elements: pieces
+            b[:40_000].view(200, 200),  # the first gradient again
+        ]
+
+    def rows(n):
+        return torch.logspace(-3, 1, n, dtype=torch.float64)[:, None]
+
+    w_host = [
+        torch.randn(200, 200, generator=gen, dtype=torch.float64) * rows(200),
+        torch.randn(400, 100, generator=gen, dtype=torch.float64) * rows(400),
+        torch.randn(200, 200, generator=gen, dtype=torch.float64) * rows(200),
+        torch.full((70_000,), 0.01, dtype=torch.float64),
+    ]
+    for dtype in (torch.float32, torch.float64):
+        buf = host.to(dtype).to(DEV)
+        ref_buf = host.to(dtype).clone()
+        gv, rv = views(buf), views(ref_buf)
+        # the last parameter is memory that gradients 1 and 3 write
+        params = [w.to(dtype).to(DEV) for w in w_host] + [buf[40_000:].view(200, 200)]
+        ref_params = [w.to(dtype) for w in w_host] + [ref_buf[40_000:].view(200, 200)]
+        got = _agc_call(gv, params)
+        want = reference.adaptive_clip(rv, ref_params, 0.01, 1e-3, 2.0)
+        _assert_agc_stats(got, want, RTOL32)
+        if dtype == torch.float64:  # float64 norms on both sides: 1e-12 per scaling
+            assert_grads_match([buf.cpu()], [ref_buf], 5e-12, "shared buffer")
+        else:  # an element lies in up to 5 views: up to 5 roundings, one ulp apart each
+            assert_ulp_close(buf.cpu(), ref_buf.double(), 5, "shared buffer")
+
+
+@gpu
+def test_agc_duplicate_gradient_is_deterministic_and_scaled_twice():
+    spread = torch.logspace(-3, 0, 256, device=DEV)[:, None]  # some units clip, others not
+    x = _randn((256, 300), torch.float32, _gen(61)) * spread
+    w = _randn((256, 300), torch.float32, _gen(62))
+    outs = []
+    for blocks in (0, 1, 0):
+        _ext()._cuda_set_max_blocks(blocks)
+        g = x.clone()
+        stats = _agc_call([g, g], [w, w])
+        outs.append((g, stats))
+    g, stats = outs[0]
+    want, counts = _agc_oracle([x], [w])
+    assert stats[1].tolist() == counts * 2 and 0 < counts[0] < 256
+    coefs = want[0].norm(dim=1) / _units(x).norm(dim=1)
+    twice = _units(x) * (coefs * coefs)[:, None]
+    assert_ulp_close(g.cpu(), twice.reshape(x.shape), 2)
+    for g2, s2 in outs[1:]:
+        assert torch.equal(_bits(g2), _bits(g))
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(s2, stats))
+
+
+@gpu
+@pytest.mark.parametrize("needs_clip", [True, False])
+def test_agc_expanded_gradient_refused_before_any_write(needs_clip):
+    """Whether one of its units must be clipped is known only on the device, so an expanded
+    gradient is refused on CUDA either way (the CPU kernel refuses it only when it clips),
+    with a ValueError naming it and no gradient changed."""
+    big = _randn((64, 2048), torch.float32, _gen(63), scale=0.5)
+    odd = _randn((1, 5), torch.float32, _gen(64)).expand(3, 5)
+    grads = [big, odd]
+    w_odd = torch.full((3, 5), 1.0 if needs_clip else 1e6, device=DEV)
+    params = [torch.randn(64, 2048, device=DEV), w_odd]
+    before = [_bits(g) for g in grads]
+    with pytest.raises(ValueError, match=r"gradient 1 of 2 \(shape \[3, 5\]\).*No gradient"):
+        _agc_call(grads, params)
+    assert all(torch.equal(_bits(g), b) for g, b in zip(grads, before))
+
+
+@gpu
+def test_agc_errors_name_the_argument():
+    g = torch.randn(4, 3, device=DEV)
+    with pytest.raises(ValueError, match=r"parameter 0 of 1 is on cpu but its gradient is on"):
+        _agc_call([g], [torch.randn(4, 3)])
+    with pytest.raises(ValueError, match=r"shape \[3, 4\] but its gradient has shape \[4, 3\]"):
+        _agc_call([g], [torch.randn(3, 4, device=DEV)])
+    with pytest.raises(TypeError, match="parameter 0 of 1 has dtype"):
+        _agc_call([g], [torch.ones(4, 3, dtype=torch.int32, device=DEV)])
+    with pytest.raises(ValueError, match="clip_factor must be a positive number, got 0"):
+        _agc_call([g], [g.clone()], 0.0)
+    with pytest.raises(ValueError, match="one parameter per gradient, got 1 gradients and 2"):
+        _agc_call([g], [g.clone(), g.clone()])
+
+
+@gpu
+def test_agc_agrees_with_the_cpu_kernel():
+    if not has_kernel("cpu"):
+        pytest.skip("no C++ CPU kernel in this build")
+    grads, params = _agc_pairs(65, torch.float32, torch.float32)
+    cpu_grads = _cpu(grads)
+    got = _agc_call(grads, params)
+    cpu = OPS.adaptive_clip(cpu_grads, _cpu(params), 0.01, 1e-3, 2.0)
+    assert torch.equal(got[1].cpu(), cpu[1]) and torch.equal(got[2].cpu(), cpu[2])
+    torch.testing.assert_close(got[0].cpu(), cpu[0], rtol=RTOL32, atol=0)
+    for g, c in zip(grads, cpu_grads):
+        assert_ulp_close(g.cpu(), c.double(), 1)
+
+
+@gpu
+def test_agc_no_host_sync_and_functional_api():
+    grads, params = _agc_pairs(66, torch.float32, torch.bfloat16)
+    fresh_g, fresh_w = _agc_pairs(67, torch.bfloat16, torch.float32, "transposed")
+    counts = _agc_oracle(grads, params)[1]
+    ps = []
+    for g, w in zip(grads, params):
+        q = torch.nn.Parameter(w.to(g.dtype))  # (a .grad must have its parameter's dtype)
+        q.grad = g.clone()
+        ps.append(q)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _agc_call(grads, params)
+        _agc_call(fresh_g, fresh_w)  # a table built inside the checked region
+        _agc_call([grads[1], grads[1]], [params[1], params[1]])  # the shared-memory path
+        stats = gradstab.adaptive_clip_grad_(ps, clip_factor=0.01)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert isinstance(stats, gradstab.AGCStats) and stats.norms.device.type == "cuda"
+    assert stats.clipped.tolist() == counts
+
+
+@gpu
+@pytest.mark.parametrize("warm", [True, False])
+def test_agc_cuda_graph_capture_and_replay(warm):
+    grads, params = _agc_pairs(68, torch.float32, torch.float32)
+    built = _ext()._cuda_cache_info()["built_in_capture"]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        if warm:  # the eager call builds the work table: the graph only reads it
+            _agc_call(grads, params)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _agc_call(grads, params)
+    assert _ext()._cuda_cache_info()["built_in_capture"] == built + (0 if warm else 1)
+    for trial, seed in enumerate([69, 70]):
+        fresh, fresh_w = _agc_pairs(seed, torch.float32, torch.float32)
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        for w, f in zip(params, fresh_w):
+            w.copy_(f * (1.0 + trial))
+        expect_g, expect_w = _clone(grads), _clone(params)
+        expect = _agc_call(expect_g, expect_w)
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(out, expect):
+            assert torch.equal(_bits(a), _bits(b)), trial
+        for a, b in zip(grads, expect_g):
+            assert torch.equal(_bits(a), _bits(b)), trial
+
+
+@gpu
+def test_agc_on_a_side_stream():
+    grads, params = _agc_pairs(71, torch.float32, torch.float32)
+    expected = _agc_oracle(grads, params)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _agc_call(grads, params)
+    torch.cuda.current_stream().wait_stream(side)
+    _assert_agc(grads, params, got, expected)
+
+
+@gpu
+def test_agc_opcheck_and_compile_on_cuda():
+    grads, params = _agc_pairs(72, torch.float32, torch.float32, shapes=[(4, 3), (5,), (3, 5000)])
+    torch.library.opcheck(OPS.adaptive_clip.default, (grads, params, 0.05, 1e-3, 2.0))
+    ps = []
+    for g, w in zip(*_agc_pairs(73, torch.float32, torch.float32)):
+        q = torch.nn.Parameter(w)
+        q.grad = g
+        ps.append(q)
+    ref = [p.grad.clone() for p in ps]
+    ref_stats = _agc_call(ref, [p.detach() for p in ps])
+
+    @torch.compile(fullgraph=True)
+    def step(parameters):
+        return gradstab.adaptive_clip_grad_(parameters, clip_factor=0.01)
+
+    stats = step(ps)
+    assert torch.equal(_bits(stats.total_norm), _bits(ref_stats[3]))
+    assert all(torch.equal(_bits(p.grad), _bits(r)) for p, r in zip(ps, ref))
+
+
+@gpu
+def test_agc_bench_mode_on_cuda():
+    from gradstab.bench import bench_one  # noqa: PLC0415
+
+    rows = bench_one(
+        "many-small", "fp32", ["agc", "agc-healthy"], device=torch.device(DEV), warmup=0, repeats=1
+    )
+    names = {(r.mode, r.contestant) for r in rows}
+    assert ("agc", "gradstab") in names and ("agc-healthy", "timm-style loop") in names
 
 
 # ------------------------------------------------------------------ over 2**31 elements --

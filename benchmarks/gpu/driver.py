@@ -4,12 +4,15 @@
 code path of csrc/cuda/kernels.cu (all dtypes; aligned, misaligned, strided and zero-size
 gradients; NaN/Inf; float32 squares that overflow and underflow; float64 sums that need the
 max-abs rescue; p = 1, 2, 3, inf; in-pass and deferred value clipping; per-layer clipping;
-error_if_nonfinite; the direct entry point; a one-block grid) and checks each result against
-the pure-PyTorch reference, so a run under ``compute-sanitizer`` both exercises and verifies.
+error_if_nonfinite; the direct entry point; a one-block grid; gradients sharing memory, written
+one at a time; adaptive_clip with short and long units, mixed dtypes, a working copy, the
+rescue and the shared-memory path) and checks each result against the pure-PyTorch reference,
+so a run under ``compute-sanitizer`` both exercises and verifies.
 
 ``python benchmarks/gpu/driver.py traffic`` runs healthy and clipping calls on GPT-2-small
 float32 gradients, for ``ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum``: a healthy
-step should read the gradients once (498 MB) and write only the per-unit records (~0.7 MB).
+step should read the gradients once (498 MB) and write only the per-unit records (~0.7 MB);
+then the same for adaptive_clip (which reads the weights too: 996 MB on a healthy step).
 
 Example:
     $ compute-sanitizer --tool memcheck python benchmarks/gpu/driver.py sanitize
@@ -56,11 +59,58 @@ def _inputs(seed: int) -> list[torch.Tensor]:
     return grads
 
 
-def _check(got, want, what: str) -> None:
+def _check(got, want, what: str, rtol: float = 1e-6) -> None:
     for a, b in zip(got, want):
         x = a.cpu().double()
-        if not torch.allclose(x, b.double(), rtol=1e-6, atol=0, equal_nan=True):
+        if not torch.allclose(x, b.double(), rtol=rtol, atol=0, equal_nan=True):
             raise SystemExit(f"driver: {what}: {x} != {b}")
+
+
+def _agc_inputs(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(gradients, parameters) reaching every path of csrc/cuda/agc_cuda.cu."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+
+    def randn(shape, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen, device=DEV) * scale).to(dtype)
+
+    grads = [
+        randn((64, 3, 3, 3), torch.float32, 0.05),  # short units, several per work item
+        randn((3, 5_000), torch.bfloat16, 0.05),  # long units: pieces and the scale kernel
+        randn((20_001,), torch.float16, 0.01)[1:],  # one long unit, not 16-byte aligned
+        randn((50, 40), torch.float32, 0.05).t(),  # units are not blocks: a working copy
+        randn((0, 4), torch.float32),
+        randn((3, 0), torch.float32),
+        randn((), torch.float64),
+        torch.full((2, 5_000), 1e200, dtype=torch.float64, device=DEV),  # rescued by max-abs
+    ]
+    params = [
+        randn((64, 3, 3, 3), torch.bfloat16),
+        randn((3, 5_000), torch.float32),
+        randn((20_000,), torch.float32),
+        randn((40, 50), torch.float64),
+        randn((0, 4), torch.float32),
+        randn((3, 0), torch.float16),
+        randn((), torch.float32),
+        torch.full((2, 5_000), 1e190, dtype=torch.float64, device=DEV),
+    ]
+    grads[0][1, 0, 0, 0] = float("nan")
+    grads[1][0, 7] = float("inf")
+    return grads, params
+
+
+def _agc_sanitize() -> None:
+    for p in (2.0, 1.0, math.inf, 3.0):
+        for shared in (False, True):
+            grads, params = _agc_inputs(7)
+            if shared:  # a gradient twice: decided first, written one at a time
+                grads, params = [*grads, grads[1]], [*params, params[1]]
+            cg = _cpu(grads)
+            if shared:
+                cg[-1] = cg[1]
+            want = reference.adaptive_clip(cg, _cpu(params), 0.01, 1e-3, p)
+            got = OPS.adaptive_clip(grads, params, 0.01, 1e-3, p)
+            _check(got, want, f"adaptive_clip p={p} shared={shared}")
+            _check(grads, cg, f"adaptive_clip gradients p={p} shared={shared}", rtol=1e-2)
 
 
 def sanitize() -> None:
@@ -101,6 +151,21 @@ def sanitize() -> None:
             params.append(prm)
         for op in range(5):
             ext.cuda_fast_path(op, params, 2.0, 0.25, EPS, False)
+        for op in ("clip_norm", "clip_value"):  # gradients sharing memory: the serial path
+            buf = torch.linspace(-5, 5, 130_000, device=DEV)
+            views = [buf[:70_000], buf[60_000:], buf[::3], buf[:70_000]]
+            cbuf = buf.cpu().clone()
+            cviews = [cbuf[:70_000], cbuf[60_000:], cbuf[::3], cbuf[:70_000]]
+            bound = torch.tensor(0.5, dtype=torch.float64, device=DEV)
+            if op == "clip_norm":
+                got = OPS.clip_norm(views, bound, 2.0, EPS, False)
+                want = reference.clip_norm(cviews, bound.cpu(), 2.0, EPS, False)
+            else:
+                got = OPS.clip_value(views, bound, 2.0)
+                want = reference.clip_value(cviews, bound.cpu(), 2.0)
+            _check(got, want, f"{op} on shared memory")
+            _check([buf], [cbuf], f"{op} shared buffer", rtol=1e-5)
+        _agc_sanitize()
     ext._cuda_set_max_blocks(0)
     torch.cuda.synchronize()
     print("driver: sanitize: every op ran and matched the reference")
@@ -119,6 +184,12 @@ def traffic() -> None:
         OPS.clip_norm(grads, torch.tensor(total * 1e6, device=DEV), 2.0, EPS, False)  # healthy
     torch.cuda.synchronize()
     OPS.clip_norm(grads, torch.tensor(total * 0.5, device=DEV), 2.0, EPS, False)  # clipping
+    torch.cuda.synchronize()
+    weights = [torch.randn_like(g) for g in grads]
+    for _ in range(3):
+        OPS.adaptive_clip(grads, weights, 1e6, 1e-3, 2.0)  # healthy: reads W and G only
+    torch.cuda.synchronize()
+    OPS.adaptive_clip(grads, weights, 1e-3, 1e-3, 2.0)  # every unit clipped
     torch.cuda.synchronize()
     nbytes = sum(g.numel() * 4 for g in grads)
     print(f"driver: traffic: {len(grads)} gradients, {nbytes / 1e6:.1f} MB")

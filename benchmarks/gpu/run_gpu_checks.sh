@@ -14,9 +14,10 @@
 #              benchmarks/gpu/driver.py sanitize (every op and code path, checked against the
 #              reference), with PyTorch's caching allocator off so out-of-bounds accesses fault
 #   traffic    Nsight Compute: DRAM bytes read/written by the kernels for a healthy and a
-#              clipping call on GPT-2-small float32 (a healthy step must write ~nothing);
+#              clipping call on GPT-2-small float32 (a healthy step must write ~nothing), for
+#              clip_norm and for adaptive_clip (which also reads the weights);
 #              skipped when ncu is missing or not allowed to read the counters
-#   bench      python -m gradstab bench --device cuda --mode healthy,clip,stats,value
+#   bench      python -m gradstab bench --device cuda --mode healthy,clip,stats,value,agc,agc-healthy
 #              (all sets, float32 and bfloat16; table, CUDA summary with the targets, JSON)
 #
 # Every step runs even if an earlier one failed (except that nothing runs after a failed build);
@@ -101,7 +102,8 @@ if want traffic; then
 fi
 
 if want bench; then
-  run_step bench $PY -m gradstab bench --device cuda --mode healthy,clip,stats,value \
+  run_step bench $PY -m gradstab bench --device cuda \
+    --mode healthy,clip,stats,value,agc,agc-healthy \
     --json "$LOGDIR/bench.json"
 fi
 

@@ -23,13 +23,26 @@
 // p-norm of each gradient, the number of its clipped units, its NaN/Inf count, and the pre-clip
 // total norm; floating results in float64 if any gradient is float64, float32 otherwise.
 // Every argument is checked before any gradient is touched.
+//
+// Memory shared between arguments (as ops_cpu.cpp): when a gradient overlaps another gradient
+// or any parameter (the same tensor twice, overlapping views, a parameter aliasing a gradient),
+// the parallel pass would race, so every unit is first decided from the data as it was on entry
+// (a pure read, in parallel), and the clipped units are then written one gradient at a time, in
+// list order: a gradient passed twice is scaled twice by its entry coefficients, as PyTorch's
+// clip_grad_norm_ scales it twice by its one coefficient. A gradient whose own elements share
+// memory (an expanded view) cannot be written in place: if any of its units is clipped, a
+// ValueError naming it is raised before any gradient is written.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/range_kernels.h"
@@ -140,6 +153,7 @@ struct Pair {
   int64_t units, unit_len;
   int64_t first_unit;  // index of unit 0 in the per-unit arrays
   bool gcopied = false;
+  bool self_overlap = false;  // some elements of the gradient share memory (an expanded view)
 };
 
 // A work item: whole units [u_begin, u_end) of one pair, or piece `piece` of a long unit.
@@ -169,6 +183,56 @@ bool units_are_blocks(const at::Tensor& t, int64_t units, int64_t unit_len) {
   if (t.numel() == 0) return true;
   if (!t.is_non_overlapping_and_dense()) return false;
   return units == 1 || t.stride(0) == unit_len;
+}
+
+// Bytes [lo, hi) that `t` addresses (strides are >= 0, so data_ptr() is the lowest address).
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {lo, lo + static_cast<uintptr_t>(extent * static_cast<int64_t>(t.element_size()))};
+}
+
+// Whether some gradient overlaps itself, another gradient, or any parameter (parameters are
+// only read: two parameters may share memory). Conservative for interleaved views such as
+// g[::2] and g[1::2], which merely take the serial write path. Sorted spans: O(T log T), and
+// O(T) when the gradients and the parameters each lie in address order (the usual case).
+bool shares_memory(at::TensorList grads, at::TensorList params, const std::vector<Pair>& pairs) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> gs, ws;
+  gs.reserve(grads.size());
+  ws.reserve(params.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    if (pairs[i].self_overlap) return true;
+    gs.push_back(byte_span(grads[i]));
+    ws.push_back(byte_span(params[i]));
+  }
+  auto sort_spans = [](std::vector<std::pair<uintptr_t, uintptr_t>>& v) {
+    if (std::is_sorted(v.begin(), v.end())) return;
+    std::reverse(v.begin(), v.end());
+    if (!std::is_sorted(v.begin(), v.end())) std::sort(v.begin(), v.end());
+  };
+  sort_spans(gs);
+  sort_spans(ws);
+  for (size_t k = 1; k < gs.size(); ++k) {  // gradient against gradient
+    if (gs[k].first < gs[k - 1].second) return true;
+  }
+  // Gradient against parameter: merge the two sorted lists; a span overlaps an earlier one of
+  // the other kind iff it starts before the largest end seen among those.
+  uintptr_t g_end = 0, w_end = 0;
+  size_t a = 0, b = 0;
+  while (a < gs.size() || b < ws.size()) {
+    if (b == ws.size() || (a < gs.size() && gs[a] < ws[b])) {
+      if (gs[a].first < w_end) return true;
+      g_end = std::max(g_end, gs[a].second);
+      ++a;
+    } else {
+      if (ws[b].first < g_end) return true;
+      w_end = std::max(w_end, ws[b].second);
+      ++b;
+    }
+  }
+  return false;
 }
 
 void check_args(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
@@ -241,6 +305,7 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
     if (g.numel() == 0) continue;
     total_numel += g.numel();
     pr.gcopied = !units_are_blocks(g, pr.units, pr.unit_len);
+    pr.self_overlap = pr.gcopied && at::has_internal_overlap(g) == at::MemOverlap::Yes;
     if (pr.gcopied) pr.gcopy = g.contiguous();
     pr.g = static_cast<char*>(pr.gcopied ? pr.gcopy.data_ptr() : g.data_ptr());
     if (!units_are_blocks(w, pr.units, pr.unit_len)) pr.wcopy = w.contiguous();
@@ -265,21 +330,25 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
     }
   }
 
+  // Shared memory: decide every unit first (pure reads), then write in list order.
+  const bool serial = shares_memory(grads, params, pairs);
   std::vector<UnitResult> res(total_units);
+  std::vector<double> ucoef(serial ? total_units : 0, 1.0);  // serial: each unit's coefficient
   std::vector<Partial> gpart(num_pieces), wpart(num_pieces);
-  const bool serial = total_numel < kSerialBelow;
+  const bool one_thread = total_numel < kSerialBelow;
   auto for_each = [&](int64_t n, const auto& body) {
     auto run = [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) body(k);
     };
-    if (serial) {
+    if (one_thread) {
       run(0, n);
     } else {
       at::parallel_for(0, n, 1, run);
     }
   };
 
-  // ---- pass 1: whole units reduced, decided and scaled; pieces of long units reduced
+  // ---- pass 1: whole units reduced, decided and (unless serial) scaled; pieces of long units
+  // reduced
   for_each(static_cast<int64_t>(works.size()), [&](int64_t k) {
     const Work& wk = works[k];
     const Pair& pr = pairs[wk.pair];
@@ -302,9 +371,12 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
       r.norm = finish_norm(pr.gdt, gp, K, gq, kind, p, &r.sum);
       r.nonfinite = gq.nonfinite;
       const double c = agc_coef(r.norm, wnorm, clip_factor, eps);
-      if (c < 1.0) {
+      r.clipped = c < 1.0;
+      if (!r.clipped) continue;
+      if (serial) {
+        ucoef[pr.first_unit + u] = c;
+      } else {
         scale_range(pr.gdt, gp, K, c);
-        r.clipped = true;
       }
     }
   });
@@ -339,9 +411,43 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
     r.nonfinite = gq.nonfinite;
     lu.coef = agc_coef(r.norm, wnorm, clip_factor, eps);
     r.clipped = lu.coef < 1.0;
+    if (serial && r.clipped) ucoef[pr.first_unit + lu.unit] = lu.coef;
     any_long_clipped = any_long_clipped || r.clipped;
   }
-  if (any_long_clipped) {
+  if (serial) {
+    // Refuse, before anything is written, an expanded gradient that has a unit to clip.
+    for (int64_t t = 0; t < T; ++t) {
+      const Pair& pr = pairs[t];
+      if (!pr.self_overlap) continue;
+      bool clips = false;
+      for (int64_t u = 0; u < pr.units && !clips; ++u) clips = res[pr.first_unit + u].clipped;
+      TORCH_CHECK_VALUE(!clips, "gradstab: gradient ", t, " of ", T, " (shape ",
+                        grads[t].sizes(), ") must be clipped, but several of its elements "
+                        "share one memory location (an expanded view?), so it cannot be "
+                        "written in place. Give it its own memory first, e.g. "
+                        "`p.grad = p.grad.clone()`. No gradient was changed.");
+    }
+    // The clipped units, one gradient at a time in list order; a strided gradient is re-read
+    // just before (an earlier gradient may have changed its memory) and written back.
+    for (int64_t t = 0; t < T; ++t) {
+      const Pair& pr = pairs[t];
+      bool clips = false;
+      for (int64_t u = 0; u < pr.units && !clips; ++u) clips = res[pr.first_unit + u].clipped;
+      if (!clips) continue;
+      at::Tensor fresh;
+      char* g = pr.g;
+      if (pr.gcopied) {
+        fresh = grads[t].contiguous();
+        g = static_cast<char*>(fresh.data_ptr());
+      }
+      const int64_t K = pr.unit_len;
+      for (int64_t u = 0; u < pr.units; ++u) {
+        if (!res[pr.first_unit + u].clipped) continue;
+        scale_range(pr.gdt, g + u * K * pr.gsize, K, ucoef[pr.first_unit + u]);
+      }
+      if (pr.gcopied) grads[t].copy_(fresh);
+    }
+  } else if (any_long_clipped) {
     std::vector<double> piece_coef(num_pieces, 1.0);
     for (const LongUnit& lu : longs) {
       for (int64_t c = 0; c < lu.num_pieces; ++c) piece_coef[lu.first_piece + c] = lu.coef;
@@ -380,7 +486,7 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
     pn[t] = tnorm[t];
     pc[t] = nclip;
     pf[t] = nbad;
-    if (pr.gcopied && nclip > 0) pr.grad->copy_(pr.gcopy);
+    if (!serial && pr.gcopied && nclip > 0) pr.grad->copy_(pr.gcopy);
   }
   double unused = 0.0;
   const double total = combine(tsum.data(), tnorm.data(), T, kind, p, &unused);

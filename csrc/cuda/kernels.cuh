@@ -122,6 +122,10 @@ struct Params {
   int32_t num_tensors;
   int32_t num_work;         // tensors with at least one unit (the first num_work of the table)
   int64_t total_units;
+  // The scale kernel's units [scale_begin, scale_end) (the whole table: 0, total_units; one
+  // tensor's units when gradients that share memory are written one at a time, in list order)
+  int64_t scale_begin;
+  int64_t scale_end;
   int32_t kind;             // NormKind
   int32_t mode;             // Mode
   double p;                 // norm order (kLp)

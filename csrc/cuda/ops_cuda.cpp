@@ -1,19 +1,30 @@
 // Contract: the CUDA kernels of the gradstab ops grad_stats, clip_norm, clip_norm_per_layer,
-// clip_value and normalize_per_layer (schemas in gradstab/_library.py; adaptive_clip has none
-// here, the pure-PyTorch kernel serves it), registered for the CUDA dispatch key; the ATen side of kernels.cu (argument checks, descriptor table,
-// scratch, launches). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
+// clip_value and normalize_per_layer (schemas in gradstab/_library.py), registered for the CUDA
+// dispatch key; the ATen side of kernels.cu (argument checks, descriptor table, scratch,
+// launches), and the table cache and write-back helpers declared in table_cache.h (also used by
+// agc_ops_cuda.cpp). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
 //
 // Per call, with no host-device synchronisation (except error_if_nonfinite=True, which must read
-// the norm): check every argument; make a contiguous copy of any gradient that is not dense
-// and non-overlapping (rare: a strided view assigned as .grad; a dense permuted or channels-last
-// gradient is used in place); look up the descriptor table of this exact list of (data pointer,
-// numel, dtype) in a per-process cache, building and uploading it on a miss; allocate the
-// outputs and one scratch buffer from PyTorch's caching allocator; zero the completion counters
-// (cudaMemsetAsync); launch the reduce kernel and, for clipping, the scale kernel, all on the
-// current stream under a device guard. After a clipping op, the copy of a strided gradient is
-// written back by a small kernel that first reads the device flag saying whether the call
-// changed that tensor (nothing is written on a healthy step, as on the CPU); a gradient with
-// more than 12 dimensions is copied back with copy_ unconditionally.
+// the norm, as returned: inf also where a float32 result overflows): check every argument; make
+// a contiguous copy of any gradient that is not dense and non-overlapping (rare: a strided view
+// assigned as .grad; a dense permuted or channels-last gradient is used in place); look up the
+// descriptor table of this exact list of (data pointer, numel, dtype) in a per-process cache,
+// building and uploading it on a miss; allocate the outputs and one scratch buffer from
+// PyTorch's caching allocator; zero the completion counters (cudaMemsetAsync); launch the
+// reduce kernel and, for clipping, the scale kernel, all on the current stream under a device
+// guard. After a clipping op, the copy of a strided gradient is written back by a small kernel
+// that first reads the device flag saying whether the call changed that tensor (nothing is
+// written on a healthy step, as on the CPU); a gradient whose dimensions cannot be merged into
+// 12 is copied back with copy_ unconditionally (refused up front if it is an expanded view).
+//
+// Gradients that share memory (the same tensor twice, overlapping views; known from the cached
+// table for dense gradients, checked per call when a strided one is present) would race in the
+// scale kernel (and in value clipping's fused clamp): the statistics are then taken first (value
+// clipping deferred to the scale kernel), and the scale kernel runs once per gradient, over just
+// its units, in list order, each gradient scaled by its coefficient from the statistics on entry
+// (a gradient passed twice is scaled twice, as by PyTorch's loops); a strided gradient is re-read
+// into its copy just before its turn. An expanded gradient on its own is written back with
+// aliased elements receiving equal values (one coefficient per tensor), so it is accepted.
 //
 // The descriptor-table cache (why and how it stays correct):
 //   * an entry is immutable: the table of one list of (pointer, numel, dtype) on one device. A
@@ -41,6 +52,7 @@
 #include "cuda/ops_cuda.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -62,6 +74,7 @@
 #include <vector>
 
 #include "cuda/kernels.cuh"
+#include "cuda/table_cache.h"
 
 namespace gradstab {
 namespace cuda {
@@ -71,98 +84,33 @@ std::atomic<int> g_max_blocks{0};
 
 // ------------------------------------------------------------------ descriptor tables --
 
-struct KeyItem {
-  uint64_t ptr;
-  int64_t numel;
-  int32_t dtype;
-  bool operator==(const KeyItem& o) const {
-    return ptr == o.ptr && numel == o.numel && dtype == o.dtype;
-  }
-};
-
-struct Entry {
-  int device = -1;
-  std::vector<KeyItem> key;
-  at::Tensor table;           // TensorDesc[T] on the device
-  int64_t bytes = 0;          // of the table
-  void* host_copy = nullptr;  // pinned copy of a table built during a capture (never freed)
-  int64_t total_units = 0;
-  int32_t num_work = 0;
-  bool retained = false;      // used by a CUDA graph capture: never freed or changed
-  bool filled = false;        // an eager copy has written the device table (see get())
-  cudaEvent_t ready = nullptr;           // recorded on `home` after that copy
-  cudaStream_t home = nullptr;           // the stream of that copy
-  std::vector<cudaStream_t> recorded;    // other streams made to wait for it (and recorded)
-
-  Entry() = default;
-  Entry(const Entry&) = delete;
-  Entry& operator=(const Entry&) = delete;
-  ~Entry() {
-    if (ready != nullptr) (void)cudaEventDestroy(ready);  // deferred by the driver if pending
-  }
-
-  // After an eager copy into the table on `stream`: remember where and when it completes.
-  void mark_filled(cudaStream_t stream) {
-    if (ready == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(ready, stream));
-    home = stream;
-    filled = true;
-  }
-};
-
 int32_t align_offset(uint64_t ptr, int32_t dtype) {
   const uint64_t size = static_cast<uint64_t>(dtype_size(dtype));
   if (ptr % size != 0) return -1;
   return static_cast<int32_t>(((16 - ptr % 16) % 16) / size);
 }
 
-std::shared_ptr<Entry> build_entry(int device, std::vector<KeyItem>&& key,
-                                   const c10::cuda::CUDAStream& stream, bool capturing) {
+std::shared_ptr<Entry> build_entry(int device, int32_t tag, std::vector<KeyItem>&& key,
+                                   HostTable&& host, const c10::cuda::CUDAStream& stream,
+                                   bool capturing) {
   auto e = std::make_shared<Entry>();
   e->device = device;
+  e->tag = tag;
   e->key = std::move(key);
+  e->meta = std::move(host.meta);
   e->home = stream.stream();
-  const int64_t T = static_cast<int64_t>(e->key.size());
-  std::vector<int64_t> units(T);
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t per = unit_elems(e->key[i].dtype);
-    units[i] = (e->key[i].numel + per - 1) / per;
-  }
-  // Work order: most units first (so the tensors that finish last are small and quick to
-  // combine), ties in input order; zero-size tensors last.
-  std::vector<int32_t> order(T);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return units[a] > units[b]; });
-  std::vector<TensorDesc> desc(T);
-  int64_t first = 0;
-  for (int64_t w = 0; w < T; ++w) {
-    const int32_t i = order[w];
-    const KeyItem& k = e->key[i];
-    TensorDesc& d = desc[w];
-    d.ptr = k.ptr;
-    d.numel = k.numel;
-    d.first_unit = first;
-    d.num_units = units[i];
-    d.dtype = k.dtype;
-    d.orig = i;
-    d.align_offset = align_offset(k.ptr, k.dtype);
-    d.pad = 0;
-    first += units[i];
-    if (units[i] > 0) ++e->num_work;
-  }
-  e->total_units = first;
-  const int64_t bytes = std::max<int64_t>(T, 1) * static_cast<int64_t>(sizeof(TensorDesc));
+  const int64_t bytes = std::max<int64_t>(static_cast<int64_t>(host.bytes.size()), 16);
   e->bytes = bytes;
   const auto dev_opts = at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device);
   if (!capturing) {
     // One asynchronous H2D copy from pinned memory; PyTorch's host allocator recycles the
     // pinned block only after the copy has run.
-    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memset(host.data_ptr(), 0, bytes);
-    std::memcpy(host.data_ptr(), desc.data(), T * sizeof(TensorDesc));
+    at::Tensor pinned =
+        at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memset(pinned.data_ptr(), 0, bytes);
+    if (!host.bytes.empty()) std::memcpy(pinned.data_ptr(), host.bytes.data(), host.bytes.size());
     e->table = at::empty({bytes}, dev_opts);
-    e->table.copy_(host, /*non_blocking=*/true);
+    e->table.copy_(pinned, /*non_blocking=*/true);
     e->mark_filled(stream.stream());
   } else {
     // Kept for the life of the process: the graph's copy node reads it at every replay.
@@ -172,7 +120,7 @@ std::shared_ptr<Entry> build_entry(int device, std::vector<KeyItem>&& key,
       C10_CUDA_CHECK(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
     }
     std::memset(h, 0, bytes);
-    std::memcpy(h, desc.data(), T * sizeof(TensorDesc));
+    if (!host.bytes.empty()) std::memcpy(h, host.bytes.data(), host.bytes.size());
     e->host_copy = h;
     e->table = at::empty({bytes}, dev_opts);  // from the graph's private pool; never freed
     e->retained = true;  // the copy node itself is added by TableCache::get
@@ -180,14 +128,68 @@ std::shared_ptr<Entry> build_entry(int device, std::vector<KeyItem>&& key,
   return e;
 }
 
+// The norm ops' table (TensorDesc per gradient, in work order) and its host facts: meta[0]
+// total units, meta[1] tensors with units, meta[2] whether two of the key's spans overlap, then
+// per gradient (caller's order) its first unit (meta[3 + i]) and unit count (meta[3 + T + i]).
+constexpr int32_t kNormTableTag = 0;
+enum NormMeta : int { kTotalUnits = 0, kNumWork = 1, kKeyOverlap = 2, kPerTensor = 3 };
+
+HostTable build_norm_table(const std::vector<KeyItem>& key) {
+  const int64_t T = static_cast<int64_t>(key.size());
+  std::vector<int64_t> units(T);
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t per = unit_elems(key[i].dtype);
+    units[i] = (key[i].numel + per - 1) / per;
+  }
+  // Work order: most units first (so the tensors that finish last are small and quick to
+  // combine), ties in input order; zero-size tensors last.
+  std::vector<int32_t> order(T);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return units[a] > units[b]; });
+  HostTable host;
+  host.meta.assign(kPerTensor + 2 * T, 0);
+  std::vector<TensorDesc> desc(T);
+  int64_t first = 0, num_work = 0;
+  for (int64_t w = 0; w < T; ++w) {
+    const int32_t i = order[w];
+    const KeyItem& k = key[i];
+    TensorDesc& d = desc[w];
+    d.ptr = k.ptr;
+    d.numel = k.numel;
+    d.first_unit = first;
+    d.num_units = units[i];
+    d.dtype = k.dtype;
+    d.orig = i;
+    d.align_offset = align_offset(k.ptr, k.dtype);
+    d.pad = 0;
+    host.meta[kPerTensor + i] = first;
+    host.meta[kPerTensor + T + i] = units[i];
+    first += units[i];
+    if (units[i] > 0) ++num_work;
+  }
+  std::vector<ByteSpan> spans;
+  spans.reserve(T);
+  for (const KeyItem& k : key) {
+    spans.emplace_back(k.ptr, k.ptr + static_cast<uint64_t>(k.numel * dtype_size(k.dtype)));
+  }
+  host.meta[kTotalUnits] = first;
+  host.meta[kNumWork] = num_work;
+  host.meta[kKeyOverlap] = spans_overlap(std::move(spans), {}) ? 1 : 0;
+  host.bytes.resize(T * sizeof(TensorDesc));
+  if (T > 0) std::memcpy(host.bytes.data(), desc.data(), T * sizeof(TensorDesc));
+  return host;
+}
+
 class TableCache {
  public:
-  std::shared_ptr<Entry> get(int device, std::vector<KeyItem>&& key,
-                             const c10::cuda::CUDAStream& stream, bool capturing) {
+  std::shared_ptr<Entry> get(int device, int32_t tag, std::vector<KeyItem>&& key,
+                             const c10::cuda::CUDAStream& stream, bool capturing,
+                             const TableBuilder& build) {
     std::lock_guard<std::mutex> lock(mu_);
     std::shared_ptr<Entry> e;
     for (auto it = lru_.begin(); it != lru_.end(); ++it) {
-      if ((*it)->device == device && (*it)->key == key) {
+      if ((*it)->device == device && (*it)->tag == tag && (*it)->key == key) {
         e = *it;
         lru_.splice(lru_.begin(), lru_, it);
         ++stats_.hits;
@@ -197,7 +199,8 @@ class TableCache {
     if (!e) {
       ++stats_.misses;
       if (capturing) ++stats_.built_in_capture;
-      e = build_entry(device, std::move(key), stream, capturing);
+      HostTable host = build(key);
+      e = build_entry(device, tag, std::move(key), std::move(host), stream, capturing);
       lru_.push_front(e);
       while (lru_.size() > kCapacity) {
         if (lru_.back()->retained) kept_.push_back(lru_.back());
@@ -261,6 +264,119 @@ TableCache& cache() {
   static TableCache* c = new TableCache();  // never destroyed: graphs may outlive static dtors
   return *c;
 }
+
+// (size, stride) of g's dimensions, outermost first, with size-1 dimensions dropped and
+// neighbours merged where the outer stride is the inner one times the inner size: the same
+// row-major element order, as few dimensions as possible.
+std::vector<std::pair<int64_t, int64_t>> coalesced_dims(const at::Tensor& g) {
+  std::vector<std::pair<int64_t, int64_t>> d;
+  for (int64_t i = 0; i < g.dim(); ++i) {
+    const int64_t n = g.size(i), st = g.stride(i);
+    if (n == 1) continue;
+    if (!d.empty() && d.back().second == st * n) {
+      d.back() = {d.back().first * n, st};
+    } else {
+      d.emplace_back(n, st);
+    }
+  }
+  return d;
+}
+
+void sort_spans(std::vector<ByteSpan>& v) {
+  v.erase(std::remove_if(v.begin(), v.end(), [](const ByteSpan& s) { return s.first >= s.second; }),
+          v.end());
+  if (std::is_sorted(v.begin(), v.end())) return;
+  std::reverse(v.begin(), v.end());
+  if (!std::is_sorted(v.begin(), v.end())) std::sort(v.begin(), v.end());
+}
+
+}  // namespace
+
+Entry::~Entry() {
+  if (ready != nullptr) (void)cudaEventDestroy(ready);  // deferred by the driver if pending
+}
+
+void Entry::mark_filled(cudaStream_t stream) {
+  if (ready == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ready, stream));
+  home = stream;
+  filled = true;
+}
+
+std::shared_ptr<Entry> get_table(int device, int32_t tag, std::vector<KeyItem>&& key,
+                                 const c10::cuda::CUDAStream& stream, bool capturing,
+                                 const TableBuilder& build) {
+  return cache().get(device, tag, std::move(key), stream, capturing, build);
+}
+
+int max_blocks() { return g_max_blocks.load(std::memory_order_relaxed); }
+
+ByteSpan byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  int64_t extent = 1;  // elements from the first addressed to the last one
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const uint64_t lo = reinterpret_cast<uint64_t>(t.const_data_ptr());
+  return {lo, lo + static_cast<uint64_t>(extent * static_cast<int64_t>(t.element_size()))};
+}
+
+bool spans_overlap(std::vector<ByteSpan> written, std::vector<ByteSpan> read) {
+  sort_spans(written);
+  sort_spans(read);
+  for (size_t k = 1; k < written.size(); ++k) {
+    if (written[k].first < written[k - 1].second) return true;
+  }
+  // written against read: merge the sorted lists; a span overlaps an earlier one of the other
+  // kind iff it starts before the largest end seen among those
+  uint64_t w_end = 0, r_end = 0;
+  size_t a = 0, b = 0;
+  while (a < written.size() || b < read.size()) {
+    if (b == read.size() || (a < written.size() && written[a] < read[b])) {
+      if (written[a].first < r_end) return true;
+      w_end = std::max(w_end, written[a].second);
+      ++a;
+    } else {
+      if (read[b].first < w_end) return true;
+      r_end = std::max(r_end, read[b].second);
+      ++b;
+    }
+  }
+  return false;
+}
+
+void check_writeback(const at::Tensor& g, int64_t index, int64_t count) {
+  if (g.numel() == 0 || g.is_non_overlapping_and_dense()) return;
+  if (static_cast<int64_t>(coalesced_dims(g).size()) <= kMaxWritebackDims) return;
+  TORCH_CHECK_VALUE(at::has_internal_overlap(g) != at::MemOverlap::Yes, "gradstab: gradient ",
+                    index, " of ", count, " (shape ", g.sizes(), ") has more than ",
+                    kMaxWritebackDims, " dimensions that cannot be merged and several of its "
+                    "elements share one memory location (an expanded view?), so it cannot be "
+                    "written back in place. Give it its own memory first, e.g. "
+                    "`p.grad = p.grad.clone()`. No gradient was changed.");
+}
+
+void write_back(const at::Tensor& g, const at::Tensor& copy, const int32_t* flag32,
+                const int64_t* flag64, cudaStream_t stream) {
+  const auto dims = coalesced_dims(g);
+  if (static_cast<int64_t>(dims.size()) > kMaxWritebackDims) {
+    g.copy_(copy);  // more dimensions than the write-back kernel takes: always copied
+    return;
+  }
+  WritebackParams W{};
+  W.src = copy.const_data_ptr();
+  W.dst = g.data_ptr();
+  W.numel = g.numel();
+  W.ndim = static_cast<int32_t>(dims.size());
+  W.elem_size = static_cast<int32_t>(g.element_size());
+  for (size_t d = 0; d < dims.size(); ++d) {
+    W.sizes[d] = dims[d].first;
+    W.strides[d] = dims[d].second;
+  }
+  W.flag32 = flag32;
+  W.flag64 = flag64;
+  C10_CUDA_CHECK(launch_writeback(W, stream));
+}
+
+namespace {
 
 // ------------------------------------------------------------------------- arguments --
 
@@ -391,18 +507,36 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   if (op != Op::kStats) b = resolve_bound(bound, bound_name, device);
 
   // The memory the kernels work on: the gradient, or a contiguous copy of a strided one.
-  std::vector<std::pair<int64_t, at::Tensor>> copies;
+  std::vector<at::Tensor> copy_of(T);  // undefined where the gradient itself is used
   std::vector<KeyItem> key(T);
-  bool any_double = false;
+  bool any_double = false, any_copy = false;
   for (int64_t i = 0; i < T; ++i) {
     const at::Tensor& g = grads[i];
+    if (op != Op::kStats) check_writeback(g, i, T);  // before anything is written
     const void* ptr = g.data_ptr();
     if (g.numel() > 0 && !g.is_non_overlapping_and_dense()) {
-      copies.emplace_back(i, g.contiguous());
-      ptr = copies.back().second.data_ptr();
+      copy_of[i] = g.contiguous();
+      ptr = copy_of[i].data_ptr();
+      any_copy = true;
     }
     key[i] = KeyItem{reinterpret_cast<uint64_t>(ptr), g.numel(), to_dtype(g.scalar_type())};
     any_double = any_double || g.scalar_type() == at::kDouble;
+  }
+  const std::shared_ptr<Entry> entry = get_table(static_cast<int>(device.index()),
+                                                 kNormTableTag, std::move(key), stream,
+                                                 capturing, build_norm_table);
+  const int64_t total_units = entry->meta[kTotalUnits];
+  // Gradients that share memory (the same tensor twice, overlapping views) would race in the
+  // write passes: they are then written one at a time, in list order, after the statistics.
+  bool shared = false;
+  if (op != Op::kStats) {
+    shared = entry->meta[kKeyOverlap] != 0;  // dense gradients, known from the cached key
+    if (!shared && any_copy) {                // a strided one may lie across any other
+      std::vector<ByteSpan> spans;
+      spans.reserve(T);
+      for (const at::Tensor& g : grads) spans.push_back(byte_span(g));
+      shared = spans_overlap(std::move(spans), {});
+    }
   }
   const int32_t kind = norm_kind(norm_type);
   int32_t mode = kStats;
@@ -412,12 +546,11 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
     case Op::kClipNormPerLayer: mode = kClipPerLayer; break;
     case Op::kNormalizePerLayer: mode = kNormalize; break;
     case Op::kClipValue:
-      // float64 norms and p-norms may be recomputed from the data: clamp after the statistics.
-      mode = (any_double || kind == kLp) ? kClipValueDeferred : kClipValue;
+      // float64 norms and p-norms may be recomputed from the data, and a gradient sharing
+      // memory with another may be read by other warps: clamp after the statistics.
+      mode = (any_double || kind == kLp || shared) ? kClipValueDeferred : kClipValue;
       break;
   }
-  const std::shared_ptr<Entry> entry =
-      cache().get(static_cast<int>(device.index()), std::move(key), stream, capturing);
 
   const auto rd = any_double ? at::kDouble : at::kFloat;
   const auto fopt = at::TensorOptions().dtype(rd).device(device);
@@ -431,7 +564,7 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   const int64_t off_tensors = off_global + static_cast<int64_t>(sizeof(GlobalRecord));
   const int64_t off_units = align16(off_tensors + T * static_cast<int64_t>(sizeof(TensorRecord)));
   const int64_t scratch_bytes =
-      off_units + entry->total_units * static_cast<int64_t>(sizeof(UnitRecord));
+      off_units + total_units * static_cast<int64_t>(sizeof(UnitRecord));
   at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   char* base = static_cast<char*>(scratch.data_ptr());
   C10_CUDA_CHECK(cudaMemsetAsync(base, 0, counter_bytes, stream.stream()));
@@ -439,8 +572,10 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   Params P{};
   P.table = static_cast<const TensorDesc*>(entry->table.const_data_ptr());
   P.num_tensors = static_cast<int32_t>(T);
-  P.num_work = entry->num_work;
-  P.total_units = entry->total_units;
+  P.num_work = static_cast<int32_t>(entry->meta[kNumWork]);
+  P.total_units = total_units;
+  P.scale_begin = 0;
+  P.scale_end = total_units;
   P.kind = kind;
   P.mode = mode;
   P.p = norm_type;
@@ -459,44 +594,46 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   P.out_double = any_double ? 1 : 0;
 
   const int dev = static_cast<int>(device.index());
-  const int cap = g_max_blocks.load(std::memory_order_relaxed);
-  C10_CUDA_CHECK(launch_reduce(P, reduce_grid(dev, entry->total_units, cap), stream.stream()));
+  const int cap = max_blocks();
+  C10_CUDA_CHECK(launch_reduce(P, reduce_grid(dev, total_units, cap), stream.stream()));
 
   if (error_if_nonfinite) {  // the documented host sync: the caller asked for it
-    const double t = scratch.narrow(0, off_global, 8).view(at::kDouble).item<double>();
+    // The norm as returned: inf also where a float32 result overflows (beyond FLT_MAX).
+    const double t = total.item<double>();
     if (!std::isfinite(t)) {
       TORCH_CHECK(false, nonfinite_message(norm_type, t, grads, nonfinite.cpu()));
     }
   }
+  if (op == Op::kStats) return {norms, max_abs, nonfinite, total};
   const bool writes = mode == kClipNorm || mode == kClipPerLayer || mode == kNormalize ||
                       mode == kClipValueDeferred;
-  if (writes) {
-    C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, entry->total_units, cap), stream.stream()));
-  }
-  if (op != Op::kStats) {
-    for (auto& c : copies) {
-      const at::Tensor& g = grads[c.first];
-      if (g.dim() > kMaxWritebackDims) {
-        g.copy_(c.second);  // more dimensions than the write-back kernel takes: always copied
-        continue;
-      }
-      WritebackParams W{};
-      W.src = c.second.const_data_ptr();
-      W.dst = g.data_ptr();
-      W.numel = g.numel();
-      W.ndim = static_cast<int32_t>(g.dim());
-      W.elem_size = static_cast<int32_t>(g.element_size());
-      for (int64_t d = 0; d < g.dim(); ++d) {
-        W.sizes[d] = g.size(d);
-        W.strides[d] = g.stride(d);
-      }
-      if (mode == kClipNorm) {
-        W.flag32 = &P.global->scale;
-      } else {
-        W.flag64 = &P.tensors[c.first].write;
-      }
-      C10_CUDA_CHECK(launch_writeback(W, stream.stream()));
+  // Strided gradients: written back from their copy only if this call changed them.
+  auto write_back_copy = [&](int64_t i) {
+    const int32_t* flag32 = mode == kClipNorm ? &P.global->scale : nullptr;
+    const int64_t* flag64 = mode == kClipNorm ? nullptr : &P.tensors[i].write;
+    write_back(grads[i], copy_of[i], flag32, flag64, stream.stream());
+  };
+  if (!shared) {
+    if (writes) {
+      C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, total_units, cap), stream.stream()));
     }
+    for (int64_t i = 0; i < T; ++i) {
+      if (copy_of[i].defined()) write_back_copy(i);
+    }
+    return {norms, max_abs, nonfinite, total};
+  }
+  // One gradient at a time, in list order, each with its coefficient from the statistics on
+  // entry (a gradient passed twice is scaled twice, as by PyTorch's loops); a strided gradient
+  // is re-read into its copy just before (an earlier gradient may have changed its memory).
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t units = entry->meta[kPerTensor + T + i];
+    if (units == 0) continue;
+    if (copy_of[i].defined()) copy_of[i].copy_(grads[i]);
+    Params Q = P;
+    Q.scale_begin = entry->meta[kPerTensor + i];
+    Q.scale_end = Q.scale_begin + units;
+    C10_CUDA_CHECK(launch_scale(Q, scale_grid(dev, units, cap), stream.stream()));
+    if (copy_of[i].defined()) write_back_copy(i);
   }
   return {norms, max_abs, nonfinite, total};
 }

@@ -1,0 +1,275 @@
+// Contract: device building blocks shared by the CUDA kernel files (kernels.cu, agc_cuda.cu):
+// element access for float16/bfloat16/float32/float64, correctly rounded arithmetic that is
+// never contracted into FMAs, fixed-order warp reductions, the walk over a span of elements
+// (scalar head up to the first 16-byte aligned element, 16-byte vectors, scalar tail), the
+// exact double redo of a span's sum, the exact non-finite count, and scaling with the CPU
+// kernel's rounding. Plain CUDA, no torch headers; everything has internal linkage (an
+// anonymous namespace), as when it lived in kernels.cu alone.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+namespace gradstab {
+namespace cuda {
+namespace {
+
+constexpr int kUnroll = 8;            // 16-byte vectors in flight per lane (hot passes)
+constexpr int kUnrollRare = 2;        // the same for the rare passes (less code)
+constexpr double kTinyUnit = 1e-30;   // float32 unit sums below this are redone in double
+constexpr double kTinySum = 1e-280;   // double sums below this may have lost terms to underflow
+constexpr unsigned kFull = 0xffffffffu;
+
+// ------------------------------------------------------------------------ element access --
+
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  using Acc = float;
+  static constexpr int V = 4;
+};
+template <>
+struct Traits<__half> {
+  using Acc = float;
+  static constexpr int V = 8;
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  using Acc = float;
+  static constexpr int V = 8;
+};
+template <>
+struct Traits<double> {
+  using Acc = double;
+  static constexpr int V = 2;
+};
+
+// 16 bytes of data as whatever the element type is.
+union Vec {
+  uint4 u;
+  float f[4];
+  double d[2];
+  unsigned short h[8];
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ typename Traits<T>::Acc vec_get(const Vec& v, int j);
+template <>
+__device__ __forceinline__ float vec_get<float>(const Vec& v, int j) {
+  return v.f[j];
+}
+template <>
+__device__ __forceinline__ double vec_get<double>(const Vec& v, int j) {
+  return v.d[j];
+}
+template <>
+__device__ __forceinline__ float vec_get<__half>(const Vec& v, int j) {
+  return __half2float(__ushort_as_half(v.h[j]));
+}
+template <>
+__device__ __forceinline__ float vec_get<__nv_bfloat16>(const Vec& v, int j) {
+  return __uint_as_float(static_cast<unsigned>(v.h[j]) << 16);  // exact
+}
+
+// Element bits of a value rounded (to nearest even) to T, for 16-bit types.
+__device__ __forceinline__ unsigned short bits16(__half, float x) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+__device__ __forceinline__ unsigned short bits16(__nv_bfloat16, float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ __half from_float(__half, float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float(__nv_bfloat16, float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Correctly rounded arithmetic, never contracted into FMAs (whatever the compiler flags).
+__device__ __forceinline__ float radd(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double radd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float rmul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double rmul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float rabs(float x) { return fabsf(x); }
+__device__ __forceinline__ double rabs(double x) { return fabs(x); }
+
+// ------------------------------------------------------------------------ warp reductions --
+// xor butterflies: every lane ends with the same bits (addition is commutative).
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = __dadd_rn(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+__device__ __forceinline__ long long warp_sum(long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+// Max of NaN-free values.
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    A w = __shfl_xor_sync(kFull, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// ------------------------------------------------------------------------------ spans --
+
+// The elements of one unit: a scalar head [begin, head_end) up to the first 16-byte aligned
+// element, whole 16-byte vectors [head_end, body_end), a scalar tail [body_end, end).
+struct Span {
+  int64_t begin;
+  int64_t head_end;
+  int64_t body_end;
+  int64_t end;
+};
+
+// Visits the unit: scalar(i) for the head and tail elements of this lane, vec(v, k) for the
+// body vectors of this lane (k: vector index from head_end), group() after every kU vectors.
+// Lane l takes head/tail elements l, l + 32, ... and body vectors l, l + 32, ...; kU vectors are
+// loaded before any is used.
+template <int kU, typename T, typename ScalarFn, typename VecFn, typename GroupFn>
+__device__ __forceinline__ void for_span_grouped(T* p, const Span& s, int lane, ScalarFn&& scalar,
+                                                 VecFn&& vec, GroupFn&& group) {
+  constexpr int V = Traits<T>::V;
+  for (int64_t i = s.begin + lane; i < s.head_end; i += 32) scalar(i);
+  const int64_t nvec = (s.body_end - s.head_end) / V;
+  const uint4* vp = reinterpret_cast<const uint4*>(p + s.head_end);
+  for (int64_t k0 = 0; k0 < nvec; k0 += 32 * kU) {
+    Vec r[kU];
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int64_t k = k0 + q * 32 + lane;
+      if (k < nvec) {
+        r[q].u = __ldcg(vp + k);  // 16-byte global load, cached in L2 only (streaming data)
+      } else {
+        r[q].u = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kU; ++q) {
+      const int64_t k = k0 + q * 32 + lane;
+      if (k < nvec) vec(r[q], k);
+    }
+    group();
+  }
+  for (int64_t i = s.body_end + lane; i < s.end; i += 32) scalar(i);
+}
+
+template <int kU = kUnrollRare, typename T, typename ScalarFn, typename VecFn>
+__device__ __forceinline__ void for_span(T* p, const Span& s, int lane, ScalarFn&& scalar,
+                                         VecFn&& vec) {
+  for_span_grouped<kU>(p, s, lane, scalar, vec, [] {});
+}
+
+template <typename T>
+__device__ __forceinline__ uint4* vec_ptr(T* p, const Span& s, int64_t k) {
+  return reinterpret_cast<uint4*>(p + s.head_end) + k;
+}
+
+// ------------------------------------------------------------------------- unit passes --
+
+// Sum of |x| (kL1) or x^2 in double, one accumulator per lane: the exact redo of a unit.
+template <typename T, bool kL1>
+__device__ __noinline__ double unit_sum_double(T* p, const Span& s, int lane) {
+  constexpr int V = Traits<T>::V;
+  double acc = 0.0;
+  auto add = [&](double x) {
+    const double a = fabs(x);
+    acc = __dadd_rn(acc, kL1 ? a : __dmul_rn(a, a));
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
+      });
+  return warp_sum(acc);
+}
+
+// Exact count of NaN/Inf elements and the NaN-propagating max |x| of a unit.
+template <typename T>
+__device__ __noinline__ void unit_count_nonfinite(T* p, const Span& s, int lane, int32_t* count,
+                                     double* max_abs) {
+  constexpr int V = Traits<T>::V;
+  long long n = 0;
+  bool nan = false;
+  double m = 0.0;
+  auto look = [&](double x) {
+    if (!isfinite(x)) {
+      ++n;
+      nan = nan || isnan(x);
+    }
+    const double a = fabs(x);
+    m = a > m ? a : m;
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { look(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) look(static_cast<double>(vec_get<T>(v, j)));
+      });
+  n = warp_sum(n);
+  nan = __any_sync(kFull, nan);
+  m = warp_max(m);
+  *count = static_cast<int32_t>(n);
+  *max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : m;
+}
+
+// x * coef with the CPU kernel's rounding.
+__device__ __forceinline__ float scale_elem(float x, double coef) {
+  return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
+}
+__device__ __forceinline__ double scale_elem(double x, double coef) { return __dmul_rn(x, coef); }
+
+template <typename T>
+__device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double coef) {
+  constexpr int V = Traits<T>::V;
+  const float cf = __double2float_rn(coef);
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = from_float(T{}, __fmul_rn(to_acc(p[i]), cf)); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < V; ++j) w.h[j] = bits16(T{}, __fmul_rn(vec_get<T>(v, j), cf));
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void scale_unit<float>(float* p, const Span& s, int lane, double coef) {
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w.f[j] = scale_elem(v.f[j], coef);
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+template <>
+__device__ __noinline__ void scale_unit<double>(double* p, const Span& s, int lane, double coef) {
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) w.d[j] = scale_elem(v.d[j], coef);
+        *vec_ptr(p, s, k) = w.u;
+      });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace gradstab
