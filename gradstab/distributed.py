@@ -690,9 +690,9 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor in place by the 0-d ``coef`` (float64, on their device).
 
     On CPU the coefficient is read on the host (free there) and a coefficient of exactly 1
-    writes nothing (any other, above 1 too, is applied); elsewhere the multiply is issued without a host read.  float16 and
-    bfloat16 multiply in float32, float32 by the coefficient rounded to float32 (as
-    ``torch.nn.utils.clip_grad_norm_`` does).
+    writes nothing (any other, above 1 too, is applied); elsewhere the multiply is issued
+    without a host read.  float16 and bfloat16 multiply in float32, float32 by the
+    coefficient rounded to float32 (as ``torch.nn.utils.clip_grad_norm_`` does).
 
     Example:
         >>> import torch, gradstab
