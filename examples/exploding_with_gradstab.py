@@ -1,17 +1,19 @@
-"""(d) The exploding net of (c), trained stably by clipping with gradstab.
+"""(d) and (e): the exploding net of (c), trained stably by clipping with gradstab.
 
-Run (d) of ``python -m gradstab demo``.  The same ReLU MLP with the same too-large initial
-weights as ``exploding_without_clipping.py`` is trained twice:
+Runs (d) and (e) of ``python -m gradstab demo``.  The same ReLU MLP with the same too-large
+initial weights as ``exploding_without_clipping.py`` is trained twice:
 
 1. in Lightning with :class:`gradstab.GradStabCallback`: the total gradient norm is clipped to
    ``--max-norm`` in one fused pass before every optimizer step, and a step whose gradients
    hold a NaN/Inf would be skipped (``nonfinite="skip"``: parameters and momentum untouched);
-2. in a plain PyTorch loop with an adaptive threshold,
-   :class:`gradstab.ZScoreThreshold` (z-score spike clipping in the manner of ZClip) under the
-   same hard cap, through :func:`gradstab.adaptive.clip_`.
+2. in a plain PyTorch loop with :class:`gradstab.GradStabOptimizer` and an adaptive threshold,
+   :class:`gradstab.PercentileThreshold` (AutoClip: the ``--percentile``-th percentile of the
+   earlier steps' total norms) under the same hard cap.  The cap does the clipping while the
+   norms are large; the percentile takes over once they have come down.
 
-Both record per-layer gradient statistics in a :class:`gradstab.GradHistory` (pre-clip) and
-print :func:`gradstab.diagnose`'s verdict, the steps clipped and the accuracy reached.
+Both keep their gradient history themselves (``history=<steps>``: pre-clip per-layer norms,
+the post-clip norm, the threshold in force) and diagnose it; the script prints the verdict,
+the steps clipped, the thresholds used and the accuracy reached.
 
 Run (about 10 seconds on a CPU):
     python examples/exploding_with_gradstab.py
@@ -50,14 +52,9 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
 
 
-class RecordGradients(pl.Callback):
-    """Feeds a GradHistory each optimizer step (put it before GradStabCallback: pre-clip)."""
-
-    def __init__(self, history: gradstab.GradHistory) -> None:
-        self.history = history
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.history.record_step(trainer.global_step)
+def verdict(report: gradstab.Diagnosis) -> str:
+    """``healthy`` or the diagnosis's findings."""
+    return "healthy" if report.healthy else "; ".join(report.findings())
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -68,13 +65,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None
 
 
 def with_lightning(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """Part 1: Lightning + GradStabCallback with a fixed threshold."""
+    """Part 1: Lightning + GradStabCallback with a fixed threshold and a gradient history."""
     x, y, x_val, y_val = data
     torch.manual_seed(args.seed)
     model = exploding_mlp(depth=10, width=64)
-    history = gradstab.GradHistory(model, capacity=args.steps)
     clipper = gradstab.GradStabCallback(
-        mode="norm", max_norm=args.max_norm, nonfinite="skip", log_every_n_steps=0
+        max_norm=args.max_norm, nonfinite="skip", history=args.steps, log_every_n_steps=0
     )
     sampler = torch.utils.data.RandomSampler(
         range(len(y)),
@@ -93,22 +89,22 @@ def with_lightning(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> 
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=not args.no_progress_bar,
-        callbacks=[RecordGradients(history), clipper],  # the recorder first: pre-clip norms
+        callbacks=[clipper],
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*", category=FutureWarning)
         trainer.fit(Classifier(model), loader)
 
-    report = gradstab.diagnose(history)
+    report = clipper.diagnosis  # made from clipper.history at the end of fit
+    assert report is not None
     counts = clipper.counters()
     acc = accuracy(model, x_val, y_val)
     print(
-        f"\n1. Lightning + GradStabCallback(max_norm={args.max_norm:g}, nonfinite='skip'): "
-        f"{counts['clipped_steps']} of {counts['steps']} steps clipped, "
+        f"\n1. Lightning + GradStabCallback(max_norm={args.max_norm:g}, nonfinite='skip', "
+        f"history={args.steps}): {counts['clipped_steps']} of {counts['steps']} steps clipped, "
         f"{counts['skipped_steps']} skipped; validation accuracy "
-        f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}; diagnosis: "
-        + ("healthy" if report.healthy else "; ".join(report.findings()))
+        f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}; diagnosis: {verdict(report)}"
     )
     return {"counters": counts, "accuracy": acc, "diagnosis": report}
 
@@ -116,35 +112,48 @@ def with_lightning(args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> 
 def with_adaptive_threshold(
     args: argparse.Namespace, data: tuple[torch.Tensor, ...]
 ) -> dict[str, Any]:
-    """Part 2: a plain loop, z-score spike clipping under the same hard cap."""
+    """Part 2: a plain loop, GradStabOptimizer, a percentile threshold under the same cap."""
     x, y, x_val, y_val = data
     torch.manual_seed(args.seed)
     model = exploding_mlp(depth=10, width=64)  # the same initial weights as part 1
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    history = gradstab.GradHistory(model, capacity=args.steps)
-    threshold = gradstab.ZScoreThreshold(max_norm=args.max_norm)  # ZClip's defaults + a cap
+    threshold = gradstab.PercentileThreshold(
+        args.percentile, include_current=False, max_norm=args.max_norm
+    )
+    optimizer = gradstab.GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        max_norm=threshold,
+        nonfinite="skip",
+        module=model,
+        history=args.steps,
+    )
     batches = torch.Generator().manual_seed(args.seed)
-    clipped = 0
-    for step in range(args.steps):
+    for _ in range(args.steps):
         idx = torch.randint(0, len(y), (64,), generator=batches)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        history.record_step(step)
-        total = gradstab.adaptive.clip_(model.parameters(), threshold)  # clip, then update
-        clipped += int(gradstab.grad_stats(model.parameters()).total_norm < total)
-        optimizer.step()
+        optimizer.step()  # clips to this step's threshold, then steps SGD
 
-    report = gradstab.diagnose(history)
-    stats = threshold.statistics()
-    spikes = int(stats["spikes"]) if stats is not None else 0
+    report = optimizer.diagnose()
+    counts = optimizer.counters()
+    assert optimizer.history is not None
+    used = optimizer.history.data().clip_threshold  # the threshold in force at each step
+    assert used is not None
+    below = int((used < args.max_norm).sum())
     acc = accuracy(model, x_val, y_val)
     print(
-        f"2. plain loop + ZScoreThreshold(max_norm={args.max_norm:g}): {clipped} of "
-        f"{args.steps} steps clipped ({spikes} z-score spikes detected); validation accuracy "
-        f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}; diagnosis: "
-        + ("healthy" if report.healthy else "; ".join(report.findings()))
+        f"2. plain loop + GradStabOptimizer(max_norm=PercentileThreshold({args.percentile:g}, "
+        f"include_current=False, max_norm={args.max_norm:g})): {counts['clipped_steps']} of "
+        f"{counts['steps']} steps clipped; threshold {float(used.min()):.3g}.."
+        f"{float(used.max()):.3g}, below the cap at {below} steps; validation accuracy "
+        f"{'n/a' if acc is None else f'{100 * acc:.1f}%'}; diagnosis: {verdict(report)}"
     )
-    return {"clipped_steps": clipped, "spikes": spikes, "accuracy": acc, "diagnosis": report}
+    return {
+        "counters": counts,
+        "thresholds": used,
+        "below_cap_steps": below,
+        "accuracy": acc,
+        "diagnosis": report,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -153,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=300, help="SGD steps per part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-norm", type=float, default=2.0, help="clip threshold (cap)")
+    parser.add_argument(
+        "--percentile", type=float, default=10.0, help="part 2: percentile of the earlier norms"
+    )
     parser.add_argument("--no-progress-bar", action="store_true")
     args = parser.parse_args(argv)
     data = (*make_data(4096, args.seed), *make_data(1024, args.seed, split=1))

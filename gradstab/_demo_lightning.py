@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from torch import Tensor, nn
 
 import gradstab
+from gradstab.adaptive import AdaptiveThreshold
 from gradstab.diagnosis import GradHistory
 
 __all__ = [
@@ -85,60 +86,6 @@ class LossTracker(Callback):
             self.stopped = True
 
 
-class _HistoryRecorder(Callback):
-    """Records each step's gradient statistics into a :class:`gradstab.GradHistory`.
-
-    The recorder goes before the clipping callback in the trainer's list and its
-    :attr:`post` part after it (Lightning calls ``on_before_optimizer_step`` in list order):
-    the first computes the pre-clip statistics (one fused read of the gradients), the second
-    the post-clip total norm and whether the step was skipped (the ``"skip"`` policy sets
-    every ``.grad`` to ``None``), and records the row.
-    """
-
-    def __init__(self, model: nn.Module, capacity: int, clip_threshold: float | None) -> None:
-        self.history = GradHistory(model, capacity=capacity)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._named = named
-        self._threshold = clip_threshold
-        self._pending: tuple[Any, list[str], list[Tensor], int] | None = None
-        recorder = self
-
-        class _Post(Callback):
-            def on_before_optimizer_step(
-                self, trainer: pl.Trainer, pl_module: Any, optimizer: Any
-            ) -> None:
-                recorder._finish()
-
-        self.post = _Post()
-
-    @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        with_grad = [(n, p) for n, p in self._named if p.grad is not None]
-        grads = [p.grad for _, p in with_grad]
-        stats = gradstab.grad_stats([p for _, p in with_grad])
-        self._pending = (stats, [n for n, _ in with_grad], grads, trainer.global_step)
-
-    @torch.no_grad()
-    def _finish(self) -> None:
-        if self._pending is None:
-            return
-        stats, names, grads, step = self._pending
-        self._pending = None
-        left = [p for _, p in self._named if p.grad is not None]
-        post = None
-        if self._threshold is not None:
-            post = gradstab.grad_stats(left).total_norm if left else torch.zeros(())
-        self.history.record(
-            stats,
-            names,
-            grads=grads,
-            post_clip_norm=post,
-            clip_threshold=self._threshold,
-            skipped=bool(names) and not left,
-            step=step,
-        )
-
-
 class RunProgressBar(TQDMProgressBar):
     """Lightning's progress bar, labelled with the run instead of the epoch."""
 
@@ -157,45 +104,61 @@ class RunCallbacks:
     """The callbacks of one run and where to read their results.
 
     Attributes:
-        callbacks: for ``Trainer(callbacks=...)``, in this order.
-        history: returns the run's gradient history (call it after ``fit``).
-        clipper: the :class:`gradstab.GradStabCallback`, or ``None`` when the run does not
-            clip.
+        callbacks: for ``Trainer(callbacks=...)``.
+        callback: the run's :class:`gradstab.GradStabCallback` (it records the history and,
+            at the end of ``fit``, diagnoses it: :attr:`GradStabCallback.diagnosis`).
+        history: returns the run's gradient history, :attr:`GradStabCallback.history`
+            (call it after ``fit``: the callback makes it at the first optimizer step).
+        clipper: the :class:`gradstab.GradStabCallback` when the run clips, else ``None``
+            (a monitor-only callback records the history of the other runs).
         clip: how the run clips, in words, or ``None``.
     """
 
     callbacks: list[Callback]
-    history: Callable[[], GradHistory]
+    callback: Any
+    history: Callable[[], GradHistory | None]
     clipper: Any | None
     clip: str | None
 
 
-def build_callbacks(model: nn.Module, *, capacity: int, max_norm: float | None) -> RunCallbacks:
+def build_callbacks(*, capacity: int, max_norm: float | AdaptiveThreshold | None) -> RunCallbacks:
     """The one place that decides how a demo run is monitored and clipped.
 
-    Every run records its gradient statistics in a :class:`gradstab.GradHistory` of
-    ``capacity`` steps; with ``max_norm`` the run also clips with
-    :class:`gradstab.GradStabCallback` (total norm to ``max_norm``, non-finite steps
-    skipped).
+    Every run has one :class:`gradstab.GradStabCallback` that keeps a gradient history of
+    ``capacity`` optimizer steps (``history=capacity``): monitor-only (``mode=None``) without
+    ``max_norm``; with ``max_norm`` (a number, or an adaptive threshold such as
+    :class:`gradstab.ZScoreThreshold`) it clips the total norm and skips non-finite steps.
+    Nothing is logged (``log_every_n_steps=0``); at the end of ``fit`` the callback diagnoses
+    its history (:attr:`GradStabCallback.diagnosis`).
 
     Example:
-        >>> parts = build_callbacks(torch.nn.Linear(2, 1), capacity=10, max_norm=1.0)
-        >>> type(parts.clipper).__name__
-        'GradStabCallback'
+        >>> parts = build_callbacks(capacity=10, max_norm=1.0)
+        >>> type(parts.clipper).__name__, parts.history() is None  # no step yet
+        ('GradStabCallback', True)
     """
-    clipper = None
-    clip = None
-    if max_norm is not None:
-        clipper = gradstab.GradStabCallback(
-            mode="norm", max_norm=max_norm, nonfinite="skip", log_every_n_steps=0
-        )
-        clip = f"GradStabCallback: total norm clipped to {max_norm:g}, non-finite steps skipped"
-    recorder = _HistoryRecorder(model, capacity=capacity, clip_threshold=max_norm)
-    callbacks: list[Callback] = [recorder]
-    if clipper is not None:
-        callbacks.append(clipper)
-    callbacks.append(recorder.post)
-    return RunCallbacks(callbacks, lambda: recorder.history, clipper, clip)
+    common: dict[str, Any] = {"history": capacity, "log_every_n_steps": 0}
+    if max_norm is None:
+        cb = gradstab.GradStabCallback(mode=None, **common)
+        clipper = None
+        clip = None
+    else:
+        cb = gradstab.GradStabCallback(max_norm=max_norm, nonfinite="skip", **common)
+        clipper = cb
+        bound = f"{max_norm:g}" if isinstance(max_norm, (int, float)) else _short(max_norm)
+        clip = f"GradStabCallback: total norm clipped to {bound}, non-finite steps skipped"
+    return RunCallbacks([cb], cb, lambda: cb.history, clipper, clip)
+
+
+def _short(threshold: AdaptiveThreshold) -> str:
+    """``repr`` of an adaptive threshold: its first option and those that differ from the
+    defaults (e.g. ``PercentileThreshold(percentile=10.0, include_current=False)``)."""
+    try:
+        default = type(threshold)().state_dict()["config"]
+    except TypeError:  # a threshold class without defaults
+        return repr(threshold)
+    config = threshold.state_dict()["config"]
+    args = [f"{k}={v!r}" for i, (k, v) in enumerate(config.items()) if not i or default.get(k) != v]
+    return f"{type(threshold).__name__}({', '.join(args)})"
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """``python -m gradstab demo``: vanishing and exploding gradients, diagnosed and fixed.
 
-Four runs train one after the other on the same generated data with the same seed, each in a
-Lightning ``Trainer`` with a progress bar:
+Five runs train one after the other on the same generated data with the same seed, each in a
+Lightning ``Trainer`` with a progress bar and one :class:`gradstab.GradStabCallback` that keeps
+the run's gradient history (``history=``; monitor-only, ``mode=None``, in the runs that do not
+clip) and diagnoses it at the end of ``fit``:
 
 (a) a deep sigmoid MLP with PyTorch's default initialisation: the per-layer gradient norms
     collapse toward the input and the net does not learn; the diagnosis says *vanishing*;
@@ -12,12 +14,17 @@ Lightning ``Trainer`` with a progress bar:
     NaN; the diagnosis says *exploding* and *non-finite*;
 (d) the same net, the same initial weights, with :class:`gradstab.GradStabCallback`: the
     total gradient norm is clipped to ``--max-norm`` and non-finite steps would be skipped; it
-    trains.
+    trains;
+(e) the same again with an adaptive threshold, :class:`gradstab.PercentileThreshold`
+    (AutoClip: the ``--percentile``-th percentile of the norms seen so far) under a hard cap of
+    ``--max-norm``.  The cap does the clipping while the norms are large (every adaptive rule
+    tried lets this net blow up without one); the percentile takes over once the norms have
+    come down.  The table shows the range of thresholds it used.
 
 Every number printed comes from these runs: per run a table (final training loss, validation
-accuracy, smallest and largest per-layer gradient norm, steps clipped and skipped, the
-verdict of :func:`gradstab.diagnose`), then a comparison.  With matplotlib installed, a
-per-layer gradient-norm heatmap and a total-norm curve per run go to ``--out``.
+accuracy, smallest and largest per-layer gradient norm, steps clipped and skipped, the clip
+threshold, the verdict of :func:`gradstab.diagnose`), then a comparison.  With matplotlib
+installed, a per-layer gradient-norm heatmap and a total-norm curve per run go to ``--out``.
 
 Needs ``lightning`` (``pip install "gradstab[demo]"``); matplotlib is optional.  The models
 and the data are small: the default settings take well under two minutes on two CPU cores.
@@ -38,7 +45,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -217,7 +224,7 @@ class RunInfo:
     """What one demo run is.
 
     Attributes:
-        key: ``"a"`` .. ``"d"``.
+        key: ``"a"`` .. ``"e"``.
         name: a short name (also used in file names).
         title: one line describing the run.
         expected: the verdict the run is designed to get (see :func:`verdict`).
@@ -229,7 +236,7 @@ class RunInfo:
     expected: str
 
 
-#: The four runs, in order.
+#: The five runs, in order.
 RUNS: dict[str, RunInfo] = {
     "a": RunInfo(
         "a", "vanishing", "deep sigmoid MLP, PyTorch's default init", expected="vanishing"
@@ -249,7 +256,13 @@ RUNS: dict[str, RunInfo] = {
     "d": RunInfo(
         "d",
         "clipped",
-        "same net and initial weights as (c) + GradStabCallback",
+        "same net and initial weights as (c) + GradStabCallback, fixed threshold",
+        expected="healthy",
+    ),
+    "e": RunInfo(
+        "e",
+        "adaptive",
+        "same net and initial weights as (c) + GradStabCallback, adaptive threshold",
         expected="healthy",
     ),
 }
@@ -267,8 +280,10 @@ class DemoConfig:
         width: hidden width.
         batch_size: samples per step (drawn with replacement).
         lr: SGD learning rate (momentum 0.9), the same for all runs.
-        max_norm: clip threshold of run (d).
-        init_gain: weight std of runs (c)/(d) times ``sqrt(fan_in)``.
+        max_norm: clip threshold of run (d) and hard cap of run (e).
+        percentile: run (e)'s threshold is this percentile of the total norms seen so far
+            (:class:`gradstab.PercentileThreshold`; AutoClip recommends 10).
+        init_gain: weight std of runs (c)-(e) times ``sqrt(fan_in)``.
         n_train: training samples.
         n_val: validation samples.
         stop_after_nonfinite: stop a run after this many consecutive non-finite losses
@@ -281,12 +296,13 @@ class DemoConfig:
 
     steps: int = 300
     seed: int = 0
-    runs: tuple[str, ...] = ("a", "b", "c", "d")
+    runs: tuple[str, ...] = ("a", "b", "c", "d", "e")
     depth: int = 10
     width: int = 64
     batch_size: int = 64
     lr: float = 0.05
     max_norm: float = 2.0
+    percentile: float = 10.0
     init_gain: float = 2.0
     n_train: int = 4096
     n_val: int = 1024
@@ -305,6 +321,9 @@ class DemoConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"DemoConfig: {name} must be a positive number, got {value!r}")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 100:
+            raise ValueError(f"DemoConfig: percentile must be a number in [0, 100], got {p!r}")
         bad = [r for r in self.runs if r not in RUNS]
         if bad or not self.runs:
             raise ValueError(
@@ -345,15 +364,22 @@ class RunResult:
             (median over the steps with a finite gradient) among the weight matrices.
         min_layer, max_layer: their parameter names.
         initial_total_norm: the total gradient norm of the first step.
-        clipped_steps, skipped_steps, nonfinite_steps: from :class:`gradstab.GradStabCallback`
-            (``None`` for runs without it); ``nonfinite_steps`` of the other runs comes from
-            the recorded history.
-        diagnosis: :func:`gradstab.diagnose` of the recorded history.
-        history: the recorded history on the host (what the pictures show).
+        clipped_steps, skipped_steps: from :meth:`gradstab.GradStabCallback.counters`
+            (``None`` for the runs that do not clip).
+        nonfinite_steps: optimizer steps whose gradients held a NaN/Inf (the callback's
+            counter; it counts in the monitor-only runs too).
+        threshold_min, threshold_max: the smallest and largest clip threshold in force, from
+            the history's ``clip_threshold`` (``None`` for the runs that do not clip).
+        threshold_cap: the hard cap of an adaptive threshold (``None`` elsewhere).
+        below_cap_steps: the steps at which the adaptive threshold was below its cap, and
+            the first of them (``first_below_cap``; ``None`` if never or not adaptive).
+        diagnosis: the callback's fit-end diagnosis of its history,
+            :attr:`gradstab.GradStabCallback.diagnosis`.
+        history: the callback's history on the host (what the pictures show).
         verdict: :func:`verdict` of the diagnosis.
         verdict_end: :func:`verdict` of the diagnosis of the last :data:`END_WINDOW` steps
             only (a run that collapsed late, e.g. with every ReLU dead, shows there).
-        clip: how run (d) clipped (``None`` elsewhere).
+        clip: how runs (d)/(e) clipped (``None`` elsewhere).
         plots: the PNG files written.
         seconds: wall time of the run.
     """
@@ -378,6 +404,11 @@ class RunResult:
     history: HistoryData
     verdict: str
     verdict_end: str = ""
+    threshold_min: float | None = None
+    threshold_max: float | None = None
+    threshold_cap: float | None = None
+    below_cap_steps: int | None = None
+    first_below_cap: int | None = None
     clip: str | None = None
     model_text: str = ""
     plots: list[str] = field(default_factory=list)
@@ -441,7 +472,7 @@ def verdict(diagnosis: Diagnosis) -> str:
 
 
 def _build_model(key: str, cfg: DemoConfig) -> nn.Module:
-    torch.manual_seed(cfg.seed)  # (c) and (d) get the same initial weights
+    torch.manual_seed(cfg.seed)  # (c), (d) and (e) get the same initial weights
     if key == "a":
         return sigmoid_mlp(cfg.depth, cfg.width)
     if key == "b":
@@ -455,6 +486,31 @@ def _model_text(key: str, cfg: DemoConfig) -> str:
         f"{cfg.depth} x {arch} (width {cfg.width}) + Linear({CLASSES}); SGD lr {cfg.lr:g} "
         f"momentum 0.9, batch {cfg.batch_size}"
     )
+
+
+def adaptive_threshold(cfg: DemoConfig) -> gradstab.PercentileThreshold:
+    """Run (e)'s threshold: AutoClip's percentile of the norms seen so far, capped.
+
+    ``include_current=False``: the bound is the percentile of the *earlier* steps' norms, known
+    before the step, so the callback clips in its one fused pass and the history records a
+    threshold for every step.  Before the first norm (and whenever the percentile is above it)
+    the cap ``cfg.max_norm`` is the bound.
+
+    Example:
+        >>> adaptive_threshold(DemoConfig(percentile=10, max_norm=2.0)).max_norm
+        2.0
+    """
+    return gradstab.PercentileThreshold(
+        cfg.percentile, include_current=False, max_norm=cfg.max_norm
+    )
+
+
+def _clip_for(key: str, cfg: DemoConfig) -> float | gradstab.PercentileThreshold | None:
+    if key == "d":
+        return cfg.max_norm
+    if key == "e":
+        return adaptive_threshold(cfg)
+    return None
 
 
 def _loader(x: Tensor, y: Tensor, cfg: DemoConfig) -> torch.utils.data.DataLoader:
@@ -489,7 +545,7 @@ def train_run(
     cfg: DemoConfig,
     data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> RunResult:
-    """Train one run (``"a"`` .. ``"d"``) with Lightning and measure it.
+    """Train one run (``"a"`` .. ``"e"``) with Lightning and measure it.
 
     Args:
         key: the run.
@@ -517,25 +573,30 @@ def train_run(
     x, y, xv, yv = data
     t0 = time.perf_counter()
     model = _build_model(key, cfg)
-    parts = lt.build_callbacks(
-        model, capacity=cfg.steps, max_norm=cfg.max_norm if key == "d" else None
-    )
+    module = lt.Classifier(model, cfg.lr)
+    clip_bound = _clip_for(key, cfg)
+    parts = lt.build_callbacks(capacity=cfg.steps, max_norm=clip_bound)
     tracker = lt.LossTracker(cfg.stop_after_nonfinite)
     callbacks = [*parts.callbacks, tracker]
     if cfg.progress_bar:
         callbacks.append(lt.RunProgressBar(f"({key}) {info.name}"))
     with lt.quiet_lightning():
         lt.fit(
-            lt.Classifier(model, cfg.lr),
+            module,
             _loader(x, y, cfg),
             callbacks,
             steps=cfg.steps,
             progress_bar=cfg.progress_bar,
         )
 
+    callback = parts.callback
     history = parts.history()
-    diag = gradstab.diagnose(history)
-    end = gradstab.diagnose(history, window=END_WINDOW)
+    if history is None:  # no optimizer step was taken
+        raise RuntimeError(f"demo run ({key}): GradStabCallback recorded no gradient history")
+    diag = callback.diagnosis  # its fit-end diagnosis of the whole history
+    if diag is None:
+        diag = callback.diagnose()
+    end = callback.diagnose(window=END_WINDOW)
     hist = history.data()
     losses = tracker.losses
     tail = losses[-max(1, len(losses) // 10) :]
@@ -544,18 +605,15 @@ def train_run(
     with torch.no_grad():
         out = model(xv)
     accuracy = float((out.argmax(1) == yv).float().mean()) if out.isfinite().all() else None
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}  # the history's names
     weights = [
         r for r in diag.layers if len(shapes.get(r.name, ())) >= 2 and math.isfinite(r.median_norm)
     ]
     lo = min(weights, key=lambda r: r.median_norm, default=None)
     hi = max(weights, key=lambda r: r.median_norm, default=None)
-    counters = parts.clipper.counters() if parts.clipper is not None else None
-    if counters is not None:
-        nonfinite_steps = counters["nonfinite_steps"]
-    else:
-        assert hist.nonfinite_step is not None
-        nonfinite_steps = int(hist.nonfinite_step.sum())
+    counts = callback.counters()
+    counters = counts if parts.clipper is not None else None
+    thr = _threshold_summary(hist, clip_bound)
     return RunResult(
         info=info,
         steps_planned=cfg.steps,
@@ -572,15 +630,35 @@ def train_run(
         initial_total_norm=float(hist.total_norm[0]) if hist.num_steps else math.nan,
         clipped_steps=None if counters is None else counters["clipped_steps"],
         skipped_steps=None if counters is None else counters["skipped_steps"],
-        nonfinite_steps=nonfinite_steps,
+        nonfinite_steps=counts["nonfinite_steps"],
         diagnosis=diag,
         history=hist,
         verdict=verdict(diag),
         verdict_end=verdict(end),
+        **thr,
         clip=parts.clip,
         model_text=_model_text(key, cfg),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _threshold_summary(hist: HistoryData, bound: Any) -> dict[str, Any]:
+    """The clip thresholds a run used, from the history's ``clip_threshold`` column."""
+    if bound is None or hist.clip_threshold is None:
+        return {}
+    thr = hist.clip_threshold
+    finite = thr[torch.isfinite(thr)]
+    out: dict[str, Any] = {
+        "threshold_min": float(finite.min()) if finite.numel() else math.nan,
+        "threshold_max": float(finite.max()) if finite.numel() else math.nan,
+    }
+    cap = getattr(bound, "max_norm", None)
+    if cap is not None:  # an adaptive threshold under a hard cap
+        below = (thr < cap).nonzero().flatten().tolist()
+        out["threshold_cap"] = float(cap)
+        out["below_cap_steps"] = len(below)
+        out["first_below_cap"] = hist.steps[below[0]] if below else None
+    return out
 
 
 # =========================================================================== output
@@ -613,6 +691,34 @@ def _clip_text(r: RunResult) -> str:
     return f"{r.clipped_steps} / {r.skipped_steps} of {r.steps_run}"
 
 
+def _threshold_text(r: RunResult) -> str:
+    """The clip threshold a run used, in words (``"-"`` for the runs that do not clip)."""
+    if r.threshold_min is None or r.threshold_max is None:
+        return "-"
+    if r.threshold_cap is None:
+        if r.threshold_min == r.threshold_max:
+            return f"{_g(r.threshold_min)} (fixed)"
+        return f"{_g(r.threshold_min)}..{_g(r.threshold_max)}"
+    n = r.below_cap_steps or 0
+    if not n:
+        return f"{_g(r.threshold_cap)} (the cap) at every step: never adapted below it"
+    return (
+        f"{_g(r.threshold_min)}..{_g(r.threshold_max)}; below the cap of "
+        f"{_g(r.threshold_cap)} at {n} of {r.steps_run} steps (from step {r.first_below_cap})"
+    )
+
+
+def _threshold_cell(r: RunResult) -> str:
+    if r.threshold_min is None or r.threshold_max is None:
+        return "-"
+    if r.threshold_min == r.threshold_max:
+        return _g(r.threshold_min)
+    text = f"{_g(r.threshold_min)}..{_g(r.threshold_max)}"
+    if r.threshold_cap is not None:
+        text += f" ({r.below_cap_steps} < cap)"
+    return text
+
+
 def run_table(r: RunResult) -> str:
     """The table printed after a run.
 
@@ -632,6 +738,7 @@ def run_table(r: RunResult) -> str:
         ("layer grad norm max", f"{_g(r.max_layer_norm)} ({r.max_layer})"),
         ("spread", f"{_g(r.spread_decades, 2)} decades"),
         ("clipped / skipped steps", _clip_text(r)),
+        ("clip threshold", _threshold_text(r)),
         ("diagnosis", r.verdict.upper() if r.verdict != "healthy" else "healthy"),
     ]
     if r.steps_run > END_WINDOW:
@@ -665,6 +772,7 @@ def comparison_table(results: DemoResults) -> str:
         "spread",
         "clipped",
         "skipped",
+        "threshold",
         "steps",
         "diagnosis",
     ]
@@ -679,6 +787,7 @@ def comparison_table(results: DemoResults) -> str:
                 f"{_g(r.spread_decades, 2)} dec",
                 "-" if r.clipped_steps is None else str(r.clipped_steps),
                 "-" if r.skipped_steps is None else str(r.skipped_steps),
+                _threshold_cell(r),
                 f"{r.steps_run}/{r.steps_planned}",
                 r.verdict
                 if r.steps_run <= END_WINDOW or r.verdict_end == r.verdict
@@ -696,7 +805,7 @@ def comparison_table(results: DemoResults) -> str:
 
 
 def conclusions(results: DemoResults) -> list[str]:
-    """Sentences comparing (a) with (b) and (c) with (d), from the measured numbers.
+    """Sentences comparing (a) with (b), (c) with (d) and (d) with (e), from the numbers.
 
     Also one naming the runs that did not get the verdict they were designed for.
 
@@ -706,7 +815,7 @@ def conclusions(results: DemoResults) -> list[str]:
     """
     runs = results.runs
     out = []
-    a, b, c, d = (runs.get(k) for k in "abcd")
+    a, b, c, d, e = (runs.get(k) for k in "abcde")
     if a is not None and b is not None:
         out.append(
             f"(a) -> (b): ReLU + init_model_ + LayerNorm: accuracy {_acc(a)} -> {_acc(b)}, "
@@ -725,6 +834,14 @@ def conclusions(results: DemoResults) -> list[str]:
             f"{d.steps_run} steps clipped, {d.skipped_steps} skipped; diagnosis {c.verdict} "
             f"-> {d.verdict}."
         )
+    if c is not None and e is not None and d is None:
+        out.append(
+            f"(c) -> (e): same initial weights, adaptive clipping: final loss "
+            f"{_g(e.final_loss, 4)} and accuracy {_acc(e)}; diagnosis {c.verdict} -> "
+            f"{e.verdict}."
+        )
+    if e is not None:
+        out.append(_adaptive_sentence(e, d))
     bad = [r for r in runs.values() if not r.as_expected]
     if bad:
         out.append(
@@ -739,6 +856,28 @@ def conclusions(results: DemoResults) -> list[str]:
     return out
 
 
+def _adaptive_sentence(e: RunResult, d: RunResult | None) -> str:
+    """What run (e)'s adaptive threshold did, and whether it changed anything against (d)."""
+    cap = _g(e.threshold_cap)
+    vs = ""
+    if d is not None:
+        vs = (
+            f"; against the fixed threshold of (d): accuracy {_acc(d)} -> {_acc(e)}, "
+            f"{d.clipped_steps} -> {e.clipped_steps} steps clipped"
+        )
+    if not e.below_cap_steps:
+        return (
+            f"(e): the percentile threshold never went below its cap of {cap} in "
+            f"{e.steps_run} steps, so the cap did all the clipping and (e) is (d) again: the "
+            f"adaptive rule added nothing here{vs}."
+        )
+    return (
+        f"(e): the cap of {cap} did the clipping while the norms were large; the percentile "
+        f"threshold went below it from step {e.first_below_cap} on ({e.below_cap_steps} of "
+        f"{e.steps_run} steps, down to {_g(e.threshold_min)}){vs}."
+    )
+
+
 def _matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -748,12 +887,17 @@ def _plot_run(r: RunResult, out_dir: str) -> list[str]:
 
     stem = os.path.join(out_dir, f"{r.info.key}_{r.info.name}")
     title = f"({r.info.key}) {r.info.title}"
+    hist = r.history
+    if r.clipped_steps is None:
+        # A monitor-only callback records its unchanged norm as the post-clip norm: no
+        # "after clipping" curve for a run that does not clip.
+        hist = replace(hist, post_clip_norm=None)
     return [
         plots.plot_layer_heatmap(
             r.history, f"{stem}_heatmap.png", title=f"{title}: per-layer gradient norm"
         ),
         plots.plot_total_norm(
-            r.history,
+            hist,
             f"{stem}_total_norm.png",
             diagnosis=r.diagnosis,
             title=f"{title}: total gradient norm",
@@ -861,8 +1005,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runs",
         type=_runs,
         default=d.runs,
-        help="which runs, comma-separated (default a,b,c,d): a vanishing, b fixed, "
-        "c exploding, d clipped",
+        help="which runs, comma-separated (default a,b,c,d,e): a vanishing, b fixed, "
+        "c exploding, d clipped (fixed threshold), e clipped (adaptive threshold)",
     )
     parser.add_argument("--out", default=d.out, help=f"folder of the pictures (default {d.out})")
     parser.add_argument("--no-plots", action="store_true", help="write no pictures")
@@ -875,7 +1019,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-norm",
         type=float,
         default=d.max_norm,
-        help=f"clip threshold of run (d) (default {d.max_norm:g})",
+        help=f"clip threshold of run (d) and hard cap of run (e) (default {d.max_norm:g})",
+    )
+    parser.add_argument(
+        "--percentile",
+        type=float,
+        default=d.percentile,
+        help="run (e) clips to this percentile of the earlier total norms "
+        f"(gradstab.PercentileThreshold; default {d.percentile:g})",
     )
     parser.add_argument(
         "--no-progress-bar", action="store_true", help="hide Lightning's progress bar"
@@ -906,6 +1057,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         out=args.out,
         plots=not args.no_plots,
         max_norm=args.max_norm,
+        percentile=args.percentile,
         progress_bar=not args.no_progress_bar,
         threads=args.threads,
         **kwargs,

@@ -68,13 +68,18 @@ def test_exploding_with_gradstab(capsys):
     out = load("exploding_with_gradstab").main(["--steps", "15", "--no-progress-bar"])
     torch.set_num_threads(threads)
     light, adaptive = out["lightning"], out["adaptive"]
-    assert light["counters"]["steps"] == 15
-    assert light["counters"]["clipped_steps"] >= 1 and light["counters"]["skipped_steps"] == 0
-    assert light["accuracy"] is not None and adaptive["accuracy"] is not None
-    assert light["diagnosis"].nonfinite is None and adaptive["diagnosis"].nonfinite is None
-    assert 1 <= adaptive["clipped_steps"] <= 15
+    assert light["counters"]["steps"] == adaptive["counters"]["steps"] == 15
+    for part in (light, adaptive):
+        assert part["counters"]["clipped_steps"] >= 1 and part["counters"]["skipped_steps"] == 0
+        assert part["accuracy"] is not None and part["diagnosis"].nonfinite is None
+        assert part["diagnosis"].steps == 15  # the diagnosis of the integrated history
+    # the percentile threshold never exceeds its cap; the first step has no history: the cap
+    used = adaptive["thresholds"]
+    assert used.shape == (15,) and float(used[0]) == 2.0 and bool((used <= 2.0).all())
+    assert adaptive["below_cap_steps"] == int((used < 2.0).sum())
     printed = capsys.readouterr().out
-    assert "GradStabCallback(max_norm=2" in printed and "ZScoreThreshold(max_norm=2)" in printed
+    assert "GradStabCallback(max_norm=2, nonfinite='skip', history=15)" in printed
+    assert "PercentileThreshold(10, include_current=False, max_norm=2)" in printed
 
 
 def test_seed_remedies(capsys):
