@@ -233,7 +233,15 @@ def plot_total_norm(
         ax.plot(steps, total, color="#1f77b4", lw=1.4, marker="." if s_n < 60 else None,
                 label="total norm (pre-clip)")  # fmt: skip
         drew_any = True
-    if data.post_clip_norm is not None:
+    # A monitor-only run records the unchanged norm as its post-clip norm: no second curve.
+    clipped_somewhere = data.post_clip_norm is not None and not torch.allclose(
+        data.post_clip_norm.to(torch.float64),
+        data.total_norm.to(torch.float64),
+        rtol=0.0,
+        atol=0.0,
+        equal_nan=True,
+    )
+    if data.post_clip_norm is not None and clipped_somewhere:
         post = positive(data.post_clip_norm)
         if any(not math.isnan(v) for v in post):
             ax.plot(steps, post, color="#2ca02c", lw=1.0, ls="-", label="after clipping")

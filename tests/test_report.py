@@ -355,6 +355,33 @@ def test_plots_of_a_grad_history(tmp_path):
     _check_pngs(str(tmp_path / "empty"))
 
 
+def test_total_norm_plot_draws_post_clip_curve_only_when_something_was_clipped(
+    tmp_path, monkeypatch
+):
+    from gradstab import plots  # noqa: PLC0415
+
+    labels: list[list[str]] = []
+    save = plots._save
+
+    def capture(fig, path):
+        labels.append([line.get_label() for ax in fig.axes for line in ax.get_lines()])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    for name, clip in [("monitor", False), ("clipped", True)]:
+        h = GradHistory(model)
+        for s in range(6):
+            model.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            total = gradstab.grad_stats(model.parameters()).total_norm
+            h.record_step(s, post_clip_norm=torch.clamp(total, max=1e-3) if clip else total)
+        plots.plot_total_norm(h.data(), str(tmp_path / f"{name}.png"))
+    assert "after clipping" not in labels[0]
+    assert "after clipping" in labels[1]
+
+
 class _PoisonGrad(pl.Callback):
     """Puts a NaN into ``net.4.weight``'s gradient at NAN_STEP (before gradstab's callback)."""
 
