@@ -187,6 +187,28 @@ def test_nonfinite_counts_and_nan_propagating_max(dtype, n):
             assert_stats_match((norms, max_abs, nonfinite, total), expected, grads, f"p={p}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern(dtype):
+    """All 65,536 float16/bfloat16 bit patterns (subnormals, zeros, Inf, NaN included), each
+    widened to float32 by the kernel's vector loads: statistics against the float64 oracle on
+    the finite ones and on all, value clipping bit-identical to ``Tensor.clamp``."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = every[torch.isfinite(every)]
+    tiny = finite[finite.abs() < 2.0**-10]  # float16: the subnormals and the smallest normals
+    for g in (finite, tiny, finite.flip(0), every):
+        for p in (2.0, 1.0, math.inf):
+            grads = [g.clone()]
+            stats = OPS.grad_stats(grads, p)
+            assert_stats_match(stats, oracle_stats(grads, p), grads, f"{dtype} p={p}")
+    nan = torch.isnan(every)
+    for bound in (2.0**-24, 1e-6, 0.5, 1.0, 3.0e38, 65504.0, math.inf):
+        g = every.clone()
+        run_op("clip_value", [g], 2.0, bound)
+        want = every.float().clamp(-bound, bound).to(dtype)  # compared in float32, as PyTorch
+        assert torch.equal(g.view(torch.int16)[~nan], want.view(torch.int16)[~nan]), bound
+        assert bool(torch.isnan(g[nan]).all()), bound
+
+
 # -------------------------------------------------------- C++ kernel vs reference kernel --
 
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #define GS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -69,10 +70,37 @@ GS_INLINE vf4 load4<float>(const float* p) {
 }
 template <>
 GS_INLINE vf4 load4<c10::BFloat16>(const c10::BFloat16* p) {
-  vh4 raw;  // bfloat16 is the upper half of a float32: widen and shift, exactly
+  vh4 raw;  // bfloat16 is the upper half of a float32: interleave with zeros, exactly
   std::memcpy(&raw, p, sizeof raw);
-  return (vf4)(__builtin_convertvector(raw, vu4) << 16);
+  const vh4 zero = {0, 0, 0, 0};
+  return (vf4)__builtin_shufflevector(zero, raw, 0, 4, 1, 5, 2, 6, 3, 7);
 }
+// float16 -> float32, exactly, in integer lanes (GCC scalarises a vector _Float16 conversion):
+// rebias the exponent; Inf/NaN get the float32 maximum exponent; subnormals (and zero) are
+// formed as 2^-14 * (1 + m / 1024) and 2^-14 subtracted, which is exact.
+GS_INLINE vu4 half_bits(const c10::Half* p) {
+  vh4 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const vh4 zero = {0, 0, 0, 0};
+  return (vu4)__builtin_shufflevector(raw, zero, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+// |x| of float16 bits h (sign already cleared) as float32.
+GS_INLINE vf4 half_magnitude(vu4 h) {
+  vu4 o = h << 13;                             // exponent and mantissa, in place
+  const vu4 e = o & 0x0f800000u;               // the float16 exponent field, shifted
+  o += 0x38000000u;                            // exponent bias 15 -> 127
+  o += (vu4)(e == 0x0f800000u) & 0x38000000u;  // Inf/NaN: exponent 255
+  const vu4 magic = {0x38800000u, 0x38800000u, 0x38800000u, 0x38800000u};  // 2^-14
+  const vf4 sub = (vf4)(o + 0x00800000u) - (vf4)magic;
+  const vu4 is_sub = (vu4)(e == 0u);
+  return (vf4)((is_sub & (vu4)sub) | (~is_sub & o));
+}
+template <>
+GS_INLINE vf4 load4<c10::Half>(const c10::Half* p) {
+  const vu4 h = half_bits(p);
+  return (vf4)((vu4)half_magnitude(h & 0x7fffu) | ((h & 0x8000u) << 16));
+}
+// |x| as float32: the reductions' load (float16 skips the sign bit's round trip).
 GS_INLINE vd2 load2(const double* p) {
   vd2 v;
   std::memcpy(&v, p, sizeof v);
@@ -81,6 +109,14 @@ GS_INLINE vd2 load2(const double* p) {
 
 GS_INLINE vf4 vabs(vf4 x) { return (vf4)((vi4)x & 0x7fffffff); }
 GS_INLINE vd2 vabs(vd2 x) { return (vd2)((vl2)x & 0x7fffffffffffffffLL); }
+template <typename T>
+GS_INLINE vf4 load4_abs(const T* p) {
+  return vabs(load4(p));
+}
+template <>
+GS_INLINE vf4 load4_abs<c10::Half>(const c10::Half* p) {
+  return half_magnitude(half_bits(p) & 0x7fffu);
+}
 // Lane select as bit operations (mask lanes are all ones or all zeros).
 GS_INLINE vf4 vsel(vi4 m, vf4 a, vf4 b) { return (vf4)((m & (vi4)a) | (~m & (vi4)b)); }
 GS_INLINE vd2 vsel(vl2 m, vd2 a, vd2 b) { return (vd2)((m & (vl2)a) | (~m & (vl2)b)); }
@@ -94,13 +130,17 @@ GS_INLINE vf4 vmax_acc(vf4 acc, vf4 x) { return vsel(x > acc, x, acc); }
 GS_INLINE vd2 vmax_acc(vd2 acc, vd2 x) { return vsel(x > acc, x, acc); }
 #endif
 
-// Sum of the 4 accumulators' lanes in a fixed order (accumulator-major), added in double.
+// Sum of the 4 accumulators' 16 lanes in double, as a fixed tree (depth 4, not a chain of 16
+// dependent adds): each accumulator's lanes pairwise, then the accumulators pairwise.
 GS_INLINE double hsum(const vf4* a) {
-  double s = 0.0;
+  vd2 t[4];
   for (int h = 0; h < 4; ++h) {
-    for (int l = 0; l < 4; ++l) s += static_cast<double>(a[h][l]);
+    const vd2 lo = {static_cast<double>(a[h][0]), static_cast<double>(a[h][1])};
+    const vd2 hi = {static_cast<double>(a[h][2]), static_cast<double>(a[h][3])};
+    t[h] = lo + hi;
   }
-  return s;
+  const vd2 u = (t[0] + t[1]) + (t[2] + t[3]);
+  return u[0] + u[1];
 }
 GS_INLINE double hsum(const vd2* a) {
   double s = 0.0;
@@ -246,11 +286,28 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
     len = std::min(kFloatBlock, n_vec - i);
     const T* q = p + i;
     vf4 a[4] = {}, m[4] = {};
-    for (int64_t s = 0; s < len; s += 16) {
-      for (int k = 0; k < 4; ++k) {
-        vf4 x = vabs(load4(q + s + 4 * k));
-        a[k] += kL1 ? x : x * x;
-        m[k] = vmax_acc(m[k], x);
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      // Two tight loops (widen the block into an L1 buffer, then reduce float32) instead of
+      // one that runs out of vector registers and spills the accumulators.
+      alignas(16) float buf[kFloatBlock];
+      for (int64_t s = 0; s < len; s += 4) {
+        const vf4 x = load4_abs(q + s);
+        std::memcpy(buf + s, &x, sizeof x);
+      }
+      for (int64_t s = 0; s < len; s += 16) {
+        for (int k = 0; k < 4; ++k) {
+          const vf4 x = load4(buf + s + 4 * k);
+          a[k] += kL1 ? x : x * x;
+          m[k] = vmax_acc(m[k], x);
+        }
+      }
+    } else {
+      for (int64_t s = 0; s < len; s += 16) {
+        for (int k = 0; k < 4; ++k) {
+          const vf4 x = load4_abs(q + s + 4 * k);
+          a[k] += kL1 ? x : x * x;
+          m[k] = vmax_acc(m[k], x);
+        }
       }
     }
     double block_sum = hsum(a);
