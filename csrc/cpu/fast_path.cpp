@@ -119,8 +119,8 @@ py::object cpu_fast_path(int op, py::handle parameters, double norm_type, double
 void register_fast_path(pybind11::module& m) {
   m.def("cpu_fast_path", &cpu_fast_path,
         "Eager CPU shortcut of gradstab.functional: run op 0-4 (grad_stats, clip_norm, "
-        "clip_norm_per_layer, clip_value, normalize_per_layer) over the gradients of a list of parameters; None "
-        "when the shortcut does not apply.",
+        "clip_norm_per_layer, clip_value, normalize_per_layer) over the gradients of a list "
+        "of parameters; None when the shortcut does not apply.",
         py::arg("op"), py::arg("parameters"), py::arg("norm_type"), py::arg("bound"),
         py::arg("eps"), py::arg("error_if_nonfinite"));
 }
