@@ -1617,3 +1617,20 @@ def test_bench_cuda_summary_checks_the_targets():
     assert "target >= 2.5x torch foreach=True, >= 85% of floor: met" in text
     ours.times_ms = [0.25]
     assert "NOT met" in cuda_summary(rows)
+
+    # A target against another contestant than the mode's summary baseline (stats: the table
+    # compares with torch._foreach_norm, one target is Lightning's grad_norm at >= 50x).
+    def srow(name, kind, ms):
+        return Result("gpt2", "fp32", "stats", name, kind, [ms], 400_000_000)
+
+    ours = srow("gradstab", "gradstab", 0.2)
+    ours.floor_ms = 0.14
+    rows = [ours, srow("torch._foreach_norm", "baseline", 0.3)]
+    rows.append(srow("lightning grad_norm", "baseline", 12.0))
+    text = cuda_summary(rows)
+    assert "| stats | gradstab | 2000 | 2857 | 0.70 | 1.50x torch._foreach_norm |" in text
+    assert "1.50x, 70% of floor; target >= 1.0x torch._foreach_norm: met" in text
+    assert "60.00x, 70% of floor; target >= 50.0x lightning grad_norm: met" in text
+    rows[2].times_ms = [8.0]
+    text = cuda_summary(rows)
+    assert "40.00x, 70% of floor; target >= 50.0x lightning grad_norm: NOT met" in text
