@@ -44,7 +44,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gradstab  # noqa: F401  (defines the ops)
+import gradstab  # defines the ops
 from gradstab import reference
 
 OPS = torch.ops.gradstab
@@ -207,6 +207,57 @@ def test_every_16_bit_pattern(dtype):
         want = every.float().clamp(-bound, bound).to(dtype)  # compared in float32, as PyTorch
         assert torch.equal(g.view(torch.int16)[~nan], want.view(torch.int16)[~nan]), bound
         assert bool(torch.isnan(g[nan]).all()), bound
+
+
+_ISA_SCRIPT = """
+import math, sys, torch, gradstab
+ops = torch.ops.gradstab
+gen = torch.Generator().manual_seed(0)
+out = [gradstab.backend_info()["cpu"]["reason"]]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for n in (5, 16, 17, 511, 512, 513, 4133, 70001, 300000):
+        x = (torch.randn(n, generator=gen) * torch.logspace(-3, 3, n)).to(dtype)
+        for p in (2.0, 1.0, math.inf):
+            g = [x.clone()]
+            out.append(ops.clip_norm_per_layer(g, torch.tensor(1e-3, dtype=torch.float64), p, 1e-6))
+            out.append(g[0])
+        if n > 20:
+            x[3], x[n // 2] = math.nan, -math.inf
+        out.append(ops.grad_stats([x], 2.0))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_isa_levels_give_bit_identical_results(tmp_path):
+    """The 256-bit loop of the x86-64-v3/v4 reductions against the 128-bit baseline loop, run
+    in a subprocess with ``GRADSTAB_CPU_ISA=baseline``: per-layer clipped gradients (their
+    coefficients carry the float32 lane sums, so a lane that summed other elements shows) and
+    statistics, bit for bit."""
+    if "C++ kernel" not in gradstab.backend_info()["cpu"]["reason"]:
+        pytest.skip("needs the C++ kernel")
+    outs = {}
+    for level in ("native", "baseline"):
+        env = {k: v for k, v in os.environ.items() if k != "GRADSTAB_CPU_ISA"}
+        if level == "baseline":
+            env["GRADSTAB_CPU_ISA"] = "baseline"
+        path = tmp_path / f"{level}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        outs[level] = torch.load(path)
+    native, baseline = outs["native"], outs["baseline"]
+    assert "baseline" in baseline[0], baseline[0]
+    if "baseline" in native[0]:
+        pytest.skip(f"this CPU has no wider level to compare ({native[0]})")
+    assert len(native) == len(baseline)
+
+    def bits(t):
+        t = t.reshape(-1)
+        if not t.dtype.is_floating_point:
+            return t
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+    for k, (a, b) in enumerate(zip(native[1:], baseline[1:])):
+        for x, y in zip(a, b) if isinstance(a, tuple | list) else [(a, b)]:
+            assert torch.equal(bits(x), bits(y)), f"result {k} differs between ISA levels"
 
 
 # -------------------------------------------------------- C++ kernel vs reference kernel --

@@ -1,14 +1,18 @@
-// Contract: see range_kernels.h. Each public entry point is compiled three times by GCC/Clang
-// `target_clones` (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) and the dynamic loader
-// picks the best one for the CPU it runs on; all helpers are always_inline so they take the
-// clone's instruction set. The hot loops use GCC vector extensions with fixed lane counts, so
-// every clone does the same arithmetic in the same order (bit-identical results).
+// Contract: see range_kernels.h. Each public entry point is compiled for three x86-64 levels
+// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline): the scale and float64 entry points by
+// GCC/Clang `target_clones` (the dynamic loader picks), the float16/bfloat16/float32 reductions
+// as three explicit functions picked once by isa_level() (GRADSTAB_CPU_ISA=baseline|x86-64-v3
+// caps it, for tests). All helpers are always_inline so they take their caller's instruction
+// set. The hot loops use GCC vector extensions with fixed lane counts, so every level does the
+// same arithmetic in the same order (bit-identical results; tests/test_ops.py compares them).
 //
-// The vectors are 128 bits wide (4 float32 / 2 float64 lanes), the width every x86-64 ISA has
-// registers for: GCC splits a wider generic vector into scalar code for comparisons and selects
-// on an ISA without registers that wide (a 512-bit max ran 5x slower than a plain loop on AVX2).
-// The reductions keep 4 sum and 4 max accumulators (16 float32 or 8 float64 lanes), few enough
-// to stay in registers on every ISA, whatever the ISA; the clones differ only in encoding.
+// The baseline vectors are 128 bits wide (4 float32 / 2 float64 lanes), the width every x86-64
+// ISA has registers for: GCC splits a wider generic vector into scalar code for comparisons and
+// selects on an ISA without registers that wide (a 512-bit max ran 5x slower than a plain loop
+// on AVX2). The reductions keep 4 sum and 4 max accumulators (16 float32 or 8 float64 lanes).
+// The x86-64-v3/v4 float32-family reductions hold the same 16 float32 lanes in two 256-bit
+// accumulators (reduce_block_wide): the same elements reach the same lane in the same order, in
+// half the instructions.
 #include "cpu/range_kernels.h"
 
 #include <c10/util/BFloat16.h>
@@ -16,14 +20,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #define GS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GS_HAVE_WIDE 1
 #else
 #define GS_CLONES
+#define GS_HAVE_WIDE 0
 #endif
 #define GS_INLINE inline __attribute__((always_inline))
 
@@ -38,6 +45,10 @@ typedef double vd2 __attribute__((vector_size(16)));
 typedef int64_t vl2 __attribute__((vector_size(16)));
 typedef uint16_t vh4 __attribute__((vector_size(8)));
 typedef int16_t vs4 __attribute__((vector_size(8)));
+// 256-bit forms of the same lanes, used only inside functions compiled for x86-64-v3/v4.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 constexpr int64_t kBlock = 2048;       // max elements per float64 partial-sum block
 // Max elements per float32 partial-sum block: 32 per lane of the 16 float32 lanes, so the
@@ -272,8 +283,55 @@ GS_INLINE void clamp_range<double>(double* p, int64_t n, double bound) {
   for (; i < n; ++i) p[i] = p[i] > bound ? bound : (p[i] < -bound ? -bound : p[i]);
 }
 
-// float16 / bfloat16 / float32: float32 lanes per block, blocks added in double.
+#if GS_HAVE_WIDE
+// The 16 float32 lanes of a block as two 256-bit accumulators: lane j of b[h] is lane j % 4 of
+// a[2 h + j / 4] of the 128-bit loop, fed the same elements in the same order, so the block's
+// sums and maxima are bit-identical to it. Only inlined into x86-64-v3/v4 functions.
+template <typename T>
+GS_INLINE vf8 load8_abs(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    vf8 v;
+    std::memcpy(&v, p, sizeof v);
+    return (vf8)((vi8)v & 0x7fffffff);
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "float16 goes through the buffer");
+    vh8 raw;
+    std::memcpy(&raw, p, sizeof raw);
+    const vh8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const vf8 v = (vf8)__builtin_shufflevector(zero, raw, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5,
+                                               13, 6, 14, 7, 15);
+    return (vf8)((vi8)v & 0x7fffffff);
+  }
+}
+// x > acc ? x : acc (a NaN x leaves acc), as vmax_acc lane by lane; exactly vmaxps(x, acc),
+// which the compiler emits for it inside the x86-64-v3/v4 functions.
+GS_INLINE vf8 vmax_acc8(vf8 acc, vf8 x) { return x > acc ? x : acc; }
 template <typename T, bool kL1>
+GS_INLINE void reduce_block_wide(const T* q, const float* buf, int64_t len, vf4* a, vf4* m) {
+  vf8 b[2] = {}, mb[2] = {};
+  for (int64_t s = 0; s < len; s += 16) {
+    for (int h = 0; h < 2; ++h) {
+      vf8 x;
+      if constexpr (std::is_same_v<T, c10::Half>) {
+        std::memcpy(&x, buf + s + 8 * h, sizeof x);  // already |x| as float32
+      } else {
+        x = load8_abs(q + s + 8 * h);
+      }
+      b[h] += kL1 ? x : x * x;
+      mb[h] = vmax_acc8(mb[h], x);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    a[2 * h] = __builtin_shufflevector(b[h], b[h], 0, 1, 2, 3);
+    a[2 * h + 1] = __builtin_shufflevector(b[h], b[h], 4, 5, 6, 7);
+    m[2 * h] = __builtin_shufflevector(mb[h], mb[h], 0, 1, 2, 3);
+    m[2 * h + 1] = __builtin_shufflevector(mb[h], mb[h], 4, 5, 6, 7);
+  }
+}
+#endif
+
+// float16 / bfloat16 / float32: float32 lanes per block, blocks added in double.
+template <typename T, bool kL1, bool kWide>
 GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
   Partial r;
   const bool do_clamp = clamp >= 0.0;
@@ -286,25 +344,22 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
     len = std::min(kFloatBlock, n_vec - i);
     const T* q = p + i;
     vf4 a[4] = {}, m[4] = {};
+    // float16: two tight loops (widen the block into an L1 buffer, then reduce float32) instead
+    // of one that runs out of vector registers and spills the accumulators.
+    alignas(32) float buf[std::is_same_v<T, c10::Half> ? kFloatBlock : 1];
     if constexpr (std::is_same_v<T, c10::Half>) {
-      // Two tight loops (widen the block into an L1 buffer, then reduce float32) instead of
-      // one that runs out of vector registers and spills the accumulators.
-      alignas(16) float buf[kFloatBlock];
       for (int64_t s = 0; s < len; s += 4) {
         const vf4 x = load4_abs(q + s);
         std::memcpy(buf + s, &x, sizeof x);
       }
-      for (int64_t s = 0; s < len; s += 16) {
-        for (int k = 0; k < 4; ++k) {
-          const vf4 x = load4(buf + s + 4 * k);
-          a[k] += kL1 ? x : x * x;
-          m[k] = vmax_acc(m[k], x);
-        }
-      }
+    }
+    if constexpr (kWide) {
+      reduce_block_wide<T, kL1>(q, buf, len, a, m);
     } else {
       for (int64_t s = 0; s < len; s += 16) {
         for (int k = 0; k < 4; ++k) {
-          const vf4 x = load4_abs(q + s + 4 * k);
+          const vf4 x = std::is_same_v<T, c10::Half> ? load4(buf + s + 4 * k)
+                                                     : load4_abs(q + s + 4 * k);
           a[k] += kL1 ? x : x * x;
           m[k] = vmax_acc(m[k], x);
         }
@@ -414,18 +469,17 @@ GS_INLINE Partial reduce_general(T* p, int64_t n, double norm_p, double clamp) {
   return r;
 }
 
-template <typename T>
+template <typename T, bool kWide = false>
 GS_INLINE Partial reduce_typed(T* p, int64_t n, NormKind kind, double norm_p, double clamp) {
-  if (kind == NormKind::kLp) return reduce_general(p, n, norm_p, clamp);
-  if (kind == NormKind::kL1) return reduce_float_family<T, true>(p, n, clamp);
-  return reduce_float_family<T, false>(p, n, clamp);
-}
-template <>
-GS_INLINE Partial reduce_typed<double>(double* p, int64_t n, NormKind kind, double norm_p,
-                                       double clamp) {
-  if (kind == NormKind::kLp) return reduce_general(p, n, norm_p, clamp);
-  if (kind == NormKind::kL1) return reduce_double<true>(p, n, clamp);
-  return reduce_double<false>(p, n, clamp);
+  if constexpr (std::is_same_v<T, double>) {
+    if (kind == NormKind::kLp) return reduce_general(p, n, norm_p, clamp);
+    if (kind == NormKind::kL1) return reduce_double<true>(p, n, clamp);
+    return reduce_double<false>(p, n, clamp);
+  } else {
+    if (kind == NormKind::kLp) return reduce_general(p, n, norm_p, clamp);
+    if (kind == NormKind::kL1) return reduce_float_family<T, true, kWide>(p, n, clamp);
+    return reduce_float_family<T, false, kWide>(p, n, clamp);
+  }
 }
 
 template <typename T>
@@ -456,15 +510,39 @@ GS_INLINE void scale_typed<double>(double* p, int64_t n, double coef) {
 
 // ---- ISA-cloned entry points (one per dtype, so the clones inline a single instantiation) ----
 namespace detail {
-GS_CLONES Partial reduce_half(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed(static_cast<c10::Half*>(p), n, k, np, c);
+// float16/bfloat16/float32 reductions: one function per ISA level, picked by isa_level() (the
+// 256-bit loop needs the level known at compile time, which target_clones does not give).
+Partial reduce_half_base(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::Half, false>(static_cast<c10::Half*>(p), n, k, np, c);
 }
-GS_CLONES Partial reduce_bf16(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed(static_cast<c10::BFloat16*>(p), n, k, np, c);
+Partial reduce_bf16_base(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::BFloat16, false>(static_cast<c10::BFloat16*>(p), n, k, np, c);
 }
-GS_CLONES Partial reduce_f32(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed(static_cast<float*>(p), n, k, np, c);
+Partial reduce_f32_base(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<float, false>(static_cast<float*>(p), n, k, np, c);
 }
+#if GS_HAVE_WIDE
+#define GS_V3 __attribute__((target("arch=x86-64-v3")))
+#define GS_V4 __attribute__((target("arch=x86-64-v4")))
+GS_V3 Partial reduce_half_v3(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::Half, true>(static_cast<c10::Half*>(p), n, k, np, c);
+}
+GS_V3 Partial reduce_bf16_v3(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::BFloat16, true>(static_cast<c10::BFloat16*>(p), n, k, np, c);
+}
+GS_V3 Partial reduce_f32_v3(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<float, true>(static_cast<float*>(p), n, k, np, c);
+}
+GS_V4 Partial reduce_half_v4(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::Half, true>(static_cast<c10::Half*>(p), n, k, np, c);
+}
+GS_V4 Partial reduce_bf16_v4(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<c10::BFloat16, true>(static_cast<c10::BFloat16*>(p), n, k, np, c);
+}
+GS_V4 Partial reduce_f32_v4(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<float, true>(static_cast<float*>(p), n, k, np, c);
+}
+#endif
 GS_CLONES Partial reduce_f64(void* p, int64_t n, NormKind k, double np, double c) {
   return reduce_typed(static_cast<double*>(p), n, k, np, c);
 }
@@ -482,14 +560,56 @@ GS_CLONES void scale_f64(void* p, int64_t n, double coef) {
 }
 }  // namespace detail
 
+namespace {
+// ISA level of the float16/bfloat16/float32 reductions: 2 = x86-64-v4, 1 = x86-64-v3 (both the
+// 256-bit loop), 0 = baseline (the 128-bit loop). The environment variable GRADSTAB_CPU_ISA
+// (baseline, x86-64-v3 or x86-64-v4) caps it below what the CPU has, so tests can compare the
+// levels' results bit for bit; other values are ignored.
+int detect_isa_level() {
+#if GS_HAVE_WIDE
+  __builtin_cpu_init();
+  int level = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c")) {
+    level = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512cd")) {
+      level = 2;
+    }
+  }
+  if (const char* cap = std::getenv("GRADSTAB_CPU_ISA")) {
+    if (std::strcmp(cap, "baseline") == 0) level = 0;
+    if (std::strcmp(cap, "x86-64-v3") == 0) level = std::min(level, 1);
+  }
+  return level;
+#else
+  return 0;
+#endif
+}
+
+int isa_level() {
+  static const int level = detect_isa_level();
+  return level;
+}
+}  // namespace
+
 Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double norm_p,
                      double clamp) {
+#if GS_HAVE_WIDE
+  const int level = isa_level();
+#define GS_PICK(name) \
+  (level == 2 ? detail::name##_v4 : level == 1 ? detail::name##_v3 : detail::name##_base)
+#else
+#define GS_PICK(name) detail::name##_base
+#endif
   switch (dtype) {
-    case DType::kHalf: return detail::reduce_half(ptr, n, kind, norm_p, clamp);
-    case DType::kBFloat16: return detail::reduce_bf16(ptr, n, kind, norm_p, clamp);
-    case DType::kFloat: return detail::reduce_f32(ptr, n, kind, norm_p, clamp);
+    case DType::kHalf: return GS_PICK(reduce_half)(ptr, n, kind, norm_p, clamp);
+    case DType::kBFloat16: return GS_PICK(reduce_bf16)(ptr, n, kind, norm_p, clamp);
+    case DType::kFloat: return GS_PICK(reduce_f32)(ptr, n, kind, norm_p, clamp);
     case DType::kDouble: return detail::reduce_f64(ptr, n, kind, norm_p, clamp);
   }
+#undef GS_PICK
   return Partial{};
 }
 
@@ -514,14 +634,12 @@ void scale_range(DType dtype, void* ptr, int64_t n, double coef) {
 }
 
 const char* selected_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return "x86-64-v4 (AVX-512)";
+#if GS_HAVE_WIDE
+  switch (isa_level()) {
+    case 2: return "x86-64-v4 (AVX-512)";
+    case 1: return "x86-64-v3 (AVX2)";
+    default: return "x86-64 baseline";
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "x86-64-v3 (AVX2)";
-  return "x86-64 baseline";
 #else
   return "portable C++ (no ISA clones on this platform)";
 #endif
