@@ -512,37 +512,24 @@ GS_INLINE void scale_typed<double>(double* p, int64_t n, double coef) {
 namespace detail {
 // float16/bfloat16/float32 reductions: one function per ISA level, picked by isa_level() (the
 // 256-bit loop needs the level known at compile time, which target_clones does not give).
-Partial reduce_half_base(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::Half, false>(static_cast<c10::Half*>(p), n, k, np, c);
-}
-Partial reduce_bf16_base(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::BFloat16, false>(static_cast<c10::BFloat16*>(p), n, k, np, c);
-}
-Partial reduce_f32_base(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<float, false>(static_cast<float*>(p), n, k, np, c);
+namespace {
+template <typename T>
+Partial reduce_base(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_typed<T, false>(static_cast<T*>(p), n, k, np, c);
 }
 #if GS_HAVE_WIDE
-#define GS_V3 __attribute__((target("arch=x86-64-v3")))
-#define GS_V4 __attribute__((target("arch=x86-64-v4")))
-GS_V3 Partial reduce_half_v3(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::Half, true>(static_cast<c10::Half*>(p), n, k, np, c);
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) Partial reduce_v3(void* p, int64_t n, NormKind k,
+                                                            double np, double c) {
+  return reduce_typed<T, true>(static_cast<T*>(p), n, k, np, c);
 }
-GS_V3 Partial reduce_bf16_v3(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::BFloat16, true>(static_cast<c10::BFloat16*>(p), n, k, np, c);
-}
-GS_V3 Partial reduce_f32_v3(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<float, true>(static_cast<float*>(p), n, k, np, c);
-}
-GS_V4 Partial reduce_half_v4(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::Half, true>(static_cast<c10::Half*>(p), n, k, np, c);
-}
-GS_V4 Partial reduce_bf16_v4(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<c10::BFloat16, true>(static_cast<c10::BFloat16*>(p), n, k, np, c);
-}
-GS_V4 Partial reduce_f32_v4(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<float, true>(static_cast<float*>(p), n, k, np, c);
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) Partial reduce_v4(void* p, int64_t n, NormKind k,
+                                                            double np, double c) {
+  return reduce_typed<T, true>(static_cast<T*>(p), n, k, np, c);
 }
 #endif
+}  // namespace
 GS_CLONES Partial reduce_f64(void* p, int64_t n, NormKind k, double np, double c) {
   return reduce_typed(static_cast<double*>(p), n, k, np, c);
 }
@@ -592,24 +579,28 @@ int isa_level() {
   static const int level = detect_isa_level();
   return level;
 }
+
+template <typename T>
+Partial reduce_at_level(void* p, int64_t n, NormKind k, double np, double c) {
+#if GS_HAVE_WIDE
+  switch (isa_level()) {
+    case 2: return detail::reduce_v4<T>(p, n, k, np, c);
+    case 1: return detail::reduce_v3<T>(p, n, k, np, c);
+    default: break;
+  }
+#endif
+  return detail::reduce_base<T>(p, n, k, np, c);
+}
 }  // namespace
 
 Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double norm_p,
                      double clamp) {
-#if GS_HAVE_WIDE
-  const int level = isa_level();
-#define GS_PICK(name) \
-  (level == 2 ? detail::name##_v4 : level == 1 ? detail::name##_v3 : detail::name##_base)
-#else
-#define GS_PICK(name) detail::name##_base
-#endif
   switch (dtype) {
-    case DType::kHalf: return GS_PICK(reduce_half)(ptr, n, kind, norm_p, clamp);
-    case DType::kBFloat16: return GS_PICK(reduce_bf16)(ptr, n, kind, norm_p, clamp);
-    case DType::kFloat: return GS_PICK(reduce_f32)(ptr, n, kind, norm_p, clamp);
+    case DType::kHalf: return reduce_at_level<c10::Half>(ptr, n, kind, norm_p, clamp);
+    case DType::kBFloat16: return reduce_at_level<c10::BFloat16>(ptr, n, kind, norm_p, clamp);
+    case DType::kFloat: return reduce_at_level<float>(ptr, n, kind, norm_p, clamp);
     case DType::kDouble: return detail::reduce_f64(ptr, n, kind, norm_p, clamp);
   }
-#undef GS_PICK
   return Partial{};
 }
 
