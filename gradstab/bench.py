@@ -26,6 +26,15 @@ Modes:
     are restored (untimed) after each call.  ``agc-healthy``: the same with clip factor
     1000, so no unit is clipped.  The floor of AGC reads the weights as well: one read
     plus one read+write (``agc``), two reads (``agc-healthy``).
+    ``adaptive``: a healthy step clipped with an adaptive threshold,
+    ``gradstab.adaptive.clip_(params, PercentileThreshold(90, history=1000,
+    include_current=False))`` (an AutoClip-style percentile, the bound known before the step:
+    one fused pass), against the same healthy step with a fixed threshold
+    (``gradstab.clip_grad_norm_``): the ratio (fixed / adaptive, < 1 when adaptive is slower)
+    is the price of adapting.  The history is primed with 1,000 norms ten times the real one,
+    so the step stays healthy for the first 901 calls.  ``adaptive-zscore``: the same with
+    ``ZScoreThreshold()`` (ZClip's defaults; its rule judges this step's norm, so it measures
+    it first: two reads), primed with norms 0.9x and 1.1x the real one.
 
 On CUDA (``--device cuda``; CUDA events time each call) three things are added, and the CPU
 run is unchanged: the ``llama1b`` set (Llama 3.2 1B, 1.24 B parameters; timed by default only on
@@ -67,6 +76,8 @@ from torch import Tensor, nn
 
 import gradstab
 from gradstab import bench_train
+from gradstab.adaptive import AdaptiveThreshold, PercentileThreshold, ZScoreThreshold
+from gradstab.adaptive import clip_ as adaptive_clip_
 
 __all__ = [
     "PARAM_SETS",
@@ -76,6 +87,7 @@ __all__ = [
     "gpt2_small_shapes",
     "llama32_1b_shapes",
     "many_small_shapes",
+    "primed_threshold",
     "resnet50_shapes",
     "run",
     "timm_style_agc",
@@ -84,7 +96,8 @@ __all__ = [
 Shapes = list[tuple[str, tuple[int, ...]]]
 
 AGC_MODES = ("agc", "agc-healthy")
-MODES = ("healthy", "clip", "stats", "value", *AGC_MODES)
+ADAPTIVE_MODES = ("adaptive", "adaptive-zscore")
+MODES = ("healthy", "clip", "stats", "value", *AGC_MODES, *ADAPTIVE_MODES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Default timed rounds per set, chosen so ``--set all`` (fp32 and bf16, healthy and
@@ -516,6 +529,8 @@ def _contestants(
 ) -> list[_Contestant]:
     if mode in AGC_MODES:
         return _agc_contestants(mode, params, flat)
+    if mode in ADAPTIVE_MODES:
+        return _adaptive_contestants(mode, params, flat, total)
     grads = [p.grad for p in params]
     clip_fn = torch.nn.utils.clip_grad_norm_
     floors = [
@@ -605,6 +620,9 @@ def _check_mode(
     if mode in AGC_MODES:
         _agc_check(mode, where, params)
         return
+    if mode in ADAPTIVE_MODES:
+        _adaptive_check(mode, where, params, total)
+        return
     grads = [p.grad for p in params]
     if mode == "clip":
         gradstab.clip_grad_norm_(params, 0.5 * total)
@@ -640,7 +658,7 @@ def _floor_ms(mode: str, rows: Sequence[Result]) -> float:
         if mode == "agc-healthy":
             return 2 * read
         return read + min(r.median_ms for r in rows if r.floor == "read+write")
-    if mode in ("healthy", "stats"):
+    if mode in ("healthy", "stats", *ADAPTIVE_MODES):
         return read
     write = min(r.median_ms for r in rows if r.floor == "read+write")
     return write if mode == "value" else read + write
@@ -750,6 +768,70 @@ def _agc_check(mode: str, where: str, params: list[nn.Parameter]) -> None:
                 f"by {err / ref:.2e} relative (tolerance {rtol})"
             )
     torch._foreach_copy_(grads, saved)
+
+
+# --------------------------------------------------------------------------------------
+# Adaptive thresholds (modes adaptive, adaptive-zscore)
+# --------------------------------------------------------------------------------------
+
+
+def primed_threshold(mode: str, total: float, device: torch.device) -> AdaptiveThreshold:
+    """The adaptive threshold of ``mode``, primed so that a step of norm ``total`` is healthy.
+
+    ``adaptive``: ``PercentileThreshold(90, history=1000, include_current=False)`` with all
+    1,000 history slots at ``10 * total`` (the 90th percentile stays above ``total`` until
+    901 real norms have come in).  ``adaptive-zscore``: ``ZScoreThreshold()`` fed 50 norms
+    alternating ``0.9 * total`` and ``1.1 * total`` (mean ``total``, sigma ``0.1 * total``:
+    z = 0).
+
+    Args:
+        mode: ``"adaptive"`` or ``"adaptive-zscore"``.
+        total: the gradients' total norm.
+        device: where the threshold's state lives.
+
+    Returns:
+        The threshold.
+
+    Example:
+        >>> thr = primed_threshold("adaptive", 2.0, torch.device("cpu"))
+        >>> float(thr.threshold(device=torch.device("cpu")))
+        20.0
+    """
+    if mode == "adaptive":
+        thr: AdaptiveThreshold = PercentileThreshold(90.0, history=1000, include_current=False)
+        norms = [10.0 * total] * 1000
+    else:
+        thr = ZScoreThreshold()
+        norms = [total * (0.9 if i % 2 == 0 else 1.1) for i in range(50)]
+    for g in norms:
+        thr.update(torch.tensor(g, dtype=torch.float64, device=device))
+    return thr
+
+
+def _adaptive_contestants(
+    mode: str, params: list[nn.Parameter], flat: Tensor, total: float
+) -> list[_Contestant]:
+    thr = primed_threshold(mode, total, params[0].grad.device)
+    fixed = 1e6 * total
+    name = "gradstab PercentileThreshold" if mode == "adaptive" else "gradstab ZScoreThreshold"
+    return [
+        _Contestant(name, "gradstab", lambda: adaptive_clip_(params, thr)),
+        _Contestant("fixed threshold", "baseline", lambda: gradstab.clip_grad_norm_(params, fixed)),
+        _Contestant("floor: read (flat.sum)", "floor", flat.sum, floor="read"),
+        _Contestant("floor: read (flat.amax)", "floor", flat.amax, floor="read"),
+    ]
+
+
+def _adaptive_check(mode: str, where: str, params: list[nn.Parameter], total: float) -> None:
+    """One call with a primed threshold: the norm is right and nothing is clipped."""
+    grads = [p.grad for p in params]
+    thr = primed_threshold(mode, total, grads[0].device)
+    before = [g.clone() for g in grads]
+    got = float(adaptive_clip_(params, thr))
+    if not _close(got, total, NORM_RTOL):
+        raise BenchError(f"{where}: adaptive clip_ returned norm {got}, expected {total}")
+    if not all(torch.equal(a, b) for a, b in zip(grads, before)):
+        raise BenchError(f"{where}: the primed adaptive threshold clipped a healthy step")
 
 
 def bench_one(
@@ -942,16 +1024,30 @@ CUDA_TARGETS = (
     (None, None, "stats", "torch._foreach_norm", 1.0, None),
     (None, None, "stats", "lightning grad_norm", 50.0, None),
     ("resnet50", None, "agc", "timm-style loop", 5.0, None),
+    # adaptive threshold <= fixed threshold + 5%: fixed / adaptive >= 1 / 1.05
+    (None, None, "adaptive", "fixed threshold", 0.952, None),
+    (None, None, "adaptive-zscore", "fixed threshold", 0.952, None),
 )
 
 #: Bytes each mode must move, in passes over the gradients (see ``_floor_ms``; AGC reads the
 #: weights as well).
-_TRAFFIC = {"healthy": 1, "stats": 1, "value": 2, "clip": 3, "agc": 3, "agc-healthy": 2}
+_TRAFFIC = {
+    "healthy": 1,
+    "stats": 1,
+    "value": 2,
+    "clip": 3,
+    "agc": 3,
+    "agc-healthy": 2,
+    "adaptive": 1,
+    "adaptive-zscore": 1,
+}
 #: The baseline each mode's ratio is reported against in the CUDA summary.
 _SUMMARY_BASELINE = {
     "stats": "torch._foreach_norm",
     "agc": "timm-style loop",
     "agc-healthy": "timm-style loop",
+    "adaptive": "fixed threshold",
+    "adaptive-zscore": "fixed threshold",
 }
 
 
@@ -1362,7 +1458,9 @@ floor/gradstab = floor / gradstab median (1 = at the floor). The floor rows time
 over a flat fp32 buffer of the same bytes; the floor of healthy and stats is one read
 (the faster of flat.sum and flat.amax), of value one read+write (flat.mul_(1.0)), of
 clip one read plus one read+write (the norm must be known before anything is written).
-GB/s = gradient bytes / median (bytes of one pass over the gradients)."""
+GB/s = gradient bytes / median (bytes of one pass over the gradients).
+The "torch" of agc modes is the timm-style loop; of adaptive modes, gradstab with a fixed
+threshold (there the ratio is fixed / adaptive: below 1, adapting costs that much more)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -1416,8 +1514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         type=_csv(MODES),
         default=None,
-        help="modes, comma-separated: healthy, clip, stats, value, agc, agc-healthy "
-        "(default: healthy,clip)",
+        help="modes, comma-separated: healthy, clip, stats, value, agc, agc-healthy, "
+        "adaptive, adaptive-zscore (default: healthy,clip)",
     )
     parser.add_argument(
         "--repeats",

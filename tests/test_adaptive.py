@@ -523,3 +523,33 @@ def test_state_moves_to_the_norms_device():
 def test_exported_names():
     assert gradstab.ZScoreThreshold is ZScoreThreshold
     assert gradstab.PercentileThreshold is PercentileThreshold
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "adaptive-zscore"])
+def test_bench_adaptive_modes_stay_healthy_and_report_against_fixed(mode):
+    """``bench --mode adaptive[-zscore]``: the primed threshold leaves a healthy step alone for
+    as many calls as the mode promises (901 for the percentile rule), the rows compare with the
+    fixed threshold, and the CUDA summary carries the +5% target for the mode."""
+    from gradstab.bench import bench_one, cuda_summary, primed_threshold  # noqa: PLC0415
+
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    w.grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    total = float(torch.linalg.vector_norm(w.grad.double()))
+    before = w.grad.clone()
+    thr = primed_threshold(mode, total, torch.device("cpu"))
+    calls = 901 if mode == "adaptive" else 300
+    for _ in range(calls):
+        got = clip_([w], thr)
+    assert torch.equal(w.grad, before)  # never clipped
+    assert float(got) == pytest.approx(total, rel=1e-6)
+    # after 901 real norms the 90th percentile of the 1,000-norm history is the norm itself
+    if mode == "adaptive":
+        assert float(thr.threshold()) == pytest.approx(float(got), rel=1e-12)
+
+    rows = bench_one("many-small", "fp32", [mode], device=torch.device("cpu"), warmup=0, repeats=2)
+    names = {r.contestant: r for r in rows}
+    assert "fixed threshold" in names and names["fixed threshold"].ratio > 0
+    ours = [r for r in rows if r.kind == "gradstab"]
+    assert len(ours) == 1 and ours[0].floor_fraction > 0
+    text = cuda_summary(rows)
+    assert f"many-small/fp32/{mode}" in text and "target >= 0.952x fixed threshold" in text
