@@ -17,7 +17,8 @@
 #              clipping call on GPT-2-small float32 (a healthy step must write ~nothing), for
 #              clip_norm and for adaptive_clip (which also reads the weights);
 #              skipped when ncu is missing or not allowed to read the counters
-#   bench      python -m gradstab bench --device cuda --mode healthy,clip,stats,value,agc,agc-healthy
+#   bench      python -m gradstab bench --device cuda --mode
+#              healthy,clip,stats,value,agc,agc-healthy,adaptive,adaptive-zscore
 #              (all sets, float32 and bfloat16; table, CUDA summary with the targets, JSON)
 #
 # Every step runs even if an earlier one failed (except that nothing runs after a failed build);
@@ -103,7 +104,7 @@ fi
 
 if want bench; then
   run_step bench $PY -m gradstab bench --device cuda \
-    --mode healthy,clip,stats,value,agc,agc-healthy \
+    --mode healthy,clip,stats,value,agc,agc-healthy,adaptive,adaptive-zscore \
     --json "$LOGDIR/bench.json"
 fi
 
