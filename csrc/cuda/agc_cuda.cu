@@ -65,85 +65,18 @@ __device__ __forceinline__ Span make_span(const T* p, int64_t begin, int64_t end
   return s;
 }
 
-// Statistics of a span: sum of |x|^p (double), max |x| (NaN if a NaN), NaN/Inf count.
-struct Part {
-  double sum;
-  double max_abs;
-  long long nonfinite;
-};
+// Statistics of a span (device_common.cuh's span_stats_*): sum of |x|^p, max |x| (NaN if a
+// NaN), NaN/Inf count. Kept out of line, as the reduce loop's register budget wants.
+using Part = SpanStats;
 
-// p = 1 (kL1) or 2 (also used for inf, whose norm is the max): as kernels.cu's reduce_unit.
 template <typename T, bool kL1>
 __device__ __noinline__ Part span_part_l12(T* p, const Span s, int lane) {
-  using Acc = typename Traits<T>::Acc;
-  constexpr int V = Traits<T>::V;
-  Acc acc[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = Acc(0);
-  Acc m = Acc(0);
-  double lane_sum = 0.0;
-  auto add = [&](Acc& a, Acc x) {
-    const Acc ax = rabs(x);
-    a = radd(a, kL1 ? ax : rmul(ax, ax));
-    m = ax > m ? ax : m;  // a NaN never enters
-  };
-  auto flush = [&] {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      lane_sum = __dadd_rn(lane_sum, static_cast<double>(acc[j]));
-      acc[j] = Acc(0);
-    }
-  };
-  for_span_grouped<kUnroll>(
-      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(p[i])); },
-      [&](const Vec& v, int64_t) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) add(acc[j], vec_get<T>(v, j));
-      },
-      flush);
-  flush();
-  double sum = warp_sum(lane_sum);
-  const double max_free = static_cast<double>(warp_max(m));
-  if (sizeof(Acc) == 4 && (!(sum <= DBL_MAX) || (!kL1 && sum < kTinyUnit && max_free > 0.0))) {
-    sum = unit_sum_double<T, kL1>(p, s, lane);  // float32 lanes overflowed or may have underflowed
-  }
-  Part q{sum, max_free, 0};
-  if (!(sum <= DBL_MAX)) {
-    int32_t count = 0;
-    unit_count_nonfinite(p, s, lane, &count, &q.max_abs);
-    q.nonfinite = count;
-  }
-  return q;
+  return span_stats_l12<T, kL1>(p, s, lane);
 }
 
-// Any other p: |x|^p in double, non-finite elements counted in the same pass.
 template <typename T>
 __device__ __noinline__ Part span_part_lp(T* p, const Span s, int lane, double np) {
-  constexpr int V = Traits<T>::V;
-  double acc = 0.0, m = 0.0;
-  long long n = 0;
-  bool nan = false;
-  auto add = [&](double x) {
-    const double a = fabs(x);
-    acc = __dadd_rn(acc, pow(a, np));
-    if (!isfinite(x)) {
-      ++n;
-      nan = nan || isnan(x);
-    }
-    m = a > m ? a : m;
-  };
-  for_span(
-      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
-      [&](const Vec& v, int64_t) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
-      });
-  Part q;
-  q.sum = warp_sum(acc);
-  const double max_free = warp_max(m);
-  q.nonfinite = warp_sum(n);
-  q.max_abs = __any_sync(kFull, nan) ? nan64() : max_free;
-  return q;
+  return span_stats_lp<T>(p, s, lane, np);
 }
 
 template <typename T>

@@ -2,8 +2,8 @@
 // element access for float16/bfloat16/float32/float64, correctly rounded arithmetic that is
 // never contracted into FMAs, fixed-order warp reductions, the walk over a span of elements
 // (scalar head up to the first 16-byte aligned element, 16-byte vectors, scalar tail), the
-// exact double redo of a span's sum, the exact non-finite count, and scaling with the CPU
-// kernel's rounding. Plain CUDA, no torch headers; everything has internal linkage (an
+// exact double redo of a span's sum, the exact non-finite count, a span's statistics in one
+// read (span_stats_l12 / span_stats_lp), and scaling with the CPU kernel's rounding. Plain CUDA, no torch headers; everything has internal linkage (an
 // anonymous namespace), as when it lived in kernels.cu alone.
 #pragma once
 
@@ -226,6 +226,98 @@ __device__ __noinline__ void unit_count_nonfinite(T* p, const Span& s, int lane,
   m = warp_max(m);
   *count = static_cast<int32_t>(n);
   *max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : m;
+}
+
+// ---------------------------------------------------------------------- span statistics --
+
+// What one warp learns from one read of a span: the sum of |x|^p (double), the NaN-free max
+// |x| (what a clamp decision uses), the max |x| with NaN propagated, and the NaN/Inf count.
+struct SpanStats {
+  double sum;
+  double max_free;
+  double max_abs;
+  long long nonfinite;
+};
+
+// p = 1 (kL1) or 2 (also used for inf, whose norm is the max). Per lane: one accumulator per
+// vector lane (float32 for 16/32-bit data), flushed in a fixed order into a double after every
+// kUnroll vectors, so a float32 partial sums at most kUnroll terms (plus the few head
+// elements). A float32-based sum that is non-finite or below kTinyUnit is redone in double; a
+// non-finite sum makes the warp count the NaN/Inf and take the NaN-propagating max.
+template <typename T, bool kL1>
+__device__ __forceinline__ SpanStats span_stats_l12(T* p, const Span& s, int lane) {
+  using Acc = typename Traits<T>::Acc;
+  constexpr int V = Traits<T>::V;
+  Acc acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = Acc(0);
+  Acc m = Acc(0);
+  double lane_sum = 0.0;
+  auto add = [&](Acc& a, Acc x) {
+    const Acc ax = rabs(x);
+    a = radd(a, kL1 ? ax : rmul(ax, ax));
+    m = ax > m ? ax : m;  // a NaN never enters
+  };
+  auto flush = [&] {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      lane_sum = __dadd_rn(lane_sum, static_cast<double>(acc[j]));
+      acc[j] = Acc(0);
+    }
+  };
+  for_span_grouped<kUnroll>(
+      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(p[i])); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(acc[j], vec_get<T>(v, j));
+      },
+      flush);
+  flush();
+  SpanStats q;
+  q.sum = warp_sum(lane_sum);
+  q.max_free = static_cast<double>(warp_max(m));
+  if (sizeof(Acc) == 4 &&
+      (!(q.sum <= DBL_MAX) || (!kL1 && q.sum < kTinyUnit && q.max_free > 0.0))) {
+    q.sum = unit_sum_double<T, kL1>(p, s, lane);  // float32 lanes overflowed or underflowed
+  }
+  // Separate scalars for the out-of-line count (an address taken of a field of q would put q
+  // in local memory).
+  double max_abs = q.max_free;
+  int32_t count = 0;
+  if (!(q.sum <= DBL_MAX)) unit_count_nonfinite(p, s, lane, &count, &max_abs);
+  q.max_abs = max_abs;
+  q.nonfinite = count;
+  return q;
+}
+
+// Any other p: |x|^p in double, non-finite elements counted in the same pass.
+template <typename T>
+__device__ __forceinline__ SpanStats span_stats_lp(T* p, const Span& s, int lane, double np) {
+  constexpr int V = Traits<T>::V;
+  double acc = 0.0, m = 0.0;
+  long long n = 0;
+  bool nan = false;
+  auto add = [&](double x) {
+    const double a = fabs(x);
+    acc = __dadd_rn(acc, pow(a, np));
+    if (!isfinite(x)) {
+      ++n;
+      nan = nan || isnan(x);
+    }
+    m = a > m ? a : m;
+  };
+  for_span(
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](const Vec& v, int64_t) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
+      });
+  SpanStats q;
+  q.sum = warp_sum(acc);
+  q.max_free = warp_max(m);
+  q.nonfinite = warp_sum(n);
+  q.max_abs = __any_sync(kFull, nan) ? __longlong_as_double(0x7ff8000000000000LL) : q.max_free;
+  return q;
 }
 
 // x * coef with the CPU kernel's rounding.

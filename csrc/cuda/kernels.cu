@@ -178,52 +178,15 @@ __device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int la
 template <typename T, bool kL1>
 __device__ __noinline__ void reduce_unit(const TensorDesc d, int64_t local, int lane, int32_t mode,
                                          double bound, UnitRecord* out) {
-  using Acc = typename Traits<T>::Acc;
-  constexpr int V = Traits<T>::V;
   T* p = reinterpret_cast<T*>(d.ptr);
   const Span s = unit_span<T>(d, local);
-  // Per lane: one accumulator per vector lane (float32 for 16/32-bit data), flushed in a fixed
-  // order into a double after every kUnroll vectors, so a float32 partial sums at most kUnroll
-  // terms (plus the few head elements).
-  Acc acc[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = Acc(0);
-  Acc m = Acc(0);
-  double lane_sum = 0.0;
-  auto add = [&](Acc& a, Acc x) {
-    const Acc ax = rabs(x);
-    a = radd(a, kL1 ? ax : rmul(ax, ax));
-    m = ax > m ? ax : m;  // a NaN never enters
-  };
-  auto flush = [&] {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      lane_sum = __dadd_rn(lane_sum, static_cast<double>(acc[j]));
-      acc[j] = Acc(0);
-    }
-  };
-  for_span_grouped<kUnroll>(
-      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(p[i])); },
-      [&](const Vec& v, int64_t) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) add(acc[j], vec_get<T>(v, j));
-      },
-      flush);
-  flush();
-  double sum = warp_sum(lane_sum);
-  const double max_free = static_cast<double>(warp_max(m));
-  if (sizeof(Acc) == 4 && (!(sum <= DBL_MAX) || (!kL1 && sum < kTinyUnit && max_free > 0.0))) {
-    sum = unit_sum_double<T, kL1>(p, s, lane);  // float32 lanes overflowed or may have underflowed
-  }
-  double max_abs = max_free;
-  int32_t nonfinite = 0;
-  if (!(sum <= DBL_MAX)) unit_count_nonfinite(p, s, lane, &nonfinite, &max_abs);
+  const SpanStats q = span_stats_l12<T, kL1>(p, s, lane);
   const bool clamp =
-      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(max_free, bound);
+      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(q.max_free, bound);
   if (lane == 0) {
-    out->sum = sum;
-    out->max_abs = max_abs;
-    out->nonfinite = nonfinite;
+    out->sum = q.sum;
+    out->max_abs = q.max_abs;
+    out->nonfinite = static_cast<int32_t>(q.nonfinite);
     out->clamp = clamp ? 1 : 0;
   }
   if (clamp && mode == kClipValue) clamp_unit(p, s, lane, bound);
@@ -234,37 +197,15 @@ template <typename T>
 __device__ __noinline__ void reduce_unit_lp(const TensorDesc d, int64_t local, int lane,
                                             int32_t mode, double np, double bound,
                                             UnitRecord* out) {
-  constexpr int V = Traits<T>::V;
   T* p = reinterpret_cast<T*>(d.ptr);
   const Span s = unit_span<T>(d, local);
-  double acc = 0.0, m = 0.0;
-  long long n = 0;
-  bool nan = false;
-  auto add = [&](double x) {
-    const double a = fabs(x);
-    acc = __dadd_rn(acc, pow(a, np));
-    if (!isfinite(x)) {
-      ++n;
-      nan = nan || isnan(x);
-    }
-    m = a > m ? a : m;
-  };
-  for_span(
-      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
-      [&](const Vec& v, int64_t) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
-      });
-  const double sum = warp_sum(acc);
-  const double max_free = warp_max(m);
-  n = warp_sum(n);
-  nan = __any_sync(kFull, nan);
+  const SpanStats q = span_stats_lp<T>(p, s, lane, np);
   const bool clamp =
-      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(max_free, bound);
+      (mode == kClipValue || mode == kClipValueDeferred) && beyond<T>(q.max_free, bound);
   if (lane == 0) {
-    out->sum = sum;
-    out->max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : max_free;
-    out->nonfinite = static_cast<int32_t>(n);
+    out->sum = q.sum;
+    out->max_abs = q.max_abs;
+    out->nonfinite = static_cast<int32_t>(q.nonfinite);
     out->clamp = clamp ? 1 : 0;
   }
   if (clamp && mode == kClipValue) clamp_unit(p, s, lane, bound);
