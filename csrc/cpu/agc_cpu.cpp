@@ -46,6 +46,8 @@
 #include <utility>
 #include <vector>
 
+#include "adaptive_clip_args.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
@@ -59,26 +61,6 @@ constexpr int64_t kSerialBelow = 1 << 15;  // total elements under which one thr
 constexpr double kTinySum = 1e-280;        // sums this small may have lost terms to underflow
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
-    default: return DType::kDouble;
-  }
-}
-
-NormKind kind_of(double p) {
-  if (std::isinf(p)) return NormKind::kLinf;
-  if (p == 2.0) return NormKind::kL2;
-  if (p == 1.0) return NormKind::kL1;
-  return NormKind::kLp;
-}
-
-bool supported(at::ScalarType st) {
-  return st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble;
-}
 
 double root(double s, NormKind kind, double p) {
   if (kind == NormKind::kL2) return std::sqrt(s);
@@ -236,50 +218,10 @@ bool shares_memory(at::TensorList grads, at::TensorList params, const std::vecto
   return false;
 }
 
-void check_args(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
-                double norm_type) {
-  TORCH_CHECK_VALUE(norm_type > 0.0 && !std::isnan(norm_type),
-                    "gradstab: norm_type must be a positive number or inf, got ", norm_type);
-  TORCH_CHECK_VALUE(clip_factor > 0.0, "gradstab: clip_factor must be a positive number, got ",
-                    clip_factor);
-  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps),
-                    "gradstab: eps must be a finite number >= 0, got ", eps);
-  const size_t n = grads.size();
-  TORCH_CHECK_VALUE(params.size() == n, "gradstab: adaptive_clip needs one parameter per "
-                    "gradient, got ", n, " gradients and ", params.size(), " parameters");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& g = grads[i];
-    const at::Tensor& w = params[i];
-    TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", n, " is undefined");
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ", n,
-                      " has layout ", g.layout(), "; only dense (strided) gradients are "
-                      "supported. Convert it with `p.grad = p.grad.to_dense()`");
-    TORCH_CHECK_VALUE(g.device() == grads[0].device(), "gradstab: all gradients of one call "
-                      "must be on one device, gradient 0 is on ", grads[0].device(),
-                      " and gradient ", i, " on ", g.device(), "; call once per device");
-    TORCH_CHECK_TYPE(supported(g.scalar_type()), "gradstab: gradient ", i, " of ", n,
-                     " has dtype ", g.scalar_type(), "; only float16, bfloat16, float32 and "
-                     "float64 gradients are supported");
-    TORCH_CHECK_VALUE(w.defined(), "gradstab: parameter ", i, " of ", n, " is undefined");
-    TORCH_CHECK_VALUE(w.layout() == at::kStrided, "gradstab: parameter ", i, " of ", n,
-                      " has layout ", w.layout(), "; only dense (strided) parameters are "
-                      "supported");
-    TORCH_CHECK_VALUE(w.device() == g.device(), "gradstab: parameter ", i, " of ", n, " is on ",
-                      w.device(), " but its gradient is on ", g.device(),
-                      "; a parameter and its gradient must be on one device");
-    TORCH_CHECK_TYPE(supported(w.scalar_type()), "gradstab: parameter ", i, " of ", n,
-                     " has dtype ", w.scalar_type(), "; only float16, bfloat16, float32 and "
-                     "float64 parameters are supported");
-    TORCH_CHECK_VALUE(w.sizes() == g.sizes(), "gradstab: parameter ", i, " of ", n,
-                      " has shape ", w.sizes(), " but its gradient has shape ", g.sizes());
-    TORCH_CHECK(g.device().is_cpu(), "gradstab: the CPU kernel got a gradient on ", g.device());
-  }
-}
-
 AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double clip_factor,
                            double eps, double norm_type) {
-  check_args(grads, params, clip_factor, eps, norm_type);
-  const NormKind kind = kind_of(norm_type);
+  check_adaptive_clip_args(grads, params, clip_factor, eps, norm_type, at::kCPU, "CPU");
+  const NormKind kind = norm_kind(norm_type);
   const double p = norm_type;
   const int64_t T = static_cast<int64_t>(grads.size());
 
@@ -294,8 +236,8 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
     const at::Tensor& w = params[t];
     Pair& pr = pairs[t];
     pr.grad = &grads[t];
-    pr.gdt = dtype_of(g.scalar_type());
-    pr.wdt = dtype_of(w.scalar_type());
+    pr.gdt = to_dtype(g.scalar_type());
+    pr.wdt = to_dtype(w.scalar_type());
     pr.gsize = static_cast<int64_t>(g.element_size());
     pr.wsize = static_cast<int64_t>(w.element_size());
     pr.units = g.dim() <= 1 ? 1 : g.size(0);

@@ -65,22 +65,6 @@ struct TensorResult {
   int64_t nonfinite;
 };
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
-    default: return DType::kDouble;
-  }
-}
-
-NormKind norm_kind(double p) {
-  if (std::isinf(p)) return NormKind::kLinf;
-  if (p == 2.0) return NormKind::kL2;
-  if (p == 1.0) return NormKind::kL1;
-  return NormKind::kLp;
-}
-
 void check_norm_type(double p) {
   TORCH_CHECK_VALUE(p > 0.0 && !std::isnan(p),
                     "gradstab: norm_type must be a positive number or inf, got ", p);

@@ -7,12 +7,33 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
+
+#include "cpu/range_kernels.h"
 
 namespace gradstab {
 namespace cpu {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The range kernels' codes of a dtype (float16/bfloat16/float32; anything else as float64) and
+// of a norm type.
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kFloat: return DType::kFloat;
+    default: return DType::kDouble;
+  }
+}
+
+inline NormKind norm_kind(double p) {
+  if (std::isinf(p)) return NormKind::kLinf;
+  if (p == 2.0) return NormKind::kL2;
+  if (p == 1.0) return NormKind::kL1;
+  return NormKind::kLp;
+}
 
 Stats grad_stats_cpu(at::TensorList grads, double norm_type);
 Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double norm_type,

@@ -47,6 +47,7 @@
 #include "cuda/agc_cuda.cuh"
 #include "cuda/kernels.cuh"
 #include "cuda/table_cache.h"
+#include "adaptive_clip_args.h"
 
 namespace gradstab {
 namespace cuda {
@@ -67,26 +68,6 @@ enum AgcMeta : int {
   kPerPair = 6
 };
 
-int32_t to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    default: return kDouble;
-  }
-}
-
-int32_t norm_kind(double p) {
-  if (std::isinf(p)) return kLinf;
-  if (p == 2.0) return kL2;
-  if (p == 1.0) return kL1;
-  return kLp;
-}
-
-bool supported(at::ScalarType st) {
-  return st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble;
-}
-
 int64_t units_of(const at::Tensor& t) { return t.dim() <= 1 ? 1 : t.size(0); }
 
 // Whether the units of `t` are the blocks [u * unit_len, (u + 1) * unit_len) of its memory from
@@ -96,58 +77,6 @@ bool units_are_blocks(const at::Tensor& t) {
   if (!t.is_non_overlapping_and_dense()) return false;
   const int64_t units = units_of(t);
   return units == 1 || t.stride(0) == t.numel() / units;
-}
-
-// The same checks, in the same order and words, as the CPU kernel's check_args.
-void check_args(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
-                double norm_type) {
-  TORCH_CHECK_VALUE(norm_type > 0.0 && !std::isnan(norm_type),
-                    "gradstab: norm_type must be a positive number or inf, got ", norm_type);
-  TORCH_CHECK_VALUE(clip_factor > 0.0, "gradstab: clip_factor must be a positive number, got ",
-                    clip_factor);
-  TORCH_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps),
-                    "gradstab: eps must be a finite number >= 0, got ", eps);
-  const size_t n = grads.size();
-  TORCH_CHECK_VALUE(params.size() == n, "gradstab: adaptive_clip needs one parameter per "
-                    "gradient, got ", n, " gradients and ", params.size(), " parameters");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& g = grads[i];
-    const at::Tensor& w = params[i];
-    TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", n, " is undefined");
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ", n,
-                      " has layout ", g.layout(), "; only dense (strided) gradients are "
-                      "supported. Convert it with `p.grad = p.grad.to_dense()`");
-    TORCH_CHECK_VALUE(g.device() == grads[0].device(), "gradstab: all gradients of one call "
-                      "must be on one device, gradient 0 is on ", grads[0].device(),
-                      " and gradient ", i, " on ", g.device(), "; call once per device");
-    TORCH_CHECK_TYPE(supported(g.scalar_type()), "gradstab: gradient ", i, " of ", n,
-                     " has dtype ", g.scalar_type(), "; only float16, bfloat16, float32 and "
-                     "float64 gradients are supported");
-    TORCH_CHECK_VALUE(w.defined(), "gradstab: parameter ", i, " of ", n, " is undefined");
-    TORCH_CHECK_VALUE(w.layout() == at::kStrided, "gradstab: parameter ", i, " of ", n,
-                      " has layout ", w.layout(), "; only dense (strided) parameters are "
-                      "supported");
-    TORCH_CHECK_VALUE(w.device() == g.device(), "gradstab: parameter ", i, " of ", n, " is on ",
-                      w.device(), " but its gradient is on ", g.device(),
-                      "; a parameter and its gradient must be on one device");
-    TORCH_CHECK_TYPE(supported(w.scalar_type()), "gradstab: parameter ", i, " of ", n,
-                     " has dtype ", w.scalar_type(), "; only float16, bfloat16, float32 and "
-                     "float64 parameters are supported");
-    TORCH_CHECK_VALUE(w.sizes() == g.sizes(), "gradstab: parameter ", i, " of ", n,
-                      " has shape ", w.sizes(), " but its gradient has shape ", g.sizes());
-    TORCH_CHECK(g.device().is_cuda(), "gradstab: the CUDA kernel got a gradient on ",
-                g.device());
-  }
-  for (size_t i = 0; i < n; ++i) {  // after every other check, as on the CPU
-    const at::Tensor& g = grads[i];
-    const bool expanded = g.numel() > 0 && !g.is_non_overlapping_and_dense() &&
-                          at::has_internal_overlap(g) == at::MemOverlap::Yes;
-    TORCH_CHECK_VALUE(!expanded, "gradstab: gradient ", i, " of ", n, " (shape ", g.sizes(),
-                      ") may have to be clipped, but several of its elements share one memory "
-                      "location (an expanded view?), so it cannot be written in place (and "
-                      "whether it must be is known only on the device). Give it its own memory "
-                      "first, e.g. `p.grad = p.grad.clone()`. No gradient was changed.");
-  }
 }
 
 // The work table of a key: per pair, (G address, numel, G dtype), (W address, units, W dtype).
@@ -230,7 +159,7 @@ int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
 
 AgcStats adaptive_clip_cuda(at::TensorList grads, at::TensorList params, double clip_factor,
                             double eps, double norm_type) {
-  check_args(grads, params, clip_factor, eps, norm_type);
+  check_adaptive_clip_args(grads, params, clip_factor, eps, norm_type, at::kCUDA, "CUDA");
   const int64_t T = static_cast<int64_t>(grads.size());
   if (T == 0) {  // (an empty list does not dispatch here; kept for direct callers)
     auto f = at::TensorOptions().dtype(at::kFloat);

@@ -380,22 +380,6 @@ namespace {
 
 // ------------------------------------------------------------------------- arguments --
 
-int32_t to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    default: return kDouble;
-  }
-}
-
-int32_t norm_kind(double p) {
-  if (std::isinf(p)) return kLinf;
-  if (p == 2.0) return kL2;
-  if (p == 1.0) return kL1;
-  return kLp;
-}
-
 void check_grads(at::TensorList grads) {
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];

@@ -1,8 +1,9 @@
 // Contract: the launcher-side helpers the CUDA ops share (ops_cuda.cpp for the norm ops,
 // agc_ops_cuda.cpp for adaptive_clip): the per-process cache of device-resident work tables
 // (implemented in ops_cuda.cpp, where the comment explains why and how it stays correct), the
-// grid cap of the test hook, the strided write-back of a gradient's working copy, and the
-// memory-overlap test. Host code only (ATen and the CUDA runtime API).
+// grid cap of the test hook, the strided write-back of a gradient's working copy, the
+// memory-overlap test, and the kernels' dtype and norm codes. Host code only (ATen and the CUDA
+// runtime API).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,14 +11,34 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "cuda/kernels.cuh"
+
 namespace gradstab {
 namespace cuda {
+
+// The kernels' codes (kernels.cuh) of a dtype and of a norm type.
+inline int32_t to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return kHalf;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat;
+    default: return kDouble;
+  }
+}
+
+inline int32_t norm_kind(double p) {
+  if (std::isinf(p)) return kLinf;
+  if (p == 2.0) return kL2;
+  if (p == 1.0) return kL1;
+  return kLp;
+}
 
 // One item of a table's cache key: an address, an element count (or any other integer the
 // table depends on) and a dtype code.
