@@ -279,34 +279,18 @@ AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double c
   std::vector<double> ucoef(serial ? total_units : 0, 1.0);  // serial: each unit's coefficient
   std::vector<Partial> gpart(num_pieces), wpart(num_pieces);
   const bool one_thread = total_numel < kSerialBelow;
-  // Runs body(k) for the work items k in `items`, split into one contiguous range per thread
-  // with about equal element counts (work items differ in size: a static split by count left
-  // one thread 60% of ResNet-50's elements). Each item writes only its own results, so the
-  // split does not change any result.
+  // Runs body(k) for the work items k in `items`, one contiguous range of them per thread with
+  // about equal element counts (parallel_balanced). Each item writes only its own results, so
+  // the split does not change any result.
   auto for_each = [&](const std::vector<int64_t>& items, const auto& body) {
     const int64_t n = static_cast<int64_t>(items.size());
     const int64_t nt = one_thread ? 1 : std::min<int64_t>(at::get_num_threads(), n);
-    if (nt <= 1) {
-      for (int64_t k : items) body(k);
-      return;
-    }
-    auto size_of = [&](int64_t k) {
-      const Work& wk = works[k];
+    auto size_of = [&](int64_t i) {
+      const Work& wk = works[items[i]];
       return wk.piece >= 0 ? wk.e_len : (wk.u_end - wk.u_begin) * pairs[wk.pair].unit_len;
     };
-    int64_t total = 0;
-    for (int64_t k : items) total += size_of(k);
-    std::vector<int64_t> bounds(nt + 1, n);
-    bounds[0] = 0;
-    int64_t seen = 0, r = 1;
-    for (int64_t i = 0; i < n && r < nt; ++i) {
-      seen += size_of(items[i]);
-      while (r < nt && seen * nt >= total * r) bounds[r++] = i + 1;
-    }
-    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        for (int64_t i = bounds[t]; i < bounds[t + 1]; ++i) body(items[i]);
-      }
+    parallel_balanced(n, nt, size_of, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) body(items[i]);
     });
   };
   std::vector<int64_t> all_works(works.size());

@@ -180,25 +180,7 @@ struct Plan {
     };
     const int64_t nt =
         total_numel < kSerialBelow ? 1 : std::min<int64_t>(at::get_num_threads(), n);
-    if (nt <= 1) {
-      run(0, n);
-      return;
-    }
-    // One contiguous range of chunks per thread with about equal element counts (a split by
-    // chunk count gave one of two threads 60% of ResNet-50: its small tensors, one short chunk
-    // each, sit early). The split depends only on the plan and the thread count, so each thread
-    // gets the same range in every pass; walking it backwards re-touches first what this
-    // thread read last (still in its cache).
-    std::vector<int64_t> bounds(nt + 1, n);
-    bounds[0] = 0;
-    int64_t seen = 0, r = 1;
-    for (int64_t k = 0; k < n && r < nt; ++k) {
-      seen += chunks[k].len;
-      while (r < nt && seen * nt >= total_numel * r) bounds[r++] = k + 1;
-    }
-    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) run(bounds[t], bounds[t + 1]);
-    });
+    parallel_balanced(n, nt, [&](int64_t k) { return chunks[k].len; }, run);
   }
 };
 

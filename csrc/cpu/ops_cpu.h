@@ -6,9 +6,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "cpu/range_kernels.h"
 
@@ -33,6 +36,31 @@ inline NormKind norm_kind(double p) {
   if (p == 2.0) return NormKind::kL2;
   if (p == 1.0) return NormKind::kL1;
   return NormKind::kLp;
+}
+
+// Runs run(begin, end) over the work items [0, n) split into nt contiguous ranges of about
+// equal total size_of(k), one range per thread (nt <= 1: run(0, n) on this thread). Splitting
+// by size, not by count, matters: ResNet-50's many small tensors sit early, and a split by count
+// gave one of two threads 60% of its elements. The ranges depend only on the sizes and nt, so
+// repeated passes give each thread the same range (what it read last is still in its cache).
+template <typename SizeOf, typename Run>
+void parallel_balanced(int64_t n, int64_t nt, const SizeOf& size_of, const Run& run) {
+  if (nt <= 1) {
+    run(0, n);
+    return;
+  }
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) total += size_of(k);
+  std::vector<int64_t> bounds(nt + 1, n);
+  bounds[0] = 0;
+  int64_t seen = 0, r = 1;
+  for (int64_t k = 0; k < n && r < nt; ++k) {
+    seen += size_of(k);
+    while (r < nt && seen * nt >= total * r) bounds[r++] = k + 1;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run(bounds[t], bounds[t + 1]);
+  });
 }
 
 Stats grad_stats_cpu(at::TensorList grads, double norm_type);
