@@ -55,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -99,7 +100,7 @@ def _cap(owner: str, value: object) -> float | None:
     return _real(owner, "max_norm", value, "None or a positive number", lambda v: v > 0)
 
 
-class AdaptiveThreshold:
+class AdaptiveThreshold(abc.ABC):
     """Base class: a clipping threshold computed on the device from the history of norms.
 
     Subclasses define the state (``_init_state``), the bound (``_bound``) and the update
@@ -117,18 +118,22 @@ class AdaptiveThreshold:
     def __init__(self) -> None:
         self._state: dict[str, Tensor] | None = None
 
-    # -- to implement -------------------------------------------------------------------
+    # -- what a subclass defines -----------------------------------------------------------
+    @abc.abstractmethod
     def _config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The hyperparameters, as saved in a state dict."""
 
+    @abc.abstractmethod
     def _init_state(self, shape: tuple[int, ...], device: torch.device) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """A fresh state for norms of ``shape`` on ``device``."""
 
+    @abc.abstractmethod
     def _bound(self, st: dict[str, Tensor], g: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        """The bound for norm ``g`` (``None``: before the step) from state ``st``."""
 
+    @abc.abstractmethod
     def _next_state(self, st: dict[str, Tensor], g: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The state after folding in norm ``g`` (a pure function)."""
 
     # -- public API -----------------------------------------------------------------------
     @property
