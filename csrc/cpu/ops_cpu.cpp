@@ -186,7 +186,7 @@ struct Plan {
 
 // Combines the partials of one tensor (in chunk order) and rescues an overflowed or underflowed
 // sum of p-powers by recomputing it scaled by the tensor's max |x|.
-TensorResult finish_tensor(const Plan& plan, const Item& it, const Partial* parts, NormKind kind,
+TensorResult finish_tensor(const Item& it, const Partial* parts, NormKind kind,
                            double p) {
   TensorResult r{0.0, 0.0, 0.0, 0};
   bool nan = false;
@@ -261,7 +261,7 @@ std::vector<TensorResult> finish_all(const Plan& plan, const std::vector<Partial
   std::vector<TensorResult> res;
   res.reserve(plan.items.size());
   for (const Item& it : plan.items) {
-    res.push_back(finish_tensor(plan, it, parts.data() + it.first_chunk, kind, p));
+    res.push_back(finish_tensor(it, parts.data() + it.first_chunk, kind, p));
   }
   return res;
 }
@@ -439,7 +439,7 @@ Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm
     const Item& it = plan.items[c.item];
     parts[k] = reduce_range(it.dtype, plan.chunk_ptr(c), c.len, kind, norm_type, -1.0);
     if (it.num_chunks == 1 && !it.copied && !serial) {
-      res[c.item] = finish_tensor(plan, it, &parts[k], kind, norm_type);
+      res[c.item] = finish_tensor(it, &parts[k], kind, norm_type);
       coef[c.item] = layer_coef(bound, res[c.item].norm, eps, normalize);
       if (writes(coef[c.item])) scale_range(it.dtype, plan.chunk_ptr(c), c.len, coef[c.item]);
       done[c.item] = 1;
@@ -449,7 +449,7 @@ Stats per_layer_cpu(at::TensorList grads, const at::Tensor& bound_t, double norm
     const Item& it = plan.items[i];
     if (done[i]) continue;
     res[i] = it.numel == 0 ? TensorResult{0.0, 0.0, 0.0, 0}
-                           : finish_tensor(plan, it, parts.data() + it.first_chunk, kind,
+                           : finish_tensor(it, parts.data() + it.first_chunk, kind,
                                            norm_type);
     coef[i] = layer_coef(bound, res[i].norm, eps, normalize);
   }

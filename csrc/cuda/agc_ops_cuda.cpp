@@ -169,8 +169,7 @@ AgcStats adaptive_clip_cuda(at::TensorList grads, at::TensorList params, double 
   const at::Device device = grads[0].device();
   c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const bool capturing =
-      c10::cuda::captureStatusMayInitCtx(stream.stream()) != c10::cuda::CaptureStatus::None;
+  const bool capturing = stream_is_capturing(stream.stream());
 
   // The memory the kernels work on: the tensor, or a contiguous copy whose units are blocks.
   std::vector<at::Tensor> gcopy(T), wcopy(T);

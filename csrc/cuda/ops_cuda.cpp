@@ -309,6 +309,12 @@ std::shared_ptr<Entry> get_table(int device, int32_t tag, std::vector<KeyItem>&&
   return cache().get(device, tag, std::move(key), stream, capturing, build);
 }
 
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 int max_blocks() { return g_max_blocks.load(std::memory_order_relaxed); }
 
 ByteSpan byte_span(const at::Tensor& t) {
@@ -481,8 +487,7 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   const at::Device device = grads[0].device();
   c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const bool capturing =
-      c10::cuda::captureStatusMayInitCtx(stream.stream()) != c10::cuda::CaptureStatus::None;
+  const bool capturing = stream_is_capturing(stream.stream());
   TORCH_CHECK(!(error_if_nonfinite && capturing),
               "gradstab: error_if_nonfinite=True reads the total norm on the host, which is not "
               "possible while a CUDA graph is being captured; capture with "

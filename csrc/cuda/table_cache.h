@@ -89,6 +89,12 @@ std::shared_ptr<Entry> get_table(int device, int32_t tag, std::vector<KeyItem>&&
                                  const c10::cuda::CUDAStream& stream, bool capturing,
                                  const TableBuilder& build);
 
+// Whether `stream` is being captured into a CUDA graph. cudaStreamIsCapturing on the stream
+// itself: the same on every torch this builds against (c10's stream-taking helper exists only
+// from torch 2.12 on). An error (e.g. the legacy stream queried while another stream captures
+// in global mode) is raised, as c10's own helper does.
+bool stream_is_capturing(cudaStream_t stream);
+
 // The grid cap set by the test hook _cuda_set_max_blocks (0: none).
 int max_blocks();
 
