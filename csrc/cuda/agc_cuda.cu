@@ -397,30 +397,6 @@ __device__ __forceinline__ int find_pair(const AgcParams& P, int64_t item) {
   return lo;
 }
 
-// Adds `n` to *counter after this warp's records are published; true in every lane of the warp
-// whose addition completes `total`.
-__device__ __forceinline__ bool completes(unsigned long long* counter, unsigned long long n,
-                                          unsigned long long total, int lane) {
-  int last = 0;
-  if (lane == 0) {
-    __threadfence();
-    last = atomicAdd(counter, n) + n == total;
-  }
-  last = __shfl_sync(kFull, last, 0);
-  if (last) __threadfence();
-  return last != 0;
-}
-__device__ __forceinline__ bool completes(int32_t* counter, int32_t total, int lane) {
-  int last = 0;
-  if (lane == 0) {
-    __threadfence();
-    last = atomicAdd(counter, 1) + 1 == total;
-  }
-  last = __shfl_sync(kFull, last, 0);
-  if (last) __threadfence();
-  return last != 0;
-}
-
 __global__ void __launch_bounds__(kThreads) agc_reduce_kernel(const __grid_constant__ AgcParams P) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -442,16 +418,20 @@ __global__ void __launch_bounds__(kThreads) agc_reduce_kernel(const __grid_const
     } else {
       process_piece(P, d, local, lane);
       const int64_t r = local / d.per;
-      if (!completes(&P.long_done[d.first_long + r], static_cast<int32_t>(d.per), lane)) continue;
+      if (!arrive_last<int32_t>(&P.long_done[d.first_long + r], 1, static_cast<int32_t>(d.per),
+                                lane)) {
+        continue;
+      }
       finish_long_row(P, d, r, lane);
       rows_done = 1;
     }
-    if (!completes(&P.pair_done[t], static_cast<unsigned long long>(rows_done),
-                   static_cast<unsigned long long>(d.rows), lane)) {
+    if (!arrive_last<unsigned long long>(&P.pair_done[t],
+                                         static_cast<unsigned long long>(rows_done),
+                                         static_cast<unsigned long long>(d.rows), lane)) {
       continue;
     }
     finish_pair(P, d, lane);
-    if (completes(P.all_done, P.num_work, lane)) finish_all(P, lane);
+    if (arrive_last<int32_t>(P.all_done, 1, P.num_work, lane)) finish_all(P, lane);
   }
 }
 

@@ -320,6 +320,30 @@ __device__ __forceinline__ SpanStats span_stats_lp(T* p, const Span& s, int lane
   return q;
 }
 
+// ------------------------------------------------------------------ last-arriver hand-off --
+
+// Adds `n` to *counter for the calling warp (every lane calls it, converged); true in every lane
+// of the warp whose addition brings the counter to `total`. Memory ordering (PTX model):
+//   * release: __syncwarp() makes every lane's earlier writes (records, clamped data) precede
+//     lane 0's __threadfence() (fence.sc, cumulative), which precedes the atomic add;
+//   * acquire: the last arriver's lane 0 fences again after its add (which read every earlier
+//     warp's add in the counter's modification order), and the final __syncwarp() orders
+//     lanes 1-31 after that fence: a shuffle alone carries the value but orders no memory.
+// Every warp that reads what the others published goes through this function.
+template <typename C>
+__device__ __forceinline__ bool arrive_last(C* counter, C n, C total, int lane) {
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) {
+    __threadfence();
+    last = atomicAdd(counter, n) + n == total;
+    if (last) __threadfence();
+  }
+  last = __shfl_sync(kFull, last, 0);
+  __syncwarp();
+  return last != 0;
+}
+
 // x * coef with the CPU kernel's rounding.
 __device__ __forceinline__ float scale_elem(float x, double coef) {
   return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));

@@ -443,27 +443,14 @@ __global__ void __launch_bounds__(kThreads, 3) reduce_kernel(const __grid_consta
       case kFloat: reduce_unit_any<float>(P, d, local, lane, bound, rec); break;
       default: reduce_unit_any<double>(P, d, local, lane, bound, rec); break;
     }
-    // Last-block-done hand-off: the record is published (fence) before the counter moves; the
-    // warp that moves it last sees every record of the tensor.
-    int last = 0;
-    if (lane == 0) {
-      __threadfence();
-      last = atomicAdd(&P.tensor_done[t], 1) == d.num_units - 1;
+    // Last-block-done hand-off (arrive_last: release before the count, acquire after it): the
+    // warp that completes a tensor sees every record of it, the one that completes the last
+    // tensor sees every tensor's result.
+    if (!arrive_last<int32_t>(&P.tensor_done[t], 1, static_cast<int32_t>(d.num_units), lane)) {
+      continue;
     }
-    last = __shfl_sync(kFull, last, 0);
-    if (!last) continue;
-    __threadfence();
     finalize_tensor(P, d, lane, bound);
-    int all = 0;
-    if (lane == 0) {
-      __threadfence();
-      all = atomicAdd(P.all_done, 1) == P.num_work - 1;
-    }
-    all = __shfl_sync(kFull, all, 0);
-    if (all) {
-      __threadfence();
-      finalize_all(P, lane, bound);
-    }
+    if (arrive_last<int32_t>(P.all_done, 1, P.num_work, lane)) finalize_all(P, lane, bound);
   }
 }
 

@@ -14,10 +14,12 @@
 //     warps in the grid). Each unit's partial (sum of |x|^p in double, max |x|, non-finite
 //     count) is reduced in a fixed order and written to its own slot: results do not depend on
 //     the grid size or on which warp ran which unit.
-//   * the warp that completes a tensor's last unit (atomic counter per tensor, after a
-//     __threadfence) combines that tensor's unit partials in a fixed order; the warp that
-//     completes the last tensor (one more counter) computes the total norm and the global clip
-//     coefficient. The counters are zeroed by the launcher (cudaMemsetAsync) before each launch.
+//   * the warp that completes a tensor's last unit (atomic counter per tensor) combines that
+//     tensor's unit partials in a fixed order; the warp that completes the last tensor (one more
+//     counter) computes the total norm and the global clip coefficient. The hand-off is
+//     arrive_last (device_common.cuh): release fence before each count, acquire fence and a warp
+//     barrier after the completing one. The counters are zeroed by the launcher
+//     (cudaMemsetAsync) before each launch.
 //   * the scale kernel (clipping only) walks the units in reverse order, so the units the reduce
 //     kernel read last, still in L2, are written first, and skips every unit whose coefficient
 //     is 1.
