@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from gradstab._library import register_version_bump
+
 BUILD_COMMAND = "pip install --no-build-isolation ."
 CUDA_BUILD_COMMAND = "GRADSTAB_FORCE_CUDA=1 pip install --no-build-isolation ."
 
@@ -29,6 +31,12 @@ _has_kernel_cache: set[str] = set()
 
 
 def _load() -> None:
+    _import_extension()
+    if _C is None:  # the C++ kernels bump version counters; the pure-PyTorch path needs this
+        register_version_bump()
+
+
+def _import_extension() -> None:
     global _C, _load_error, cpu_fast_path, cuda_fast_path
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
         _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"

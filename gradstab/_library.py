@@ -112,3 +112,28 @@ for _name, _schema in SCHEMAS.items():
 
 #: Op name -> ``torch.ops.gradstab.<name>.default`` (the resolved overload: no per-call lookup).
 OPS = {name: getattr(torch.ops.gradstab, name).default for name in SCHEMAS}
+
+#: The ops that write their first argument, the gradients (``Tensor(a!)[]``).
+WRITING_OPS = tuple(name for name, schema in SCHEMAS.items() if "Tensor(a!)[] grads" in schema)
+
+
+def register_version_bump() -> None:
+    """Make every writing op bump the version counters of the gradients it was given.
+
+    The compiled extension does this in C++ (csrc/version_counter.cpp); this Python twin is
+    registered only when the extension is not loaded, so that the pure-PyTorch path follows the
+    same rule (its in-place torch ops alone would bump only the gradients they write).
+    """
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def make(op: torch._ops.OpOverload):
+        def kernel(keyset, grads, *args):
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                out = op.redispatch(keyset & below, grads, *args)
+            torch.autograd.graph.increment_version(grads)
+            return out
+
+        return kernel
+
+    for name in WRITING_OPS:
+        _lib.impl(name, make(OPS[name]), "ADInplaceOrView", with_keyset=True)

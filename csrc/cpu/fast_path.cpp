@@ -10,7 +10,8 @@
 // torch.nn.Parameter, a tensor or gradient has a Python dispatch key (a tensor subclass such
 // as DTensor) or a gradient has a non-CPU device, a non-strided layout or a lazy neg/conj bit, a
 // TorchDispatchMode or TorchFunctionMode is active, or no parameter has a gradient. The caller
-// then takes the dispatcher path (torch.ops.gradstab.*), which gives the same results.
+// then takes the dispatcher path (torch.ops.gradstab.*), which gives the same results. Like that
+// path, a writing op bumps the version counter of every gradient it was given.
 //
 // Why: through the dispatcher, a call from Python with a Tensor[] argument costs about 0.3-0.4 us
 // per tensor in torch 2.13 (boxing, and a GIL round trip for every refcount change made while
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "version_counter.h"
 
 namespace gradstab {
 namespace cpu {
@@ -109,6 +111,7 @@ py::object cpu_fast_path(int op, py::handle parameters, double norm_type, double
       default:
         TORCH_CHECK(false, "gradstab: cpu_fast_path got an unknown op code ", op);
     }
+    if (op != kStats) bump_versions(grads);  // as the dispatcher path does (version_counter.cpp)
   }
   return py::make_tuple(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out));
   END_HANDLE_TH_ERRORS_PYBIND

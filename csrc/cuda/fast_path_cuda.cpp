@@ -13,7 +13,8 @@
 // nn.Parameter (a subclass), a gradient has a Python dispatch key or is not a dense CUDA tensor,
 // the gradients are on several devices, a TorchDispatchMode or TorchFunctionMode is active, or
 // no parameter has a gradient. The caller then takes the dispatcher path
-// (torch.ops.gradstab.*), which gives the same results.
+// (torch.ops.gradstab.*), which gives the same results. Like that path, a writing op bumps the
+// version counter of every gradient it was given.
 //
 // Why: the dispatcher's boxed call with a Tensor[] argument costs about 0.3-0.4 us per tensor
 // (plus the Python loop over p.grad): for 1,000 small gradients that is most of a clip call,
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "cuda/ops_cuda.h"
+#include "version_counter.h"
 
 namespace gradstab {
 namespace cuda {
@@ -91,6 +93,7 @@ py::object cuda_fast_path(int op, py::handle parameters, double norm_type, py::h
   {
     py::gil_scoped_release no_gil;
     out = run_op(static_cast<Op>(op), grads, b, norm_type, eps, error_if_nonfinite);
+    if (op != static_cast<int>(Op::kStats)) bump_versions(grads);  // as the dispatcher path does
   }
   return py::make_tuple(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out));
   END_HANDLE_TH_ERRORS_PYBIND
