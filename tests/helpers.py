@@ -12,6 +12,8 @@ directory on ``sys.path``):
   float64 oracles built on ``torch.linalg.vector_norm`` and ``torch.nn.utils``.
 - :func:`assert_ulp_close`, :func:`ulp_distance`, :func:`assert_bitwise_equal`,
   :func:`snapshot`: comparisons that treat NaN, infinities and signed zeros exactly.
+- :func:`child_env`: the environment of a child Python process that imports the same gradstab
+  as the tests (the source tree, or an installed copy) and these helpers.
 
 Example:
     >>> import torch
@@ -24,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -31,6 +34,25 @@ from typing import NamedTuple
 import torch
 from hypothesis import strategies as st
 from torch import Tensor
+
+import gradstab
+
+#: The directory gradstab was imported from (the repository, or site-packages for an installed
+#: copy), and this one: what a child process needs on its path.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(gradstab.__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` plus ``extra``, with ``PYTHONPATH`` leading to the gradstab this process
+    imported and to the test helpers. Run the child outside the repository (``cwd``), or as a
+    script, so that a source tree in its working directory cannot shadow an installed copy."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (PACKAGE_PARENT, TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p
+    )
+    return env
+
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("contiguous", "transposed", "strided", "channels_last")

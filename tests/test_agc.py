@@ -8,13 +8,18 @@ Both kernels (C++ on CPU, pure PyTorch) are checked against it and against each 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, assert_grads_match, assert_ulp_close, clone_grads
+from helpers import (
+    assert_bitwise_equal,
+    assert_grads_match,
+    assert_ulp_close,
+    child_env,
+    clone_grads,
+)
 
 import gradstab
 from gradstab import reference
@@ -592,7 +597,7 @@ def test_meta_tensors_need_no_data():
     assert clipped.dtype == torch.int64 and total.shape == ()
 
 
-def test_pure_pytorch_path_in_subprocess():
+def test_pure_pytorch_path_in_subprocess(tmp_path):
     code = """
 import torch, gradstab
 assert gradstab.backend_info()["cpu"]["kernel"] == "reference"
@@ -603,11 +608,11 @@ assert s.clipped.tolist() == [2], s
 torch.testing.assert_close(w.grad, torch.tensor([[0.03, 0.04], [1e-5, 0.0]]))
 print("ok")
 """
-    env = {**os.environ, "GRADSTAB_DISABLE_EXT": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
-        env=env,
+        env=child_env(GRADSTAB_DISABLE_EXT="1"),
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,

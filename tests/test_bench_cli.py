@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import child_env
 
 from gradstab import bench
 from gradstab.__main__ import main
@@ -48,16 +49,15 @@ def test_many_small_shapes():
     assert set(bench.PARAM_SETS) == {"gpt2", "resnet50", "many-small"}
 
 
-def test_bench_quick_run_prints_a_table():
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def test_bench_quick_run_prints_a_table(tmp_path):
     args = ["--quick", "--set", "many-small", "--repeats", "2", "--warmup", "1", "--threads", "1"]
     proc = subprocess.run(
         [sys.executable, "-m", "gradstab", "bench", *args],
         check=False,
         capture_output=True,
         text=True,
-        env=env,
-        cwd=REPO,
+        env=child_env(),
+        cwd=tmp_path,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

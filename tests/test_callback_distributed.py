@@ -22,6 +22,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import callback_dist_helpers as helpers  # noqa: E402
+from helpers import child_env  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -48,9 +49,7 @@ def test_callback_under_lightning_ddp(tmp_path):
     batches (a spike clipped, a NaN on one rank's batch skipped on both); the history and the
     diagnosis exist on rank 0 only."""
     pytest.importorskip("lightning")
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = child_env()
     for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(k, None)
     env["MASTER_ADDR"] = "127.0.0.1"

@@ -24,6 +24,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_helpers  # noqa: E402
+from helpers import child_env  # noqa: E402
 
 from gradstab import distributed as gd  # noqa: E402
 
@@ -49,9 +50,7 @@ def test_lightning_ddp_two_cpu_processes(tmp_path):
     """Lightning strategy="ddp", 2 CPU processes: the norm is identical on both ranks and
     equals one process on the union of the ranks' batches."""
     pytest.importorskip("lightning")
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = child_env()
     for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(k, None)
     env["MASTER_ADDR"] = "127.0.0.1"
@@ -190,7 +189,7 @@ def test_mark_replicated():
         gd.mark_replicated([a])
 
 
-def test_plain_calls_do_not_import_distributed_tensor():
+def test_plain_calls_do_not_import_distributed_tensor(tmp_path):
     """The single-process path imports no DTensor machinery."""
     code = (
         "import sys, torch, gradstab\n"
@@ -199,9 +198,12 @@ def test_plain_calls_do_not_import_distributed_tensor():
         "gradstab.clip_grad_norm_per_layer_([w], 1.0)\n"
         "print('torch.distributed.tensor' in sys.modules)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.split() == ["False"], out.stdout + out.stderr

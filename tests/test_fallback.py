@@ -25,6 +25,7 @@ from helpers import (
     assert_bitwise_equal,
     assert_grads_match,
     assert_stats_match,
+    child_env,
     make_grads,
 )
 
@@ -92,14 +93,10 @@ def run_child(mode, tmp_path):
     torch.save(cases, inputs)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = dict(os.environ)
+    env = child_env(OMP_NUM_THREADS="1")
     env.pop("GRADSTAB_DISABLE_EXT", None)
     if mode == "disabled":
         env["GRADSTAB_DISABLE_EXT"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH", "")]
-    )
-    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, str(script), mode, str(inputs), str(outputs)],
         check=False,

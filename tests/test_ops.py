@@ -34,6 +34,7 @@ from helpers import (
     assert_rel_close,
     assert_stats_match,
     assert_ulp_close,
+    child_env,
     clone_grads,
     grad_lists,
     make_grad,
@@ -237,11 +238,14 @@ def test_isa_levels_give_bit_identical_results(tmp_path):
         pytest.skip("needs the C++ kernel")
     outs = {}
     for level in ("native", "baseline"):
-        env = {k: v for k, v in os.environ.items() if k != "GRADSTAB_CPU_ISA"}
+        env = child_env()
+        env.pop("GRADSTAB_CPU_ISA", None)
         if level == "baseline":
             env["GRADSTAB_CPU_ISA"] = "baseline"
         path = tmp_path / f"{level}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=tmp_path, check=True
+        )
         outs[level] = torch.load(path)
     native, baseline = outs["native"], outs["baseline"]
     assert "baseline" in baseline[0], baseline[0]
@@ -550,13 +554,12 @@ def test_healthy_step_writes_nothing_to_read_only_memory(tmp_path):
     (the CPU shortcut); dense, transposed, strided, expanded and memory-sharing gradients."""
     script = tmp_path / "read_only.py"
     script.write_text(_READ_ONLY_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, str(script)],
         check=False,
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(),
         timeout=120,
     )
     assert proc.returncode == 0 and "no write" in proc.stdout, (

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import child_env
 from torch import nn
 
 from gradstab import GradStabOptimizer, reference
@@ -601,7 +602,7 @@ def test_no_host_read_on_steps_that_do_not_log(kw, monkeypatch):
     assert counts[2] >= 1 and counts[5] >= 1
 
 
-def test_import_without_lightning():
+def test_import_without_lightning(tmp_path):
     code = (
         "import sys; sys.modules['lightning'] = None\n"
         "import torch, gradstab\n"
@@ -615,12 +616,12 @@ def test_import_without_lightning():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(),
+        cwd=tmp_path,
         check=True,
         timeout=120,
     )
