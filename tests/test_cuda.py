@@ -832,6 +832,89 @@ def test_side_stream_and_cache_invalidation():
     assert ext._cuda_cache_info()["misses"] > first["misses"]
 
 
+@gpu
+def test_more_gradient_lists_than_the_table_cache_holds_in_a_loop():
+    """40 distinct lists (the LRU keeps 32) cycled three times with no synchronisation: every
+    call misses and evicts; every result is checked against the reference run in the same
+    order on CPU copies."""
+    ext = _ext()
+    lists = [
+        [
+            _randn((257 * (i + 1),), torch.float32, _gen(500 + i)),
+            _randn((3, 33), torch.bfloat16, _gen(600 + i)),
+        ]
+        for i in range(40)
+    ]
+    cpu_lists = [_cpu(g) for g in lists]
+    bounds = [_bound(0.5 + (i % 3)) for i in range(40)]
+    first = ext._cuda_cache_info()
+    got, want = [], []
+    for _ in range(3):
+        for i, grads in enumerate(lists):
+            got.append(OPS.clip_norm(grads, bounds[i], 2.0, EPS, False))
+            want.append(reference.clip_norm(cpu_lists[i], bounds[i].cpu(), 2.0, EPS, False))
+    info = ext._cuda_cache_info()
+    assert info["misses"] - first["misses"] >= 120  # every call evicted the list's own table
+    assert info["entries"] <= 32
+    for a, b in zip(got, want):
+        _assert_stats(a, b, RTOL32)
+    for grads, ref in zip(lists, cpu_lists):
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(
+                g.cpu(), r, rtol=2e-2 if g.dtype == torch.bfloat16 else 1e-6, atol=0
+            )
+
+
+@gpu
+def test_table_built_on_one_stream_used_at_once_on_another():
+    """A miss on stream A (the table's copy queued there) and, with no wait_stream between, the
+    same list on stream B: B must wait for the copy on the device (the cache's event)."""
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for seed in range(20):
+        grads = [
+            _randn((4096 * (seed + 1) + 3,), torch.float32, _gen(700 + seed)),
+            _randn((999,), torch.float16, _gen(800 + seed)),
+        ]
+        want = reference.grad_stats(_cpu(grads), 2.0)
+        a.wait_stream(torch.cuda.current_stream())
+        b.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(a):
+            got_a = OPS.grad_stats(grads, 2.0)
+        with torch.cuda.stream(b):
+            got_b = OPS.grad_stats(grads, 2.0)
+        torch.cuda.current_stream().wait_stream(a)
+        torch.cuda.current_stream().wait_stream(b)
+        _assert_stats(got_a, want, RTOL32)
+        _assert_stats(got_b, want, RTOL32)
+
+
+@gpu
+@pytest.mark.parametrize("device_bound", [False, True])
+def test_lists_of_only_zero_size_gradients_on_every_op(device_bound):
+    grads = [torch.empty(0, dtype=d, device=DEV) for d in FLOAT_DTYPES[:3]] + [
+        torch.empty((0, 5), dtype=torch.float32, device=DEV)
+    ]
+    bound = _bound(1.0) if device_bound else torch.tensor(1.0, dtype=torch.float64)
+    want = reference.grad_stats(_cpu(grads), 2.0)
+    calls = {
+        "grad_stats": lambda: OPS.grad_stats(grads, 2.0),
+        "clip_norm": lambda: OPS.clip_norm(grads, bound, 2.0, EPS, True),
+        "clip_norm_per_layer": lambda: OPS.clip_norm_per_layer(grads, bound, 2.0, EPS),
+        "clip_value": lambda: OPS.clip_value(grads, bound, 2.0),
+        "normalize_per_layer": lambda: OPS.normalize_per_layer(grads, bound, 2.0, EPS),
+    }
+    for name, call in calls.items():
+        _assert_stats(call(), want, RTOL32)
+        assert all(g.device.type == "cuda" for g in call()), name
+    norms, clipped, nonfinite, total = OPS.adaptive_clip(
+        grads, [torch.empty_like(g) for g in grads], 0.01, 1e-3, 2.0
+    )
+    assert norms.tolist() == [0.0] * 4 and clipped.tolist() == [0] * 4
+    assert nonfinite.tolist() == [0] * 4 and float(total) == 0.0
+    params = [_param(g) for g in grads]
+    assert float(gradstab.clip_grad_norm_(params, 1.0)) == 0.0  # the eager CUDA shortcut
+
+
 # ------------------------------------------------------------------- API, errors, misc --
 
 
