@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab.demo import exploding_mlp, make_data
+from gradstab.tools.demo import exploding_mlp, make_data
 
 
 class Classifier(pl.LightningModule):

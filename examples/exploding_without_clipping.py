@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab.demo import exploding_mlp, make_data
+from gradstab.tools.demo import exploding_mlp, make_data
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab.demo import make_data, mlp
+from gradstab.tools.demo import make_data, mlp
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab.demo import exploding_mlp, make_data, mlp, sigmoid_mlp, verdict
+from gradstab.tools.demo import exploding_mlp, make_data, mlp, sigmoid_mlp, verdict
 
 Optimizer = torch.optim.Optimizer
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import gradstab
-from gradstab.demo import make_data, sigmoid_mlp
+from gradstab.tools.demo import make_data, sigmoid_mlp
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -83,10 +83,10 @@ import torch
 from torch import Tensor
 
 from gradstab import distributed, reference
+from gradstab._common import EPS, check_flag, check_norm_type
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
 from gradstab.adaptive import AdaptiveThreshold
-from gradstab.functional import EPS, _check_flag, _check_norm_type
 
 if TYPE_CHECKING:
     from gradstab.diagnosis import GradHistory
@@ -376,7 +376,7 @@ def make_config(
         else _check_threshold(owner, name, value, adaptive=name == "max_norm")
         for name, value in given.items()
     }
-    p = _check_norm_type(norm_type, owner)
+    p = check_norm_type(norm_type, owner)
     eps = AGC_EPS
     if agc_eps is not None:
         if isinstance(agc_eps, bool) or not isinstance(agc_eps, numbers.Real):
@@ -392,7 +392,7 @@ def make_config(
             f"(or 'normalize'); got mode={mode!r}"
         )
     _check_choice(owner, "nonfinite", nonfinite, NONFINITE)
-    _check_flag(log_per_layer, "log_per_layer", owner)
+    check_flag(log_per_layer, "log_per_layer", owner)
     if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
         raise ValueError(
             f"{owner}: log_prefix must be a non-empty string not ending in '/'; got {log_prefix!r}"
@@ -404,7 +404,7 @@ def make_config(
         )
     if history < 0:
         raise ValueError(f"{owner}: history must be >= 0 (0: off); got {history!r}")
-    _check_flag(history_extras, "history_extras", owner)
+    check_flag(history_extras, "history_extras", owner)
     if history_extras and not history:
         raise ValueError(
             f"{owner}: history_extras=True adds to the gradient history, which is off; "

@@ -64,9 +64,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from gradstab._common import check_norm_type, collect_grads
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
-from gradstab.functional import _check_norm_type, _collect_grads
 
 __all__ = ["AdaptiveThreshold", "PercentileThreshold", "ZScoreThreshold", "clip_"]
 
@@ -683,8 +683,8 @@ def clip_(
         )
     if mode not in ("norm", "layer"):
         raise ValueError(f"{fn}: mode must be 'norm' or 'layer', got {mode!r}")
-    p = _check_norm_type(norm_type, fn)
-    grads = _collect_grads(parameters, fn)
+    p = check_norm_type(norm_type, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         return torch.tensor(0.0) if mode == "norm" else torch.zeros((0,))
     device = grads[0].device

@@ -24,6 +24,7 @@ from torch.amp.grad_scaler import OptState
 from gradstab import _clipping
 from gradstab.adaptive import AdaptiveThreshold
 from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
+from gradstab.diagnosis.plots import plot_history
 from gradstab.optimizer import GradStabOptimizer
 
 __all__ = ["GradStabCallback"]
@@ -476,8 +477,6 @@ class GradStabCallback(Callback):
         if self._diagnose_on_fit_end:
             rank_zero_info(str(self.diagnosis))
         if self._plot_dir is not None:
-            from gradstab.plots import plot_history  # noqa: PLC0415 - needs matplotlib
-
             try:
                 paths = plot_history(self.history.data(), self._plot_dir, diagnosis=self.diagnosis)
             except ImportError as exc:

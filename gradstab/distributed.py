@@ -64,7 +64,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -72,12 +71,12 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor
 
+from gradstab._common import GradStats, check_bound, collect_grads, is_dtensor, param_list
+from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-    from gradstab.functional import GradStats
 
 __all__ = [
     "ShardLayout",
@@ -156,18 +155,6 @@ def is_replicated(t: Tensor) -> bool:
     return bool(getattr(t, REPLICATED_ATTR, False))
 
 
-def is_dtensor(t: object) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing that module).
-
-    Example:
-        >>> import torch, gradstab
-        >>> gradstab.distributed.is_dtensor(torch.zeros(1))
-        False
-    """
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
 def collect(parameters: Any, fn: str) -> tuple[list[Tensor], list[bool]]:
     """The gradients of ``parameters`` (``None`` skipped) and their :func:`mark_replicated` marks.
 
@@ -177,19 +164,8 @@ def collect(parameters: Any, fn: str) -> tuple[list[Tensor], list[bool]]:
         >>> gradstab.distributed.collect([w], "demo")
         ([tensor([1.])], [False])
     """
-    from gradstab.functional import _collect_grads  # noqa: PLC0415  (functional imports us)
-
-    if isinstance(parameters, Tensor):
-        params = [parameters]
-    else:
-        try:
-            params = list(parameters)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: parameters must be a tensor or an iterable of tensors, "
-                f"got {type(parameters).__name__}"
-            ) from None
-    grads = _collect_grads(params, fn)
+    params = param_list(parameters, fn)
+    grads = collect_grads(params, fn)
     marks = [is_replicated(p) for p in params if p.grad is not None]
     return grads, marks
 
@@ -539,8 +515,6 @@ def reduce_stats(
         >>> s.total_norm
         tensor(5.)
     """
-    from gradstab.functional import GradStats  # noqa: PLC0415
-
     p = float(norm_type)
     rd = norms.dtype
     gn, gm, cnt, rbins = _reduce_rows(norms, max_abs, nonfinite, p, _as_groups(group))
@@ -571,8 +545,6 @@ def _total(p: float, bins: list[Tensor], inf_parts: list[Tensor]) -> Tensor:
 def _op_stats(lay: ShardLayout, p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's per-tensor statistics of this rank's tensors (one read of each)."""
     if lay.local:
-        from gradstab._extension import warn_if_fallback  # noqa: PLC0415
-
         warn_if_fallback(lay.device)
         return OPS["grad_stats"](lay.local, p)
     z = torch.zeros((0,), device=lay.device)
@@ -741,9 +713,7 @@ def _coef(bound: Union[float, Tensor], norm: Tensor, eps: float, fn: str) -> Ten
     ``bound`` is checked as :mod:`gradstab.functional` checks it: a number, or a 0-d tensor
     on the gradients' device (a CPU tensor is read on the host for free).
     """
-    from gradstab.functional import _check_bound  # noqa: PLC0415
-
-    b = _check_bound(bound, "max_norm", fn, norm.device)
+    b = check_bound(bound, "max_norm", fn, norm.device)
     if isinstance(b, Tensor):
         b = b.to(torch.float64)
     return torch.clamp(b / (norm + eps), max=1.0)
@@ -768,8 +738,6 @@ def grad_stats(
         >>> gradstab.distributed.grad_stats([torch.tensor([3.0, 4.0])])[3]
         tensor(5.)
     """
-    from gradstab.functional import GradStats  # noqa: PLC0415
-
     lay = layout(grads, replicated, process_group, fn)
     n, m, c, total = layout_stats(lay, _op_stats(lay, norm_type), norm_type)
     return GradStats(n, m, c, total.to(_result_dtype(lay)))
@@ -848,5 +816,5 @@ def _nonfinite_message(p: float, total: float, nonfinite: Tensor, lay: ShardLayo
     )
 
 
-def _holds_dtensor(grads: Iterable[Tensor]) -> bool:
+def holds_dtensor(grads: Iterable[Tensor]) -> bool:
     return any(is_dtensor(g) for g in grads)

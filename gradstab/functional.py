@@ -21,14 +21,26 @@ one also for a bound given as a non-CPU tensor.
 from __future__ import annotations
 
 import math
-import numbers
-import sys
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from gradstab import distributed
+from gradstab._common import (
+    EPS,
+    AGCStats,
+    GradStats,
+    TensorOrTensors,
+    check_bound,
+    check_flag,
+    check_foreach,
+    check_norm_type,
+    check_real,
+    collect_grads,
+    is_dtensor,
+    param_list,
+)
 from gradstab._extension import cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
 
@@ -45,107 +57,6 @@ __all__ = [
     "grad_stats",
     "normalize_grad_per_layer_",
 ]
-
-TensorOrTensors = Union[Tensor, Iterable[Tensor]]
-
-#: The epsilon PyTorch adds to the total norm in ``clip_grad_norm_``.
-EPS = 1e-6
-
-
-class GradStats(NamedTuple):
-    """Per-tensor gradient statistics, all on the gradients' device.
-
-    Attributes:
-        norms: ``[T]`` p-norm of each gradient.
-        max_abs: ``[T]`` largest absolute value of each gradient (NaN if it holds a NaN).
-        nonfinite: ``[T]`` int64 count of NaN/Inf elements of each gradient.
-        total_norm: ``[]`` p-norm of all gradients viewed as one vector.
-
-    Floating fields are float64 if any gradient is float64, float32 otherwise.
-    """
-
-    norms: Tensor
-    max_abs: Tensor
-    nonfinite: Tensor
-    total_norm: Tensor
-
-
-def _collect_grads(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
-    """The gradients of ``parameters``, ``None`` skipped.
-
-    Kept lean (it runs on every step over every parameter): dtype, layout and device of
-    the gradients are checked by the kernels, before they touch anything.
-    """
-    if isinstance(parameters, Tensor):
-        params = [parameters]
-    else:
-        try:
-            params = list(parameters)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: parameters must be a tensor or an iterable of tensors, "
-                f"got {type(parameters).__name__}"
-            ) from None
-    grads: list[Tensor] = []
-    try:
-        for p in params:
-            g = p.grad
-            if g is not None:
-                grads.append(g)
-    except AttributeError:
-        for i, p in enumerate(params):
-            if not isinstance(p, Tensor):
-                raise TypeError(
-                    f"{fn}: parameters[{i}] is a {type(p).__name__}, not a tensor"
-                ) from None
-        raise
-    return grads
-
-
-def _check_norm_type(norm_type: object, fn: str) -> float:
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
-        raise TypeError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
-    try:
-        p = float(norm_type)
-    except ValueError:
-        raise ValueError(
-            f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}"
-        ) from None
-    if math.isnan(p) or p <= 0:
-        raise ValueError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
-    return p
-
-
-def _check_bound(value: object, name: str, fn: str, device: torch.device | None) -> Tensor | float:
-    """Validate a non-negative bound (``max_norm`` or ``clip_value``).
-
-    Returns a float for Python numbers; a tensor is returned as is (on ``device``)
-    after its value is checked when that needs no device sync (CPU tensors).
-    """
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(
-                f"{fn}: {name} as a tensor must hold one real number, got shape "
-                f"{list(value.shape)} and dtype {value.dtype}"
-            )
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            v = float(value.reshape(()))
-            if math.isnan(v) or v < 0:
-                raise ValueError(f"{fn}: {name} must be a non-negative number, got {v}")
-            if device is not None and device.type != "cpu":
-                return v  # read on the host for free, passed to the device by a fill
-        elif device is not None and value.device != device:
-            raise ValueError(f"{fn}: {name} is on {value.device} but the gradients are on {device}")
-        return value.reshape(())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{fn}: {name} must be a non-negative number or a 0-d tensor, got {value!r}"
-        )
-    v = float(value)
-    if math.isnan(v) or v < 0:
-        raise ValueError(f"{fn}: {name} must be a non-negative number, got {value!r}")
-    return v
-
 
 #: ``gradstab._C.cpu_fast_path`` op codes.
 _FAST_STATS, _FAST_CLIP_NORM, _FAST_CLIP_LAYER, _FAST_CLIP_VALUE, _FAST_NORMALIZE = 0, 1, 2, 3, 4
@@ -235,30 +146,30 @@ def grad_stats(
         tensor(5.)
     """
     fn = "gradstab.grad_stats"
-    p = _check_norm_type(norm_type, fn)
+    p = check_norm_type(norm_type, fn)
     if process_group is not None:
-        grads, marks = _distributed().collect(parameters, fn)
-        return _distributed().grad_stats(
+        grads, marks = distributed.collect(parameters, fn)
+        return distributed.grad_stats(
             grads, p, replicated=marks, process_group=process_group, fn=fn
         )
     out, parameters = _shortcut(_FAST_STATS, parameters, p, 0.0, False)
     if out is not None:
         return GradStats(*out)
-    grads = _collect_grads(parameters, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         empty = torch.zeros((0,))
         return GradStats(
             empty, empty.clone(), torch.zeros((0,), dtype=torch.int64), torch.tensor(0.0)
         )
-    if _is_dtensor(grads[0]):
-        return _distributed().grad_stats(grads, p, fn=fn)
+    if is_dtensor(grads[0]):
+        return distributed.grad_stats(grads, p, fn=fn)
     warn_if_fallback(grads[0].device)
     try:
         return GradStats(*OPS["grad_stats"](grads, p))
     except (RuntimeError, NotImplementedError):
-        if not _distributed()._holds_dtensor(grads):
+        if not distributed.holds_dtensor(grads):
             raise
-    return _distributed().grad_stats(grads, p, fn=fn)
+    return distributed.grad_stats(grads, p, fn=fn)
 
 
 def clip_grad_norm_(
@@ -302,13 +213,13 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     fn = "gradstab.clip_grad_norm_"
-    p = _check_norm_type(norm_type, fn)
-    _check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
-    _check_foreach(foreach, fn)
-    checked = _check_bound(max_norm, "max_norm", fn, None)
+    p = check_norm_type(norm_type, fn)
+    check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
+    check_foreach(foreach, fn)
+    checked = check_bound(max_norm, "max_norm", fn, None)
     if process_group is not None:
-        grads, marks = _distributed().collect(parameters, fn)
-        return _distributed().clip_grad_norm_(
+        grads, marks = distributed.collect(parameters, fn)
+        return distributed.clip_grad_norm_(
             grads,
             max_norm,
             p,
@@ -321,22 +232,22 @@ def clip_grad_norm_(
     out, parameters = _shortcut(_FAST_CLIP_NORM, parameters, p, checked, error_if_nonfinite)
     if out is not None:
         return out[3]
-    grads = _collect_grads(parameters, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         return torch.tensor(0.0)
-    if _is_dtensor(grads[0]):
-        return _distributed().clip_grad_norm_(
+    if is_dtensor(grads[0]):
+        return distributed.clip_grad_norm_(
             grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
         )
     device = grads[0].device
-    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    bound = _device_scalar(check_bound(max_norm, "max_norm", fn, device), device)
     warn_if_fallback(device)
     try:
         return OPS["clip_norm"](grads, bound, p, EPS, error_if_nonfinite)[3]
     except (RuntimeError, NotImplementedError):
-        if not _distributed()._holds_dtensor(grads):
+        if not distributed.holds_dtensor(grads):
             raise
-    return _distributed().clip_grad_norm_(
+    return distributed.clip_grad_norm_(
         grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
     )
 
@@ -375,30 +286,30 @@ def clip_grad_norm_per_layer_(
         tensor([0.5000])
     """
     fn = "gradstab.clip_grad_norm_per_layer_"
-    p = _check_norm_type(norm_type, fn)
-    checked = _check_bound(max_norm, "max_norm", fn, None)
+    p = check_norm_type(norm_type, fn)
+    checked = check_bound(max_norm, "max_norm", fn, None)
     if process_group is not None:
-        grads, marks = _distributed().collect(parameters, fn)
-        return _distributed().clip_grad_norm_per_layer_(
+        grads, marks = distributed.collect(parameters, fn)
+        return distributed.clip_grad_norm_per_layer_(
             grads, max_norm, p, replicated=marks, eps=EPS, process_group=process_group, fn=fn
         )
     out, parameters = _shortcut(_FAST_CLIP_LAYER, parameters, p, checked, False)
     if out is not None:
         return out[0]
-    grads = _collect_grads(parameters, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
-    if _is_dtensor(grads[0]):
-        return _distributed().clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
+    if is_dtensor(grads[0]):
+        return distributed.clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
     device = grads[0].device
-    bound = _device_scalar(_check_bound(max_norm, "max_norm", fn, device), device)
+    bound = _device_scalar(check_bound(max_norm, "max_norm", fn, device), device)
     warn_if_fallback(device)
     try:
         return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
     except (RuntimeError, NotImplementedError):
-        if not _distributed()._holds_dtensor(grads):
+        if not distributed.holds_dtensor(grads):
             raise
-    return _distributed().clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
+    return distributed.clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
 
 
 def normalize_grad_per_layer_(
@@ -430,16 +341,16 @@ def normalize_grad_per_layer_(
         (tensor([0.6000, 0.8000]), tensor([0.9990]))
     """
     fn = "gradstab.normalize_grad_per_layer_"
-    p = _check_norm_type(norm_type, fn)
-    checked = _check_bound(target_norm, "target_norm", fn, None)
+    p = check_norm_type(norm_type, fn)
+    checked = check_bound(target_norm, "target_norm", fn, None)
     out, parameters = _shortcut(_FAST_NORMALIZE, parameters, p, checked, False)
     if out is not None:
         return out[0]
-    grads = _collect_grads(parameters, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
     device = grads[0].device
-    bound = _device_scalar(_check_bound(target_norm, "target_norm", fn, device), device)
+    bound = _device_scalar(check_bound(target_norm, "target_norm", fn, device), device)
     warn_if_fallback(device)
     return OPS["normalize_per_layer"](grads, bound, p, EPS)[0]
 
@@ -467,53 +378,25 @@ def clip_grad_value_(
         tensor([-1.0000,  0.5000,  1.0000])
     """
     fn = "gradstab.clip_grad_value_"
-    _check_foreach(foreach, fn)
-    checked = _check_bound(clip_value, "clip_value", fn, None)
+    check_foreach(foreach, fn)
+    checked = check_bound(clip_value, "clip_value", fn, None)
     out, parameters = _shortcut(_FAST_CLIP_VALUE, parameters, 2.0, checked, False)
     if out is not None:
         return
-    grads = _collect_grads(parameters, fn)
+    grads = collect_grads(parameters, fn)
     if not grads:
         return
-    if _is_dtensor(grads[0]):  # elementwise: each rank clamps its local shards
-        grads = _distributed().layout(grads, fn=fn).local
+    if is_dtensor(grads[0]):  # elementwise: each rank clamps its local shards
+        grads = distributed.layout(grads, fn=fn).local
     device = grads[0].device
-    bound = _device_scalar(_check_bound(clip_value, "clip_value", fn, device), device)
+    bound = _device_scalar(check_bound(clip_value, "clip_value", fn, device), device)
     warn_if_fallback(device)
     try:
         OPS["clip_value"](grads, bound, 2.0)
     except (RuntimeError, NotImplementedError):
-        if not _distributed()._holds_dtensor(grads):
+        if not distributed.holds_dtensor(grads):
             raise
-        OPS["clip_value"](_distributed().layout(grads, fn=fn).local, bound, 2.0)
-
-
-class AGCStats(NamedTuple):
-    """What :func:`adaptive_clip_grad_` returns, all on the gradients' device.
-
-    Attributes:
-        norms: ``[T]`` p-norm of each gradient before clipping.
-        clipped: ``[T]`` int64 number of units of each gradient that were clipped.
-        nonfinite: ``[T]`` int64 count of NaN/Inf elements of each gradient.
-        total_norm: ``[]`` p-norm of all gradients (as one vector) before clipping.
-
-    Floating fields are float64 if any gradient is float64, float32 otherwise.  The number
-    of units of a parameter ``p`` is ``p.shape[0]`` if ``p.dim() >= 2``, else 1.
-    """
-
-    norms: Tensor
-    clipped: Tensor
-    nonfinite: Tensor
-    total_norm: Tensor
-
-
-def _check_real(value: object, name: str, fn: str, what: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be {what}, got {value!r}")
-    v = float(value)
-    if not ok(v):
-        raise ValueError(f"{fn}: {name} must be {what}, got {value!r}")
-    return v
+        OPS["clip_value"](distributed.layout(grads, fn=fn).local, bound, 2.0)
 
 
 def adaptive_clip_grad_(
@@ -570,24 +453,12 @@ def adaptive_clip_grad_(
                 [1.0000e-05, 0.0000e+00]])
     """
     fn = "gradstab.adaptive_clip_grad_"
-    lam = _check_real(clip_factor, "clip_factor", fn, "a positive number", lambda v: v > 0)
-    floor = _check_real(
+    lam = check_real(clip_factor, "clip_factor", fn, "a positive number", lambda v: v > 0)
+    floor = check_real(
         eps, "eps", fn, "a finite number >= 0", lambda v: v >= 0 and math.isfinite(v)
     )
-    p = _check_norm_type(norm_type, fn)
-    if isinstance(parameters, Tensor):
-        params = [parameters]
-    else:
-        try:
-            params = list(parameters)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: parameters must be a tensor or an iterable of tensors, "
-                f"got {type(parameters).__name__}"
-            ) from None
-    for i, q in enumerate(params):
-        if not isinstance(q, Tensor):
-            raise TypeError(f"{fn}: parameters[{i}] is a {type(q).__name__}, not a tensor")
+    p = check_norm_type(norm_type, fn)
+    params = param_list(parameters, fn)
     pairs = [(q.grad, q.detach()) for q in params if q.grad is not None]
     if not pairs:
         empty = torch.zeros((0,))
@@ -597,32 +468,3 @@ def adaptive_clip_grad_(
     weights = [w for _, w in pairs]
     warn_if_fallback(grads[0].device)
     return AGCStats(*OPS["adaptive_clip"](grads, weights, lam, floor, p))
-
-
-def _check_flag(value: object, name: str, fn: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
-
-
-def _check_foreach(foreach: object, fn: str) -> None:
-    if foreach is not None and not isinstance(foreach, bool):
-        raise TypeError(f"{fn}: foreach must be None, True or False, got {foreach!r}")
-
-
-def _is_dtensor(grad: Tensor) -> bool:
-    """Whether ``grad`` is a DTensor (FSDP2 shard): O(1), imports nothing.
-
-    Only the first gradient is checked on the hot path; a list that holds DTensors further
-    on is refused by the op (DTensor has no rule for it) and then rerouted.
-    """
-    if type(grad) is Tensor:
-        return False
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(grad, mod.DTensor)
-
-
-def _distributed():
-    """:mod:`gradstab.distributed`, imported on first use (not on the single-process path)."""
-    from gradstab import distributed  # noqa: PLC0415
-
-    return distributed

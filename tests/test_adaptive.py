@@ -530,7 +530,7 @@ def test_bench_adaptive_modes_stay_healthy_and_report_against_fixed(mode):
     """``bench --mode adaptive[-zscore]``: the primed threshold leaves a healthy step alone for
     as many calls as the mode promises (901 for the percentile rule), the rows compare with the
     fixed threshold, and the CUDA summary carries the +5% target for the mode."""
-    from gradstab.bench import bench_one, cuda_summary, primed_threshold  # noqa: PLC0415
+    from gradstab.tools.bench import bench_one, cuda_summary, primed_threshold  # noqa: PLC0415
 
     w = torch.nn.Parameter(torch.zeros(3, 4))
     w.grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))

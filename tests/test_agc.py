@@ -622,7 +622,7 @@ print("ok")
 
 
 def test_timm_style_baseline_agrees_and_differs_only_below_1e_6():
-    from gradstab.bench import timm_style_agc  # noqa: PLC0415
+    from gradstab.tools.bench import timm_style_agc  # noqa: PLC0415
 
     grads, params = make_pairs([(6, 3, 3, 3), (5, 7), (9,)], torch.float64, torch.float64, 8)
     ours = [torch.nn.Parameter(w.clone()) for w in params]
@@ -646,7 +646,7 @@ def test_timm_style_baseline_agrees_and_differs_only_below_1e_6():
 
 
 def test_bench_agc_mode_smoke():
-    from gradstab.bench import bench_one  # noqa: PLC0415
+    from gradstab.tools.bench import bench_one  # noqa: PLC0415
 
     rows = bench_one(
         "many-small",

@@ -1,4 +1,4 @@
-"""``gradstab.bench``: the parameter sets have their published totals, and
+"""``gradstab.tools.bench``: the parameter sets have their published totals, and
 ``python -m gradstab bench`` runs, prints its table, and rejects bad options with status 2.
 """
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 from helpers import child_env
 
-from gradstab import bench
 from gradstab.__main__ import main
+from gradstab.tools import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

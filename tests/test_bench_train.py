@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
-from gradstab import bench_train
 from gradstab.__main__ import main
+from gradstab.tools.bench import train as bench_train
 
 
 @pytest.fixture(autouse=True)

@@ -512,7 +512,7 @@ def test_history_diagnosis_and_plots_at_fit_end(tmp_path, caplog):
 
 
 def test_plots_without_matplotlib_warn(tmp_path, monkeypatch):
-    from gradstab import plots  # noqa: PLC0415
+    from gradstab.diagnosis import plots  # noqa: PLC0415
 
     def missing():
         raise ImportError("gradstab's plots need matplotlib, which is not installed")

@@ -1586,7 +1586,7 @@ def test_agc_opcheck_and_compile_on_cuda():
 
 @gpu
 def test_agc_bench_mode_on_cuda():
-    from gradstab.bench import bench_one  # noqa: PLC0415
+    from gradstab.tools.bench import bench_one  # noqa: PLC0415
 
     rows = bench_one(
         "many-small", "fp32", ["agc", "agc-healthy"], device=torch.device(DEV), warmup=0, repeats=1
@@ -1634,7 +1634,7 @@ def test_bfloat16_tensor_over_2_pow_31_elements():
 
 
 def test_bench_llama1b_set_has_the_published_totals():
-    from gradstab.bench import llama32_1b_shapes  # noqa: PLC0415
+    from gradstab.tools.bench import llama32_1b_shapes  # noqa: PLC0415
 
     shapes = dict(llama32_1b_shapes())
     assert len(shapes) == 146
@@ -1644,27 +1644,33 @@ def test_bench_llama1b_set_has_the_published_totals():
 
 
 def test_bench_sets_gpu_only_on_cuda_unless_named():
-    from gradstab import bench  # noqa: PLC0415
+    from gradstab.tools import bench  # noqa: PLC0415
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert bench._resolve_sets(None, False, cpu) == ["gpt2", "resnet50", "many-small"]
-    assert bench._resolve_sets(bench._parse_sets("all"), False, cpu) == list(bench.PARAM_SETS)
-    assert bench._resolve_sets(None, False, cuda)[-1] == "llama1b"
-    assert bench._resolve_sets(bench._parse_sets("all"), False, cuda)[-1] == "llama1b"
-    assert bench._resolve_sets(bench._parse_sets("llama1b"), False, cpu) == ["llama1b"]
-    assert bench._resolve_sets(None, True, cuda) == list(bench.QUICK_SETS)
-    assert bench._default_repeats("llama1b", False) == bench.GPU_REPEATS["llama1b"]
+    assert bench.command._resolve_sets(None, False, cpu) == ["gpt2", "resnet50", "many-small"]
+    assert bench.command._resolve_sets(bench.command._parse_sets("all"), False, cpu) == list(
+        bench.PARAM_SETS
+    )
+    assert bench.command._resolve_sets(None, False, cuda)[-1] == "llama1b"
+    assert (
+        bench.command._resolve_sets(bench.command._parse_sets("all"), False, cuda)[-1] == "llama1b"
+    )
+    assert bench.command._resolve_sets(bench.command._parse_sets("llama1b"), False, cpu) == [
+        "llama1b"
+    ]
+    assert bench.command._resolve_sets(None, True, cuda) == list(bench.config.QUICK_SETS)
+    assert bench.command._default_repeats("llama1b", False) == bench.sets.GPU_REPEATS["llama1b"]
 
 
 def test_bench_rotation():
-    from gradstab import bench  # noqa: PLC0415
+    from gradstab.tools import bench  # noqa: PLC0415
 
     assert bench.rotation_copies(10, torch.device("cpu")) == 1
-    assert bench.rotation_copies(10, torch.device("cuda"), requested=40) == bench.MAX_ROTATE
+    assert bench.rotation_copies(10, torch.device("cuda"), requested=40) == bench.cuda.MAX_ROTATE
     calls = []
     fns = [lambda k=k: calls.append(("fn", k)) for k in range(3)]
     afters = [lambda k=k: calls.append(("after", k)) for k in range(2)] + [None]
-    rot = bench._Rotation(fns, afters)
+    rot = bench.cuda._Rotation(fns, afters)
     for _ in range(4):
         rot.call()
         rot.after()
@@ -1680,14 +1686,14 @@ def test_bench_rotation():
     # copies of a set: same gradients, separate memory
     params = [torch.nn.Parameter(torch.zeros(3))]
     params[0].grad = torch.arange(3.0)
-    ((copy, flat, outliers),) = bench._rotation_copies(params, torch.ones(4), 2, 1.5)
+    ((copy, flat, outliers),) = bench.cuda.make_rotation_copies(params, torch.ones(4), 2, 1.5)
     assert torch.equal(copy[0].grad, params[0].grad)
     assert copy[0].grad.data_ptr() != params[0].grad.data_ptr()
     assert outliers is not None and outliers.count == 1 and torch.equal(flat, torch.ones(4))
 
 
 def test_bench_cuda_summary_checks_the_targets():
-    from gradstab.bench import Result, cuda_summary  # noqa: PLC0415
+    from gradstab.tools.bench import Result, cuda_summary  # noqa: PLC0415
 
     def row(name, kind, ms, floor=None):
         return Result("gpt2", "fp32", "healthy", name, kind, [ms], 400_000_000, floor=floor)

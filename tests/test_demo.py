@@ -15,9 +15,9 @@ pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import Callback
 
 import gradstab
-from gradstab import _demo_lightning as lt
-from gradstab import demo
 from gradstab.__main__ import main
+from gradstab.tools import demo
+from gradstab.tools.demo import lightning as lt
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     rc = main(["demo", "--tiny", "--no-progress-bar", "--out", str(out), "--seed", "0"])
     assert torch.get_num_threads() == threads  # the demo restores the thread count
     assert rc == 0
-    results = demo.last_results
+    results = demo.command.last_results
     assert results is not None
     return results, out
 
@@ -58,7 +58,7 @@ def test_runs_get_the_verdicts_they_are_designed_for(tiny):
         assert r.diagnosis.healthy and r.verdict == "healthy"
         assert r.accuracy is not None and r.accuracy > 0.3
         assert math.isfinite(r.final_loss) and r.final_loss < r.losses[0]
-        assert r.steps_run == r.steps_planned == demo.TINY["steps"]
+        assert r.steps_run == r.steps_planned == demo.runs.TINY["steps"]
     # (c) exploding: non-finite gradients and a huge total norm before them
     assert c.diagnosis.exploding or c.diagnosis.nonfinite is not None
     assert c.diagnosis.nonfinite is not None and c.first_nonfinite_loss is not None
@@ -93,7 +93,7 @@ def test_first_step_statistics_match_plain_pytorch(tiny):
     x, y = demo.make_data(cfg.n_train, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = demo.exploding_mlp(cfg.depth, cfg.width, init_gain=cfg.init_gain)
-    bx, by = next(iter(demo._loader(x, y, cfg)))
+    bx, by = next(iter(demo.runs._loader(x, y, cfg)))
     loss = torch.nn.functional.cross_entropy(model(bx), by)
     loss.backward()
     hist = results.runs["c"].history
@@ -139,8 +139,8 @@ def test_adaptive_threshold_adapts_below_its_cap(tmp_path):
     rc = main(["demo", "--tiny", "--steps", "250", "--runs", "e", "--no-plots",
                "--no-progress-bar", "--out", str(tmp_path)])  # fmt: skip
     assert rc == 0
-    cfg = demo.last_results.config
-    e = demo.last_results.runs["e"]
+    cfg = demo.command.last_results.config
+    e = demo.command.last_results.runs["e"]
     h = e.history
     # the threshold in force at each step is the numpy percentile of the earlier norms, capped
     expected = percentile_oracle(h.total_norm, cfg.percentile, cfg.max_norm)
@@ -150,7 +150,7 @@ def test_adaptive_threshold_adapts_below_its_cap(tmp_path):
     assert e.first_below_cap == h.steps[below[0]]
     assert e.threshold_min == float(expected.min()) < cfg.max_norm
     assert e.verdict == "healthy" and e.accuracy is not None and e.accuracy > 0.5
-    sentence = demo.conclusions(demo.last_results)[-1]
+    sentence = demo.conclusions(demo.command.last_results)[-1]
     assert f"went below it from step {e.first_below_cap} on" in sentence
     assert f"below the cap of 2 at {e.below_cap_steps} of 250 steps" in demo.run_table(e)
 
@@ -192,15 +192,15 @@ def test_the_callbacks_history_equals_float64_norms(key, one_thread):
     """The history each run reads is GradStabCallback's own, and its numbers are torch's."""
     cfg = demo.DemoConfig(steps=12, n_train=256, n_val=64, plots=False, progress_bar=False)
     x, y = demo.make_data(cfg.n_train, cfg.seed)
-    module = lt.Classifier(demo._build_model(key, cfg), cfg.lr)
-    parts = lt.build_callbacks(capacity=cfg.steps, max_norm=demo._clip_for(key, cfg))
+    module = lt.Classifier(demo.runs._build_model(key, cfg), cfg.lr)
+    parts = lt.build_callbacks(capacity=cfg.steps, max_norm=demo.runs._clip_for(key, cfg))
     assert parts.callbacks == [parts.callback]  # one callback records and clips: no recorder
     assert isinstance(parts.callback, gradstab.GradStabCallback)
     assert parts.callback.mode == (None if key == "c" else "norm")
     assert (parts.clipper is None) == (key == "c") and parts.history() is None
     pre, post = NormOracle(module), NormOracle(module)
     with lt.quiet_lightning():
-        lt.fit(module, demo._loader(x, y, cfg), [pre, *parts.callbacks, post], steps=cfg.steps,
+        lt.fit(module, demo.runs._loader(x, y, cfg), [pre, *parts.callbacks, post], steps=cfg.steps,
                progress_bar=False)  # fmt: skip
     h = parts.history().data()
     assert parts.history() is parts.callback.history
@@ -231,14 +231,14 @@ def test_a_run_reads_the_callbacks_history_and_diagnosis(monkeypatch, one_thread
     (parts,) = made
     assert r.diagnosis is parts.callback.diagnosis
     torch.testing.assert_close(r.history.norms, parts.callback.history.data().norms)
-    assert r.verdict_end == demo.verdict(parts.callback.diagnose(window=demo.END_WINDOW))
+    assert r.verdict_end == demo.verdict(parts.callback.diagnose(window=demo.runs.END_WINDOW))
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_runs_get_their_verdicts_on_other_seeds(seed, capsys):
     rc = main(["demo", "--tiny", "--no-plots", "--no-progress-bar", "--seed", str(seed)])
     assert rc == 0
-    runs = demo.last_results.runs
+    runs = demo.command.last_results.runs
     assert [r.verdict for r in runs.values()] == [
         "vanishing", "healthy", "non-finite, exploding", "healthy", "healthy"
     ]  # fmt: skip
@@ -297,7 +297,7 @@ def test_run_selection_without_plots(tmp_path, capsys):
     rc = main(["demo", "--tiny", "--steps", "12", "--runs", "c,a", "--no-plots",
                "--no-progress-bar", "--out", str(out)])  # fmt: skip
     assert rc == 0
-    res = demo.last_results
+    res = demo.command.last_results
     assert list(res.runs) == ["c", "a"]
     assert all(r.steps_planned == 12 and not r.plots for r in res.runs.values())
     assert not out.exists()
@@ -307,14 +307,14 @@ def test_run_selection_without_plots(tmp_path, capsys):
 
 
 def test_without_matplotlib_the_tables_still_print(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "_matplotlib_available", lambda: False)
+    monkeypatch.setattr(demo.command, "_matplotlib_available", lambda: False)
     rc = main(["demo", "--tiny", "--steps", "8", "--runs", "a", "--no-progress-bar",
                "--out", str(tmp_path / "p")])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
     assert "matplotlib is not installed" in printed and "gradstab[demo]" in printed
     assert "diagnosis" in printed and "Comparison" in printed
-    assert demo.last_results.plots_note is not None
+    assert demo.command.last_results.plots_note is not None
     assert not (tmp_path / "p").exists()
 
 
@@ -325,9 +325,9 @@ def test_a_bad_percentile_is_refused(capsys):
 
 def test_without_lightning_a_clear_message(monkeypatch, capsys):
     def missing():
-        raise ImportError(demo._INSTALL_LIGHTNING)
+        raise ImportError(demo.runs._INSTALL_LIGHTNING)
 
-    monkeypatch.setattr(demo, "_require_lightning", missing)
+    monkeypatch.setattr(demo.runs, "_require_lightning", missing)
     assert main(["demo", "--tiny"]) == 2
     err = capsys.readouterr().err
     assert "needs Lightning" in err and "gradstab[demo]" in err
@@ -367,7 +367,7 @@ def test_data_and_builders():
     x2, y2 = demo.make_data(2000, seed=3)
     xv, _ = demo.make_data(2000, seed=3, split=1)
     assert torch.equal(x, x2) and torch.equal(y, y2) and not torch.equal(x, xv)
-    assert set(y.tolist()) == set(range(demo.CLASSES))
+    assert set(y.tolist()) == set(range(demo.models.CLASSES))
     torch.manual_seed(0)
     net = demo.exploding_mlp(4, 256, init_gain=2.0)
     std = float(net[2].weight.std())
@@ -388,11 +388,11 @@ def test_a_run_that_misses_its_design_is_reported(tiny):
     results, _ = tiny
     d = results.runs["d"]
     assert d.verdict_end == "healthy"  # 40 steps: the end window is the whole run
-    bad = dataclasses.replace(d, verdict_end="dead", steps_run=demo.END_WINDOW + 10)
+    bad = dataclasses.replace(d, verdict_end="dead", steps_run=demo.runs.END_WINDOW + 10)
     assert not bad.as_expected
     table = demo.run_table(bad)
-    assert f"last {demo.END_WINDOW} steps only" in table and "DEAD" in table
+    assert f"last {demo.runs.END_WINDOW} steps only" in table and "DEAD" in table
     assert "note: this run was designed to be 'healthy'" in table
     both = dataclasses.replace(results, runs={**results.runs, "d": bad})
-    assert f"healthy; last {demo.END_WINDOW} steps: dead" in demo.comparison_table(both)
+    assert f"healthy; last {demo.runs.END_WINDOW} steps: dead" in demo.comparison_table(both)
     assert demo.conclusions(both)[-1].startswith("Not as designed with these settings: (d)")

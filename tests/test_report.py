@@ -1,4 +1,4 @@
-"""``python -m gradstab report`` and gradstab.plots, on real logs of short Lightning runs.
+"""``python -m gradstab report`` and gradstab.diagnosis.plots, on real logs of short Lightning runs.
 
 A small callback of the test's own logs per-layer gradient norms with Lightning's
 ``grad_norm`` key convention plus gradstab's ``grad/...`` keys (independently of
@@ -23,7 +23,7 @@ from torch import nn
 import gradstab
 from gradstab.__main__ import main
 from gradstab.diagnosis import GradHistory
-from gradstab.report import LogError, find_log, read_log
+from gradstab.diagnosis.logs import LogError, find_log, read_log
 
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("matplotlib")
@@ -314,7 +314,7 @@ def test_missing_tensorboard_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_matplotlib_is_named(tmp_path, monkeypatch, csv_run, capsys):
-    from gradstab import plots  # noqa: PLC0415
+    from gradstab.diagnosis import plots  # noqa: PLC0415
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r'pip install "gradstab\[plot\]"'):
@@ -328,7 +328,7 @@ def test_missing_matplotlib_is_named(tmp_path, monkeypatch, csv_run, capsys):
 
 
 def test_plots_of_a_grad_history(tmp_path):
-    from gradstab.plots import plot_history, plot_layer_heatmap, plot_total_norm  # noqa: PLC0415
+    from gradstab.diagnosis.plots import plot_history, plot_layer_heatmap, plot_total_norm  # noqa: PLC0415
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -358,7 +358,7 @@ def test_plots_of_a_grad_history(tmp_path):
 def test_total_norm_plot_draws_post_clip_curve_only_when_something_was_clipped(
     tmp_path, monkeypatch
 ):
-    from gradstab import plots  # noqa: PLC0415
+    from gradstab.diagnosis import plots  # noqa: PLC0415
 
     labels: list[list[str]] = []
     save = plots._save

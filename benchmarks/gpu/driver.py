@@ -28,7 +28,7 @@ import torch
 
 import gradstab
 from gradstab import reference
-from gradstab.bench import gpt2_small_shapes
+from gradstab.tools.bench import gpt2_small_shapes
 
 OPS = torch.ops.gradstab
 DEV = "cuda"

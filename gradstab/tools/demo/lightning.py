@@ -1,7 +1,8 @@
 """The Lightning parts of ``python -m gradstab demo`` (imported only when the demo runs).
 
-Kept apart from :mod:`gradstab.demo` so that ``python -m gradstab <any command>``, which
-imports every command module to build its parser, works without Lightning installed.
+Kept apart from the rest of :mod:`gradstab.tools.demo` so that ``python -m gradstab <any
+command>``, which imports every command module to build its parser, works without Lightning
+installed.
 :func:`build_callbacks` is the one place that decides how a run is monitored and clipped.
 """
 

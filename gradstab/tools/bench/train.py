@@ -35,7 +35,6 @@ import contextlib
 import copy
 import gc
 import io
-import json
 import logging
 import os
 import statistics
@@ -48,6 +47,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from gradstab.tools.results import OtherLoad, header, quartiles, write_json
 
 VARIANTS = ("none", "lightning", "gradstab")
 MAX_NORM = 1.0
@@ -176,11 +177,6 @@ def _fit(
     return times, module, cb
 
 
-def _quartiles(xs: Sequence[float]) -> tuple[float, float]:
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return q[0], q[2]
-
-
 def measure(
     *,
     width: int = 64,
@@ -298,7 +294,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         med = {v: statistics.median(times[v]) for v in VARIANTS}
         rows = []
         for v in VARIANTS:
-            q1, q3 = _quartiles(times[v])
+            q1, q3 = quartiles(times[v])
             rows.append(
                 {
                     "variant": v,
@@ -372,8 +368,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         >>> run(parsed_args, ["bench", "--train", "--quick"])  # doctest: +SKIP
         0
     """
-    from gradstab import bench  # noqa: PLC0415
-
     if args.device != "cpu":
         print("gradstab bench --train: only --device cpu is supported", file=sys.stderr)
         return 2
@@ -384,7 +378,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     rounds = args.repeats or rounds
     steps = args.train_steps or steps
     warmup = warmup if args.warmup is None else args.warmup
-    meta = bench.header(argv, torch.device("cpu"))
+    meta = header(argv, torch.device("cpu"))
     for k, v in meta.items():
         print(f"{k + ':':9} {v}")
     print(
@@ -393,7 +387,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "each fit untimed",
         flush=True,
     )
-    other = bench._OtherLoad()
+    other = OtherLoad()
     t0 = time.perf_counter()
     try:
         result = measure(
@@ -428,10 +422,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         doc["times_ms"] = result["times"]
         doc["model"] = {"width": args.train_width, "depth": args.train_depth, "batch": BATCH}
         doc["check"] = chk
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
+        write_json(args.json, doc)
         print(f"Raw timings written to {args.json}.")
     return 0
 

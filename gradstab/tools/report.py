@@ -1,0 +1,127 @@
+"""``python -m gradstab report <log dir>``: diagnose gradients from a training log, draw them.
+
+Reads the log with :func:`gradstab.diagnosis.logs.read_log` (which keys, formats and orders it
+understands are described there), prints the diagnosis of :func:`gradstab.diagnose` and writes
+two PNG files (see :mod:`gradstab.diagnosis.plots`).
+
+Example:
+    $ python -m gradstab report lightning_logs --out gradstab_report
+    $ python -m gradstab report lightning_logs --version 3 --format tensorboard --json d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from gradstab.diagnosis import Diagnosis, diagnose
+from gradstab.diagnosis.logs import LogError, read_log
+from gradstab.diagnosis.plots import plot_history
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``report`` options to ``parser``.
+
+    Args:
+        parser: the ``report`` subcommand parser.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> p.parse_args(["logs", "--version", "2"]).version
+        2
+    """
+    parser.add_argument(
+        "logdir", help="a log folder (searched recursively), metrics.csv or event file"
+    )
+    parser.add_argument("--version", type=int, default=None,
+                        help="use the log under version_N (default: the newest log)")  # fmt: skip
+    parser.add_argument("--format", choices=("auto", "csv", "tensorboard"), default="auto",
+                        help="log format (default: auto, CSV preferred on a tie)")  # fmt: skip
+    parser.add_argument("--out", default="gradstab_report",
+                        help="folder for the PNG files (default: ./gradstab_report)")  # fmt: skip
+    parser.add_argument("--no-plots", action="store_true", help="print the diagnosis only")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the diagnosis as JSON to FILE")  # fmt: skip
+    parser.add_argument("--norm-type", type=float, default=None,
+                        help="read the grad_{p}_norm keys of this p (default: 2)")  # fmt: skip
+    parser.add_argument("--prefix", default="grad",
+                        help="prefix of gradstab's own keys (default: grad)")  # fmt: skip
+    parser.add_argument("--max-norm", type=float, default=None,
+                        help="draw this constant clip threshold when the log has none")  # fmt: skip
+    parser.add_argument("--window", type=int, default=None,
+                        help="diagnose only the last N logged steps")  # fmt: skip
+    parser.add_argument("--top", type=int, default=10, help="rows of the layer table (default 10)")
+    parser.add_argument("--vanish-decades", type=float, default=2.0,
+                        help="decades below the median = vanishing (default 2)")  # fmt: skip
+    parser.add_argument("--sustain-steps", type=int, default=5,
+                        help="consecutive logged steps to count (default 5)")  # fmt: skip
+    parser.add_argument("--spike-z", type=float, default=6.0,
+                        help="robust z-score of a total-norm spike (default 6)")  # fmt: skip
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 when a problem is found")  # fmt: skip
+
+
+def _print_report(d: Diagnosis, top: int) -> None:
+    text = str(d)
+    if top != 10:
+        head, _, _ = text.partition("\n\n")
+        text = head + "\n\n" + d.table(top=top)
+    print(text)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Read the log, print the diagnosis, write the PNGs (and JSON).
+
+    Args:
+        args: parsed options (see :func:`add_arguments`).
+        argv: the arguments after ``python -m gradstab`` (unused; for the command interface).
+
+    Returns:
+        0; 2 when no log could be read or an option is invalid; 1 when the plots could not
+        be drawn (matplotlib missing) or, with ``--strict``, a problem was found.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> run(p.parse_args(["lightning_logs", "--no-plots"]), [])  # doctest: +SKIP
+        0
+    """
+    err = sys.stderr
+    try:
+        data = read_log(
+            args.logdir,
+            version=args.version,
+            fmt=args.format,
+            norm_type=args.norm_type,
+            prefix=args.prefix,
+        )
+        d = diagnose(
+            data,
+            window=args.window,
+            vanish_decades=args.vanish_decades,
+            sustain_steps=args.sustain_steps,
+            spike_z=args.spike_z,
+        )
+    except (LogError, ValueError) as e:
+        print(f"gradstab report: {e}", file=err)
+        return 2
+    _print_report(d, args.top)
+    status = 1 if args.strict and not d.healthy else 0
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(parent, exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(d.to_dict(), fh, indent=1)
+        print(f"\nwrote {args.json}")
+    if not args.no_plots:
+        try:
+            paths = plot_history(data, args.out, diagnosis=d, max_norm=args.max_norm)
+        except ImportError as e:
+            print(f"gradstab report: {e}; or pass --no-plots", file=err)
+            return 1
+        print("\nwrote " + ", ".join(paths))
+    return status
