@@ -592,7 +592,7 @@ class HostReads:
 )
 def test_no_host_read_on_steps_that_do_not_log(kw, monkeypatch):
     # pretend the gradients live on an accelerator, where "zero" must not read its flag
-    monkeypatch.setattr(_clipping, "_host_read_is_free", lambda parts: False)
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
     reads = HostReads(monkeypatch)
     counts = []
 

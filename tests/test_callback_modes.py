@@ -439,7 +439,7 @@ def test_normalize_per_group_target():
     ],
 )
 def test_no_host_read_on_steps_that_do_not_log(kw, monkeypatch):
-    monkeypatch.setattr(_clipping, "_host_read_is_free", lambda parts: False)
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
     reads = HostReads(monkeypatch)
     counts = []
 
@@ -657,11 +657,12 @@ def test_two_phase_path_equals_the_fused_ops(kw, monkeypatch):
     results = []
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(
-                _clipping,
-                "_needs_two_phase",
-                lambda kind, per_dev: kind in ("norm", "layer", "normalize", "normalize_total"),
-            )
+            for where in (_clipping.parts, _clipping.step):
+                monkeypatch.setattr(
+                    where,
+                    "needs_two_phase",
+                    lambda kind, per_dev: kind in ("norm", "layer", "normalize", "normalize_total"),
+                )
         model = small_model()
         opt = GradStabOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.05),

@@ -171,9 +171,8 @@ def test_two_phase_path_equals_the_fused_ops(kw, monkeypatch):
     models, metrics = [], []
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(
-                _clipping, "_needs_two_phase", lambda kind, per_dev: kind != "stats"
-            )
+            for where in (_clipping.parts, _clipping.step):
+                monkeypatch.setattr(where, "needs_two_phase", lambda kind, per_dev: kind != "stats")
         model = make_model()
         opt = GradStabOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1),
@@ -585,7 +584,7 @@ def test_constructor_errors(make, exc, match):
 def test_no_host_read_on_steps_that_do_not_log(kw, monkeypatch):
     from gradstab import _clipping  # noqa: PLC0415
 
-    monkeypatch.setattr(_clipping, "_host_read_is_free", lambda parts: False)
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
     model = make_model()
     opt = GradStabOptimizer(make_inner("adam", model.parameters()), log_every_n_steps=3, **kw)
     reads = HostReads(monkeypatch)

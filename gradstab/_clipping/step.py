@@ -1,0 +1,210 @@
+""":func:`clip_step`: one optimizer step's clipping, non-finite handling, history and metrics.
+
+Example:
+    >>> import torch
+    >>> from gradstab import _clipping
+    >>> cfg = _clipping.make_config("demo", mode="norm", max_norm=1.0)
+    >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+    >>> plan = _clipping.build_plan(cfg, [{"params": [w]}], {id(w): "w"}, None, "demo")
+    >>> skip, metrics = _clipping.clip_step(cfg, _clipping.ClipState(), plan, log=True)
+    >>> metrics["grad_2.0_norm_total"]
+    5.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from gradstab._library import OPS
+from gradstab.adaptive import AdaptiveThreshold
+
+if TYPE_CHECKING:
+    from gradstab.diagnosis import GradHistory
+from gradstab._clipping.config import ClipConfig
+from gradstab._clipping.metrics import record_history, step_metrics
+from gradstab._clipping.parts import Job, Part, make_jobs, measure, needs_two_phase, run_unit
+from gradstab._clipping.plan import Plan, Unit
+from gradstab._clipping.state import ClipState
+
+
+def _nonfinite_error(counts: Sequence[int], names: Sequence[str], step: int | None) -> RuntimeError:
+    first = next(i for i, c in enumerate(counts) if c)
+    affected = sum(1 for c in counts if c)
+    at = f" at optimizer step {step}" if step is not None else ""
+    return RuntimeError(
+        f"gradstab: non-finite gradient{at}: parameter {names[first]!r} has {int(counts[first])} "
+        f"NaN/Inf value(s) in its gradient ({affected} of {len(counts)} parameters with a "
+        "gradient are affected). No gradient was changed and the optimizer step was not taken. "
+        "Use nonfinite='skip' to skip such steps or 'zero' to zero their gradients"
+    )
+
+
+def _find_nonfinite(jobs: Sequence[Job], p: float, step: int | None) -> RuntimeError | None:
+    """The error naming the first non-finite gradient of ``jobs``, if any (read-only).
+
+    Sharded parts count across ranks, so every rank raises the same error.
+    """
+    counts: list[int] = []
+    names: list[str] = []
+    for job in jobs:
+        if job.lay is not None:
+            counts += measure(job, p, False)[2].tolist()  # host read: "raise" asked for it
+            names += job.names
+            continue
+        for _, gs, ns, *_ in job.per_dev:
+            counts += OPS["grad_stats"](gs, p)[2].tolist()  # host read: "raise" asked for it
+            names += ns
+    return _nonfinite_error(counts, names, step) if any(counts) else None
+
+
+def _host_read_is_free(parts: Sequence[Part]) -> bool:
+    """Whether reading a flag on the host costs no device synchronization (all on the CPU)."""
+    return all(gs[0].device.type == "cpu" for part in parts for gs in part.grads if gs)
+
+
+def clip_step(
+    cfg: ClipConfig,
+    state: ClipState,
+    plan: Plan,
+    *,
+    log: bool,
+    grad_scale: Tensor | None = None,
+    scaler_skips: bool = False,
+    step: int | None = None,
+    history: GradHistory | None = None,
+    history_step: int | None = None,
+) -> tuple[bool, dict[str, float] | None]:
+    """Clip, count and apply the non-finite policy for one optimizer step.
+
+    Args:
+        cfg: the validated options.
+        state: the optimizer's counters and adaptive thresholds (updated in place).
+        plan: from :func:`build_plan` for the optimizer's current param groups.
+        log: build and return the metrics (one host read).  With sharded gradients every
+            rank must pass the same ``log`` (the metrics may need collectives).
+        grad_scale: the gradients are still multiplied by this 0-d device tensor (a fused
+            optimizer under a GradScaler, which unscales inside ``step()``): the thresholds
+            are multiplied by it and the statistics divided by it, so the clip is that of the
+            unscaled gradients (up to ``eps``) and adaptive thresholds see unscaled norms.
+            Not for ``"value"`` and ``"agc"`` modes (unscale first: clamping would turn an
+            overflowed scaled gradient into a finite one the scaler cannot see, and AGC
+            compares gradients with weights).
+        scaler_skips: a GradScaler skips this step if the gradients are non-finite: the
+            non-finite policy is left to it, and such steps are counted as skipped.
+        step: the step number for error messages.
+        history: a :class:`~gradstab.GradHistory` to record this step into (on the device,
+            from the statistics the ops returned), or ``None``.
+        history_step: the step number of the history's row (steps recorded twice merge).
+
+    Returns:
+        ``(skip, metrics)``: ``skip`` is True when the ``"skip"`` policy wants the optimizer
+        step not to happen; ``metrics`` is ``None`` unless ``log``.
+
+    Raises:
+        RuntimeError: with ``nonfinite="raise"``, naming the first parameter whose gradient
+            holds a NaN/Inf; no gradient has been changed then.
+    """
+    p = cfg.norm_type
+    jobs = make_jobs(cfg, plan)
+    with_max_abs = cfg.mode == "value" or cfg.history > 0 or (log and cfg.log_per_layer)
+
+    check = cfg.nonfinite == "raise" and not scaler_skips
+    # One norm-clipped job in one fused op: its kernel checks the total before writing anything
+    # (error_if_nonfinite).  Otherwise a read-only check must come before any gradient changes.
+    kernel_checks = (
+        check
+        and len(jobs) == 1
+        and jobs[0].kind == "norm"
+        and jobs[0].lay is None
+        and not needs_two_phase("norm", jobs[0].per_dev)
+    )
+    if check and not kernel_checks:
+        err = _find_nonfinite(jobs, p, step)
+        if err is not None:
+            raise err
+    parts: list[Part] = []
+    unit_logs: list[tuple[Unit, list[Part], AdaptiveThreshold | None]] = []
+    by_unit: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_unit.setdefault(id(job.unit), []).append(job)
+    try:
+        for ujobs in by_unit.values():
+            uparts, thr = run_unit(
+                cfg,
+                state,
+                plan,
+                ujobs[0].unit,
+                ujobs,
+                grad_scale=grad_scale,
+                error_if_nonfinite=kernel_checks,
+                with_max_abs=with_max_abs,
+            )
+            parts += uparts
+            unit_logs.append((ujobs[0].unit, uparts, thr))
+    except RuntimeError as exc:
+        err = _find_nonfinite(jobs, p, step) if kernel_checks else None
+        if err is not None:  # the kernel refused before writing: name the parameter
+            raise err from exc
+        raise  # not about a NaN/Inf (or the norm overflowed): the kernel's own message
+
+    state.steps += 1
+    state.window_steps += 1
+    if not parts:
+        return False, (step_metrics(cfg, state, [], [], zeroed=False) if log else None)
+
+    dev0 = parts[0].stats[0].device
+    if len(parts) == 1:
+        flag = parts[0].stats[2].any()
+    else:
+        flag = torch.stack([part.stats[2].any().to(dev0) for part in parts]).any()
+    clipped = None
+    for part in parts:
+        c = part.clipped()
+        if c is not None:
+            clipped = c.to(dev0) if clipped is None else clipped | c.to(dev0)
+    # clipped on a finite step; for bools a > b is "a and not b", in one op
+    clipped = torch.zeros_like(flag) if clipped is None else torch.gt(clipped, flag)
+    state.add(clipped, flag, scaler_skips)
+
+    skip = False
+    zeroed: bool | Tensor = False
+    if cfg.nonfinite == "zero" and not scaler_skips:
+        if _host_read_is_free(parts):
+            zeroed = bool(flag)
+            if zeroed:
+                for part in parts:
+                    for gs in part.grads:
+                        if gs:
+                            torch._foreach_zero_(gs)
+        else:  # no host read: a masked fill of every gradient
+            for part in parts:
+                for gs in part.grads:
+                    if not gs:
+                        continue
+                    f = flag.to(gs[0].device)
+                    for g in gs:
+                        g.masked_fill_(f, 0)
+            zeroed = flag
+    elif cfg.nonfinite == "skip" and not scaler_skips:
+        skip = bool(flag)  # one host read per step: the optimizer step happens or not
+        if skip:
+            state.skipped_steps += 1
+    if history is not None:
+        record_history(
+            cfg,
+            history,
+            plan,
+            parts,
+            unit_logs,
+            zeroed=skip or zeroed,
+            skipped=flag if scaler_skips else skip,
+            scale=grad_scale,
+            step=history_step,
+        )
+    if not log:
+        return skip, None
+    return skip, step_metrics(cfg, state, parts, unit_logs, zeroed=skip or zeroed)
