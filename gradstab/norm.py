@@ -35,9 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradstab.init import NORM_TYPES, _follows, _gauss_moments, _is_plain_sequential, _parents
-from gradstab.init import _RecordTable as _Table
-from gradstab.init import _resolve as _resolve_nonlinearity
+from gradstab._modules import (
+    NORM_TYPES,
+    RecordTable,
+    follows,
+    gauss_moments,
+    is_plain_sequential,
+    module_parents,
+    resolve_nonlinearity,
+)
 
 __all__ = [
     "NormInsertion",
@@ -124,10 +130,10 @@ def nf_gamma(nonlinearity: str | nn.Module | None) -> float:
         >>> round(nf_gamma("relu"), 4)
         1.7129
     """
-    act = _resolve_nonlinearity(nonlinearity)
+    act = resolve_nonlinearity(nonlinearity)
     if act is None:
         return 1.0
-    m1, m2 = _gauss_moments(act)
+    m1, m2 = gauss_moments(act)
     return 1.0 / math.sqrt(m2 - m1 * m1)
 
 
@@ -420,7 +426,7 @@ class NormInsertion:
     groups: int
 
 
-class NormInsertions(_Table):
+class NormInsertions(RecordTable):
     """The list of :class:`NormInsertion` records; prints as a table."""
 
     _title = "add_normalization_"
@@ -582,14 +588,14 @@ def add_normalization_(
     def qualified(parent: str, key: str) -> str:
         return f"{parent}.{key}" if parent else key
 
-    parents = _parents(model)
+    parents = module_parents(model)
     # decide everything on the unmodified model first
     plan: dict[str, list[tuple[str, nn.Module]]] = {}  # sequential name -> [(key, layer)]
     unreachable: list[str] = []
     for name, module in named.items():
         if not isinstance(module, after_types) or is_excluded(name):
             continue
-        if not name or not _is_plain_sequential(named[parents[name][0]]):
+        if not name or not is_plain_sequential(named[parents[name][0]]):
             unreachable.append(name)
             continue
         parent_name, key = parents[name]
@@ -598,7 +604,7 @@ def add_normalization_(
         nxt = keys.index(key) + 1
         if nxt < len(keys) and isinstance(seq._modules[keys[nxt]], NORM_TYPES):
             continue
-        if skip_output and _follows(model, named, parents, name)[0] == "output":
+        if skip_output and follows(model, named, parents, name)[0] == "output":
             continue
         plan.setdefault(parent_name, []).append((key, module))
 
