@@ -53,6 +53,10 @@ statistics with ``process_group`` every rank passes the same number of tensors, 
 being each rank's part of the same logical tensor (zero-size parts allowed).  For the total
 norm alone (:func:`gradstab.clip_grad_norm_`) any disjoint split works.
 
+Size: over 800 lines, one job: sharded statistics must agree bit for bit with the
+single-process ones, and the layout (which tensors are shards of what), the exponent-binned
+reduction and the entry points that use them are easier to check side by side.
+
 Example:
     >>> import torch, gradstab
     >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])

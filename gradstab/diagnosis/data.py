@@ -6,7 +6,9 @@ log by :func:`gradstab.diagnosis.logs.read_log`.
 Example:
     >>> import torch
     >>> from gradstab.diagnosis import HistoryData
-    >>> d = HistoryData(steps=[0, 1], names=["w"], norms=torch.ones(2, 1))
+    >>> ones = torch.ones(2, 1)
+    >>> d = HistoryData(names=["w"], steps=[0, 1], norms=ones, present=ones.bool(),
+    ...                 total_norm=torch.ones(2))
     >>> d.num_steps
     2
 """

@@ -1,9 +1,10 @@
 """What the detector reports: :class:`Diagnosis` and its parts, with text and dict views.
 
 Example:
-    >>> from gradstab.diagnosis import Diagnosis, Thresholds
-    >>> Diagnosis(steps=0, window=(0, 0), norm_type=2.0, thresholds=Thresholds()).healthy
-    True
+    >>> import torch, gradstab
+    >>> d = gradstab.diagnose(gradstab.GradHistory(torch.nn.Linear(2, 1)))
+    >>> type(d).__name__, d.healthy, d.to_dict()["steps"]
+    ('Diagnosis', True, 0)
 """
 
 from __future__ import annotations
