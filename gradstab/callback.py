@@ -33,115 +33,19 @@ _OWNER = "GradStabCallback"
 
 
 class GradStabCallback(Callback):
-    r"""Clip gradients in one fused pass and log per-layer gradient health.
+    r"""Clip gradients in one fused pass and log per-layer gradient health (Lightning).
 
-    Works in ``on_before_optimizer_step``, which Lightning 2.x calls once per optimizer step:
-    after the closure (forward and backward; after the last micro-batch with
-    ``accumulate_grad_batches``, so the clip sees the accumulated gradients), after fp16 AMP
-    unscaling, and before Lightning's own clipping and ``optimizer.step()``.  Only the
-    parameters of the optimizer being stepped are clipped.
-
-    **Clipping** (``mode``): ``"norm"`` scales all gradients by
-    ``min(1, max_norm / (total_norm + 1e-6))`` (``torch.nn.utils.clip_grad_norm_`` in value);
-    ``"layer"`` does that per tensor or, with ``group_by="module"``, per module (the direct
-    parameters of a module share the coefficient of their joint norm); ``"value"`` clamps to
-    ``[-clip_value, clip_value]``; ``"agc"`` is unit-wise adaptive gradient clipping (NFNets:
-    each output unit's gradient to at most ``clip_factor * max(||W_unit||, agc_eps)``;
-    parameters matched by ``agc_exclude``, e.g. the final classifier, are monitored, not
-    clipped); ``"normalize"`` rescales every gradient (or, with ``group_by="module"``, every
-    module's gradients jointly) to norm ``target_norm``, up or down (LARS-style); ``None`` only
-    monitors.  A dict ``{param_group_index: threshold}`` clips each listed param group on its
-    own; unlisted groups are monitored only.  A healthy step reads every gradient once and
-    writes only the gradients that are clipped (``"normalize"`` writes them all).
-
-    **Adaptive thresholds**: ``max_norm`` (modes ``"norm"`` and ``"layer"``, also as a dict
-    value) may be a :class:`~gradstab.ZScoreThreshold` (ZClip) or
-    :class:`~gradstab.PercentileThreshold` (AutoClip).  It is a prototype: each optimizer (and
-    each param group of a dict) gets its own copy, which tracks the total norm (``"norm"``),
-    each tensor's norm (``"layer"``) or each module's (``group_by="module"``), is consulted
-    and updated with the unscaled pre-clip norm exactly once per optimizer step, all on the
-    device, and is saved in :meth:`state_dict`, so a resumed run continues the same sequence
-    of thresholds bit for bit.  A rule that needs this step's norm reads the gradients twice.
-
-    **Monitoring**: every ``log_every_n_steps`` optimizer steps (Lightning's schedule, logged at
-    the same ``step`` as the metrics of ``training_step``) the callback writes to every logger
-    of the trainer:
-
-    - ``grad_{p}_norm_total``: the pre-clip total norm (the key of Lightning's ``grad_norm``);
-    - ``<prefix>/post_clip_norm_total`` and ``<prefix>/clip_coef`` (post / pre: the clip
-      coefficient in ``"norm"`` mode; 0 for a zeroed or skipped step);
-    - ``<prefix>/clip_rate``: the fraction of optimizer steps clipped since the last log;
-    - ``<prefix>/nonfinite_steps``: optimizer steps whose gradients held a NaN/Inf, so far;
-    - ``<prefix>/skipped_steps``: optimizer steps skipped so far (by ``nonfinite="skip"`` or
-      by fp16 AMP's GradScaler);
-    - ``<prefix>/clip_threshold``: the bound in force where it is one number (``max_norm``
-      or ``clip_value``, an adaptive threshold's current bound; ``_group<i>`` per param group
-      of a dict), and an adaptive threshold's ``<prefix>/threshold/<statistic>`` (ZClip:
-      ``mean``, ``std``, ``count``, ``spikes``; AutoClip: ``count``, ``percentile``);
-    - ``<prefix>/agc_clipped_units`` (``"agc"``): units clipped at this step;
-    - with ``log_per_layer=True``: ``grad_{p}_norm/<param name>`` and
-      ``<prefix>/max_abs/<param name>`` (pre-clip; ``"agc"``:
-      ``<prefix>/agc_clipped_units/<param name>`` instead), and per-tensor adaptive bounds
-      ``<prefix>/clip_threshold/<param name>``.
-
-    ``p`` is ``float(norm_type)`` (``2.0``, ``inf``).  With several optimizers the aggregate
-    keys get a suffix ``_opt<i>``.  The last metrics are also kept in :attr:`last_metrics`.
-    Between logs the statistics stay on the device: on a step that does not log nothing is read
-    on the host with the ``"ignore"`` policy (nor with ``"zero"`` off the CPU); a logging step
-    reads once.  The callback writes to ``trainer.loggers`` directly (as Lightning's
-    ``LearningRateMonitor`` does), so its schedule does not depend on ``self.log``'s.
-
-    **Non-finite gradients** (``nonfinite``): ``"ignore"`` (PyTorch's behaviour); ``"zero"``
-    (a step's gradients are zeroed when any holds a NaN/Inf; the optimizer step still runs, so
-    momentum and weight decay still move the parameters; off the CPU this costs a masked fill
-    of every gradient each step instead of a host read); ``"skip"`` (the optimizer step leaves
-    parameters and optimizer state bit-identical: the ``.grad`` of every parameter of the
-    optimizer is set to ``None``, and ``torch.optim`` optimizers, ``foreach`` and ``fused``
-    ones included, leave parameters without a gradient alone; reads one flag on the host per
-    step); ``"raise"`` (``RuntimeError`` naming the first offending parameter, raised before
-    any gradient is changed; reads the counts on the host each step).  Under fp16 AMP the
-    GradScaler already skips the steps whose gradients overflowed (routine while it calibrates
-    its scale): the policy is then left to it and such steps count as non-finite and skipped.
-    bf16 and fp32 have no scaler, so there the policy acts.
-
-    **Fused optimizers** (``fused=True``) under fp16 AMP unscale inside ``step()``, so their
-    gradients reach the hook still scaled.  The callback then multiplies its thresholds by the
-    scale on the device and divides the logged statistics by it: the clip is that of the
-    unscaled gradients (up to ``eps``) and never of the scaled ones, and adaptive thresholds
-    see unscaled norms.  In ``"value"`` and ``"agc"`` modes it calls
-    ``scaler.unscale_(optimizer)`` first (clamping a scaled inf would hide it from the scaler;
-    AGC compares gradients with weights).
-
-    **Gradient history and diagnosis** (``history=N``): the statistics each step already
-    computed (no extra pass over the gradients), the post-clip norm, the threshold and the
-    skipped flag are kept for the last ``N`` optimizer steps in a
-    :class:`~gradstab.GradHistory` on the device (:attr:`history`; global rank 0 only;
-    ``history_extras=True`` adds zero fractions and parameter norms, one extra read each).  At
-    the end of ``fit`` the :class:`~gradstab.Diagnosis` (vanishing/exploding layers, spikes,
-    dead parameters, where NaNs appeared) is logged with ``rank_zero_info`` and kept in
-    :attr:`diagnosis` (``diagnose_on_fit_end``), and ``plot_dir`` receives
-    ``grad_norm_heatmap.png`` and ``total_norm.png`` (a warning, not an error, without
-    matplotlib).  :meth:`diagnose` diagnoses on demand.
-
-    **Distributed**: with DDP the gradients are already averaged, so every rank computes the
-    same clip.  Sharded gradients are combined across ranks: FSDP2 ``DTensor`` gradients
-    need nothing; plain tensors that are shards (ZeRO-style, each rank a disjoint part of the
-    same tensors in the same order) need ``process_group=`` (a group, or ``"world"``: the
-    default group, looked up at the first step; never with DDP, whose gradients are
-    replicated: they would count once per rank).  Every rank then makes the same collectives
-    at the same steps (one float64 all-reduce per step; a second, ``MAX``, one where a
-    max-abs is needed), and the norms, the non-finite flag, the skip decision, the counters
-    and the adaptive thresholds are those of one process on the full model.  ``"agc"`` and
-    ``history_extras`` are refused with sharded parameters.
-
-    **Manual optimization**: nothing to add.  ``opt.step()`` on an optimizer from
-    ``self.optimizers()`` runs ``on_before_optimizer_step`` for that optimizer, so each
-    optimizer's gradients are clipped when it steps.  Do not also call
-    ``self.clip_gradients``, and do not step the raw ``opt.optimizer``, which bypasses the
-    hook.
-
-    The callback refuses ``Trainer(gradient_clip_val=...)`` and a
-    :class:`~gradstab.GradStabOptimizer` (both would clip a second time).
+    Works in ``on_before_optimizer_step``, once per optimizer step: after backward (and after
+    the last micro-batch with ``accumulate_grad_batches``), after fp16 AMP unscaling, before
+    ``optimizer.step()``; only the parameters of the optimizer being stepped are touched. A
+    healthy step reads every gradient once and writes only what is clipped; between logging
+    steps nothing is read on the host (policies ``"ignore"`` and, off the CPU, ``"zero"``).
+    Every ``log_every_n_steps`` optimizer steps it writes the pre/post-clip total norm, the
+    clip coefficient and rate, non-finite and skipped step counts, thresholds and, on request,
+    per-layer norms to every logger of the trainer. With ``history=N`` it records the last N
+    steps' statistics on the device and diagnoses them at the end of ``fit``. The guide,
+    docs/lightning.md, explains the modes, the logged keys, the non-finite policies, AMP and
+    fused optimizers, adaptive thresholds, sharded training and checkpoints.
 
     Args:
         mode: ``"norm"``, ``"layer"``, ``"value"``, ``"agc"``, ``"normalize"`` or ``None``
@@ -170,7 +74,13 @@ class GradStabCallback(Callback):
         plot_dir: write the history's plots into this folder at the end of ``fit`` (needs
             ``history``; matplotlib).
         process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``,
-            or ``None`` (see *Distributed*).
+            or ``None`` (never with DDP: its gradients are replicated).
+
+    Raises:
+        TypeError, ValueError: a bad option, naming it and its value (a ``{group:
+            threshold}`` dict naming a group the optimizer lacks: at the first step).
+        MisconfigurationException: in ``setup()``, next to ``Trainer(gradient_clip_val=...)``
+            or a :class:`~gradstab.GradStabOptimizer` (either would clip a second time).
 
     Example:
         >>> import lightning.pytorch as pl

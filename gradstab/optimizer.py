@@ -29,41 +29,14 @@ _OWNER = "GradStabOptimizer"
 class GradStabOptimizer(torch.optim.Optimizer):
     """Wrap a ``torch.optim`` optimizer so that every ``step()`` clips the gradients first.
 
-    ``step()`` clips the gradients of the wrapped optimizer's parameters with one fused
-    ``torch.ops.gradstab`` call (one read of each gradient; only clipped gradients are
-    written), applies the non-finite policy, then calls the wrapped optimizer's ``step()``.
-    Everything else is the wrapped optimizer's: ``param_groups``, ``state``, ``defaults``,
-    ``zero_grad``, ``add_param_group`` and ``state_dict``/``load_state_dict`` forward to it
-    (the state dict gains a ``"gradstab"`` entry with the counters and the adaptive
-    thresholds' states, which ``load_state_dict`` restores and tolerates missing).  It is an
-    ``Optimizer`` subclass, so LR schedulers, ``torch.amp.GradScaler`` and Lightning's
-    ``configure_optimizers`` accept it.
-
-    With a ``torch.amp.GradScaler`` use the usual pattern.  The scaler unscales the gradients
-    before it calls ``step()`` (the wrapper declares ``_step_supports_amp_scaling = False``,
-    even around a ``fused=True`` optimizer, which then receives unscaled gradients), so the
-    clip always sees unscaled gradients; and it skips ``step()`` when they hold an inf/NaN, so
-    those steps never reach the wrapper (they are neither clipped nor counted)::
-
-        scaler.scale(loss).backward()
-        scaler.step(opt)       # unscales, then calls opt.step() if the gradients are finite
-        scaler.update()
-
-    Non-finite policies: ``"ignore"`` (PyTorch's behaviour), ``"zero"`` (the gradients of a
-    step holding a NaN/Inf are zeroed; the step still runs, so momentum and weight decay still
-    move the parameters), ``"skip"`` (the wrapped ``step()`` is not called: parameters and
-    optimizer state stay bit-identical; this reads one flag on the host per step), ``"raise"``
-    (``RuntimeError`` naming the first offending parameter, before any gradient is changed;
-    one host read per step).  With
-    ``"ignore"`` and ``"zero"`` nothing is read on the host except on logging steps (on the CPU
-    ``"zero"`` reads its flag, which costs nothing there; elsewhere it masks every gradient
-    each step, a read and a write, instead).
-
-    The options are those of :class:`~gradstab.GradStabCallback` (adaptive thresholds,
-    ``"agc"``, ``"normalize"``, sharded gradients, the gradient history: see there); with
-    ``history=N`` the history is made at the first step (on rank 0 only when
-    ``torch.distributed`` is initialized) and read with :attr:`history` and
-    :meth:`diagnose`.
+    ``step()`` clips the wrapped optimizer's gradients with one fused op call (one read of
+    each gradient; only clipped gradients are written), applies the non-finite policy, then
+    calls the wrapped ``step()``. Everything else forwards to the wrapped optimizer; its state
+    dict gains a ``"gradstab"`` entry (counters, adaptive thresholds). It is an ``Optimizer``
+    subclass, so LR schedulers, ``torch.amp.GradScaler`` (``scaler.step(opt)`` unscales first
+    and skips non-finite steps) and Lightning's ``configure_optimizers`` accept it. The options
+    are those of :class:`~gradstab.GradStabCallback`; the guide, docs/lightning.md, explains
+    modes, metrics, policies, AMP, thresholds and sharded training.
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (not ``LBFGS``, whose step re-evaluates
@@ -100,6 +73,12 @@ class GradStabOptimizer(torch.optim.Optimizer):
         process_group: the group plain gradients are sharded over (ZeRO-style flat shards:
             each rank a disjoint part of the same tensors, in the same order), ``"world"``
             (the default group), or ``None``.  FSDP2 ``DTensor`` gradients need none.
+
+    Raises:
+        TypeError, ValueError: a bad option, naming it and its value (a ``{group:
+            threshold}`` dict naming a group the optimizer lacks: at the first step).
+        RuntimeError: with ``nonfinite="raise"``, at a step whose gradients hold a NaN/Inf
+            (before any gradient is changed), naming the first offending parameter.
 
     Example:
         >>> import torch, gradstab
