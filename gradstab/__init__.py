@@ -16,6 +16,7 @@ from gradstab import (
     norm,
 )
 from gradstab._extension import backend_info
+from gradstab._version import __version__
 from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
 from gradstab.diagnosis import Diagnosis, GradHistory, HistoryData, diagnose
 from gradstab.functional import (
@@ -29,8 +30,6 @@ from gradstab.functional import (
     normalize_grad_per_layer_,
 )
 from gradstab.optimizer import GradStabOptimizer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AGCStats",
