@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import os
 import subprocess
@@ -109,3 +111,19 @@ def test_help_exits_0(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_results_files_hold_summaries_and_raw_rounds_only_when_compressed(tmp_path):
+    from gradstab.tools.bench.timing import Result  # noqa: PLC0415
+    from gradstab.tools.results import write_json  # noqa: PLC0415
+
+    row = Result("s", "fp32", "healthy", "gradstab", "gradstab", [1.0, 2.0, 4.0], 4_000_000)
+    plain, packed = tmp_path / "r.json", tmp_path / "r.json.gz"
+    write_json(str(plain), {"results": [row.to_json(raw=False)]})
+    write_json(str(packed), {"results": [row.to_json(raw=True)]})
+    summary = json.loads(plain.read_text())["results"][0]
+    assert "times_ms" not in summary
+    assert summary["median_ms"] == 2.0 and summary["rounds"] == 3
+    assert (summary["q1_ms"], summary["q3_ms"]) == (1.5, 3.0)
+    with gzip.open(packed, "rt", encoding="utf-8") as f:
+        assert json.load(f)["results"][0]["times_ms"] == [1.0, 2.0, 4.0]

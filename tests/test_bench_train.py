@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -21,7 +22,7 @@ def _restore_threads():
 
 
 def test_bench_train_command(tmp_path, capsys):
-    path = tmp_path / "train.json"
+    path = tmp_path / "train.json.gz"  # .gz: the raw timings too
     argv = ["bench", "--train", "--repeats", "1", "--train-steps", "8", "--warmup", "2"]
     argv += ["--train-width", "8", "--train-depth", "2", "--json", str(path)]
     assert main(argv) == 0
@@ -30,7 +31,8 @@ def test_bench_train_command(tmp_path, capsys):
         assert f"| {v} |" in out
     assert "gradstab overhead / Lightning overhead" in out or "no ratio" in out
     assert "final parameters match the Lightning run" in out
-    doc = json.loads(path.read_text())
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        doc = json.load(f)
     for clock in bench_train.CLOCKS:
         for v in bench_train.VARIANTS:
             assert len(doc["times_ms"][clock][v]) == 5  # 8 steps: 7 intervals, 2 untimed

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import os
 import platform
@@ -29,7 +30,15 @@ import torch
 
 import gradstab
 
-__all__ = ["OtherLoad", "cpu_model", "gpu_description", "header", "quartiles", "write_json"]
+__all__ = [
+    "OtherLoad",
+    "cpu_model",
+    "gpu_description",
+    "header",
+    "quartiles",
+    "wants_raw",
+    "write_json",
+]
 
 
 def quartiles(xs: Sequence[float]) -> tuple[float, float]:
@@ -40,9 +49,22 @@ def quartiles(xs: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def wants_raw(path: str) -> bool:
+    """Whether a results file should hold the raw per-round timings: only a ``.json.gz`` one.
+
+    A plain ``.json`` holds the summaries (medians, quartiles, ratios): small enough to commit
+    next to RESULTS.md; the raw timings of a full run are hundreds of KB, so they go compressed.
+    """
+    return path.endswith(".gz")
+
+
 def write_json(path: str, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` as indented JSON to ``path`` (its folder created), newline-terminated."""
+    """Write ``doc`` as JSON to ``path`` (its folder created); gzip-compressed for ``.gz``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if wants_raw(path):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            json.dump(doc, f)
+        return
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

@@ -30,7 +30,7 @@ from gradstab.tools.bench.runner import bench_one
 from gradstab.tools.bench.sets import GPU_QUICK_REPEATS, GPU_REPEATS, GPU_SETS, PARAM_SETS
 from gradstab.tools.bench.table import NOTES, format_table
 from gradstab.tools.bench.timing import Result
-from gradstab.tools.results import OtherLoad, header, write_json
+from gradstab.tools.results import OtherLoad, header, wants_raw, write_json
 
 
 def _parse_sets(text: str) -> list[str]:
@@ -136,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CUDA only: time each set on N identical copies, cycled call by call (default: "
         f"enough for {ROTATE_L2_MULTIPLE}x the L2 cache, at most {MAX_ROTATE}; 1 disables)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write all raw timings to PATH")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results to PATH: summaries (medians, quartiles, "
+                             "ratios) for .json, every round's time too for .json.gz")  # fmt: skip
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -240,8 +242,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 "warmup": warmup,
                 "argv": list(argv),
             },
-            "results": [r.to_json() for r in results],
+            "results": [r.to_json(raw=wants_raw(args.json)) for r in results],
         }
         write_json(args.json, doc)
-        print(f"Raw timings written to {args.json}.")
+        print(f"Results written to {args.json}.")
     return 0

@@ -95,8 +95,8 @@ class Result:
         q1, q3 = quartiles(self.times_ms)
         return q3 - q1
 
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict of all fields plus the summary statistics."""
+    def to_json(self, raw: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict of the row and its summary statistics (``raw``: every round too)."""
         q1, q3 = quartiles(self.times_ms)
         return {
             "set": self.set,
@@ -114,7 +114,8 @@ class Result:
             "ratio": self.ratio,
             "floor_ms": self.floor_ms,
             "floor_fraction": self.floor_fraction,
-            "times_ms": self.times_ms,
+            "rounds": len(self.times_ms),
+            **({"times_ms": self.times_ms} if raw else {}),
         }
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradstab.tools.results import OtherLoad, header, quartiles, write_json
+from gradstab.tools.results import OtherLoad, header, quartiles, wants_raw, write_json
 
 VARIANTS = ("none", "lightning", "gradstab")
 MAX_NORM = 1.0
@@ -419,11 +419,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"Total time {elapsed:.1f} s{load}.")
     if args.json:
         doc = {"meta": {**meta, "elapsed_s": elapsed, "other_cpus_busy": busy}, "summary": summary}
-        doc["times_ms"] = result["times"]
+        if wants_raw(args.json):
+            doc["times_ms"] = result["times"]
         doc["model"] = {"width": args.train_width, "depth": args.train_depth, "batch": BATCH}
         doc["check"] = chk
         write_json(args.json, doc)
-        print(f"Raw timings written to {args.json}.")
+        print(f"Results written to {args.json}.")
     return 0
 
 
