@@ -4,7 +4,7 @@ These serve every device that has no compiled kernel (registered under the
 ``CompositeExplicitAutograd`` key, so a compiled ``CPU``/``CUDA`` kernel takes
 precedence), and they are the oracle the compiled kernels are tested against.
 
-They follow the op contract (DESIGN section 3) exactly, trading speed for
+They follow the op contract (docs/design.md, section 3) exactly, trading speed for
 obviousness: every statistic is computed in float64 from a float64 copy of
 the gradient, the p-norm is taken overflow- and underflow-safe as
 ``m * ||g / m||_p`` with ``m = max|g|``, and results are rounded once to the

@@ -449,7 +449,7 @@ FP32_ACCUM_RTOL = 2.0**-23
 #: Relative accuracy of a norm of float64 gradients (float64 accumulation, different order).
 FP64_RTOL = 1e-12
 
-#: The contract's bound for float32-accumulated norms on any data (DESIGN section 3).
+#: The contract's bound for float32-accumulated norms on any data (docs/design.md, section 3).
 DESIGN_RTOL = 1e-6
 
 

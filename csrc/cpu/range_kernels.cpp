@@ -52,8 +52,8 @@ typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 constexpr int64_t kBlock = 2048;       // max elements per float64 partial-sum block
 // Max elements per float32 partial-sum block: 32 per lane of the 16 float32 lanes, so the
-// rounding error of a lane's running sum stays within DESIGN's 1e-6 (measured worst case, a
-// constant-valued block, ~5e-7 for p = 1; 128 per lane reached 1.7e-6).
+// rounding error of a lane's running sum stays within the contract's 1e-6 (docs/design.md;
+// measured worst case, a constant-valued block, ~5e-7 for p = 1; 128 per lane reached 1.7e-6).
 constexpr int64_t kFloatBlock = 512;
 constexpr double kTinyBlock = 1e-30;   // float32 block sums below this are redone in double
 constexpr double kDblMax = std::numeric_limits<double>::max();

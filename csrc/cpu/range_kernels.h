@@ -4,7 +4,7 @@
 //   sum   = sum of |x|^p (p = 2 for kind kL2 and kLinf, where it only detects non-finite
 //           values; p = 1 for kL1; norm_p for kLp), accumulated so that its relative error is
 //           ~1e-8 on random data (below the float32 rounding of the result), a few 1e-7 at worst
-//           (e.g. constant-valued blocks; DESIGN allows 1e-6), and it can neither overflow nor
+//           (e.g. constant-valued blocks; the contract allows 1e-6), and it can neither overflow nor
 //           underflow for float16/bfloat16/float32 input: 16-lane float32 partial sums over
 //           blocks of <= 512 elements, each block added in double, and any block whose float32
 //           sum is non-finite or tiny recomputed in double.
