@@ -9,10 +9,12 @@ one at a time; adaptive_clip with short and long units, mixed dtypes, a working 
 rescue and the shared-memory path) and checks each result against the pure-PyTorch reference,
 so a run under ``compute-sanitizer`` both exercises and verifies.
 
-``python benchmarks/gpu/driver.py traffic`` runs healthy and clipping calls on GPT-2-small
-float32 gradients, for ``ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum``: a healthy
-step should read the gradients once (498 MB) and write only the per-unit records (~0.7 MB);
-then the same for adaptive_clip (which reads the weights too: 996 MB on a healthy step).
+``python benchmarks/gpu/driver.py traffic --case clip-healthy`` (or clip-clipping,
+agc-healthy, agc-clipping) makes one warm call and one measured call, inside the NVTX range
+``gradstab_measure``, on GPT-2-small float32 gradients, for
+``ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum`` (see ncu_summary.py): a healthy
+call should read the gradients once (498 MB) and write only the per-unit records (~0.7 MB);
+adaptive_clip reads the weights too (996 MB).
 
 Example:
     $ compute-sanitizer --tool memcheck python benchmarks/gpu/driver.py sanitize
@@ -175,29 +177,46 @@ def _cpu(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [g.detach().cpu().clone() for g in grads]
 
 
-def traffic() -> None:
+#: Traffic cases: (op, clips?) -- what ncu measures inside the "gradstab_measure" NVTX range.
+TRAFFIC_CASES = {
+    "clip-healthy": ("clip_norm", False),
+    "clip-clipping": ("clip_norm", True),
+    "agc-healthy": ("adaptive_clip", False),
+    "agc-clipping": ("adaptive_clip", True),
+}
+
+
+def traffic(case: str) -> None:
+    """One warm call (table built, kernels loaded), then the measured call inside an NVTX
+    range that ``ncu --nvtx --nvtx-include gradstab_measure/`` profiles, on GPT-2 small
+    float32 gradients (498 MB); prints the bytes a single read of the inputs takes."""
+    op, clips = TRAFFIC_CASES[case]
     gen = torch.Generator(device=DEV).manual_seed(0)
     grads = [torch.randn(s, generator=gen, device=DEV) for _, s in gpt2_small_shapes()]
-    total = float(OPS.grad_stats(grads, 2.0)[3])
-    torch.cuda.synchronize()
-    for _ in range(3):
-        OPS.clip_norm(grads, torch.tensor(total * 1e6, device=DEV), 2.0, EPS, False)  # healthy
-    torch.cuda.synchronize()
-    OPS.clip_norm(grads, torch.tensor(total * 0.5, device=DEV), 2.0, EPS, False)  # clipping
-    torch.cuda.synchronize()
     weights = [torch.randn_like(g) for g in grads]
-    for _ in range(3):
-        OPS.adaptive_clip(grads, weights, 1e6, 1e-3, 2.0)  # healthy: reads W and G only
+    total = float(OPS.grad_stats(grads, 2.0)[3])
+    bound = torch.tensor(total * (0.5 if clips else 1e6), device=DEV)
+
+    def call() -> None:
+        if op == "clip_norm":
+            OPS.clip_norm(grads, bound, 2.0, EPS, False)
+        else:  # every unit clipped, or none
+            OPS.adaptive_clip(grads, weights, 1e-3 if clips else 1e6, 1e-3, 2.0)
+
+    call()
     torch.cuda.synchronize()
-    OPS.adaptive_clip(grads, weights, 1e-3, 1e-3, 2.0)  # every unit clipped
+    torch.cuda.nvtx.range_push("gradstab_measure")
+    call()
+    torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
-    nbytes = sum(g.numel() * 4 for g in grads)
-    print(f"driver: traffic: {len(grads)} gradients, {nbytes / 1e6:.1f} MB")
+    nbytes = sum(g.numel() * 4 for g in grads) * (2 if op == "adaptive_clip" else 1)
+    print(f"driver: traffic {case}: one read of the inputs is {nbytes} bytes")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["sanitize", "traffic"])
+    parser.add_argument("--case", choices=sorted(TRAFFIC_CASES), default="clip-healthy")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("driver: no CUDA device", file=sys.stderr)
@@ -205,7 +224,7 @@ def main(argv: list[str]) -> int:
     if gradstab.backend_info()["cuda"]["kernel"] != "cuda":
         print("driver: gradstab._C has no CUDA kernel", file=sys.stderr)
         return 2
-    sanitize() if args.what == "sanitize" else traffic()
+    sanitize() if args.what == "sanitize" else traffic(args.case)
     return 0
 
 

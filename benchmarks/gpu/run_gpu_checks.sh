@@ -1,37 +1,55 @@
 #!/usr/bin/env bash
-# GPU checks of gradstab's CUDA kernels, for a machine with an NVIDIA GPU (written for an H100).
-# Run from the repository root, in an environment with a CUDA build of torch and a CUDA toolkit:
+# GPU checks of gradstab's CUDA kernels, sized for a lease of 15 minutes of device time (start-up
+# included) and 10 minutes per command, on an H100/H200 with torch 2.11+cu130 and nvcc 13.0.
+# Run from the repository root, once per phase:
 #
-#   bash benchmarks/gpu/run_gpu_checks.sh            # everything
-#   STEPS="build tests" bash benchmarks/gpu/run_gpu_checks.sh
+#   LOGDIR=$OUT bash benchmarks/gpu/run_gpu_checks.sh              # phase 1 (~6 minutes)
+#   PHASE=2 LOGDIR=$OUT bash benchmarks/gpu/run_gpu_checks.sh      # phase 2 (~6 minutes)
+#   STEPS="build tests_cuda" bash benchmarks/gpu/run_gpu_checks.sh # chosen steps
+#   DRY_RUN=1 PHASE=2 bash benchmarks/gpu/run_gpu_checks.sh        # list the steps, run nothing
 #
-# Steps (each one's raw output goes to benchmarks/gpu/logs/<UTC time>_<host>/<step>.log):
-#   env        nvidia-smi, nvcc, torch, the CUDA device
-#   build      TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .
-#              (set TORCH_CUDA_ARCH_LIST to build for another GPU)
-#   tests      python -m pytest -q tests/test_cuda.py  (then the whole suite, tests/)
-#   sanitize   compute-sanitizer --tool memcheck | racecheck | synccheck | initcheck over
-#              benchmarks/gpu/driver.py sanitize (every op and code path, checked against the
-#              reference), with PyTorch's caching allocator off so out-of-bounds accesses fault
-#   traffic    Nsight Compute: DRAM bytes read/written by the kernels for a healthy and a
-#              clipping call on GPT-2-small float32 (a healthy step must write ~nothing), for
-#              clip_norm and for adaptive_clip (which also reads the weights);
-#              skipped when ncu is missing or not allowed to read the counters
-#   bench      python -m gradstab bench --device cuda --mode
-#              healthy,clip,stats,value,agc,agc-healthy,adaptive,adaptive-zscore
-#              (all sets, float32 and bfloat16; table, CUDA summary with the targets, JSON)
+# Phase 1: env; build (MAX_JOBS=16, TORCH_CUDA_ARCH_LIST=9.0); tests_cuda (every test that runs
+#   on CUDA); memcheck (compute-sanitizer over benchmarks/gpu/driver.py sanitize); bench_core
+#   (GPT-2 small fp32 and bf16: healthy, clip, stats; the many-small set).
+# Phase 2: build (incremental when the machine is still warm); synccheck; initcheck; traffic
+#   (Nsight Compute DRAM bytes of a healthy and a clipping call, clip_norm and adaptive_clip,
+#   checked by ncu_summary.py: a healthy call writes ~nothing, and a filter that profiles no
+#   kernel fails); bench_more (AGC, adaptive thresholds, the 1B-parameter bf16 set); train (the
+#   GPU training-loop benchmark: python -m gradstab bench --train --device cuda).
+# PHASE=all adds racecheck (the kernels use no shared memory, so it is expected to find nothing)
+#   and runs both phases: longer than one command's 10 minutes.
 #
-# Every step runs even if an earlier one failed (except that nothing runs after a failed build);
-# the script exits non-zero if any step failed, and prints a one-line verdict per step.
+# Each step's output goes to $LOGDIR/<step>.log (LOGDIR defaults to
+# benchmarks/gpu/logs/<UTC time>_<host>); each step is killed after STEP_TIMEOUT seconds (default
+# 300); every step runs even if an earlier one failed, except after a failed build; the script
+# prints a one-line verdict per step with its time and exits non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-STEPS=${STEPS:-"env build tests sanitize traffic bench"}
+PHASE=${PHASE:-1}
+case "$PHASE" in
+  1) DEFAULT_STEPS="env build tests_cuda memcheck bench_core" ;;
+  2) DEFAULT_STEPS="env build synccheck initcheck traffic bench_more train" ;;
+  all) DEFAULT_STEPS="env build tests_cuda memcheck bench_core synccheck initcheck racecheck \
+traffic bench_more train" ;;
+  *) echo "PHASE must be 1, 2 or all, got '$PHASE'" >&2; exit 2 ;;
+esac
+STEPS=${STEPS:-$DEFAULT_STEPS}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 LOGDIR=${LOGDIR:-benchmarks/gpu/logs/$(date -u +%Y%m%dT%H%M%SZ)_$(hostname -s 2>/dev/null || echo host)}
-mkdir -p "$LOGDIR"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PYTHON:-python}
+NCU_METRICS=dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum
+# GPT-2 small in float32: 124,439,808 parameters; one read of the gradients (and of the weights)
+GPT2_BYTES=$((124439808 * 4))
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "phase $PHASE: $STEPS (each at most ${STEP_TIMEOUT} s; logs in $LOGDIR)"
+  exit 0
+fi
+mkdir -p "$LOGDIR"
 declare -A VERDICT=()
+declare -A SECS=()
 ORDER=()
 
 run_step() {  # run_step NAME COMMAND...: output to $LOGDIR/NAME.log and the terminal
@@ -39,15 +57,26 @@ run_step() {  # run_step NAME COMMAND...: output to $LOGDIR/NAME.log and the ter
   shift
   echo "=== $name: $*" | tee -a "$LOGDIR/$name.log"
   local t0=$SECONDS
-  "$@" 2>&1 | tee -a "$LOGDIR/$name.log"
+  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" 2>&1 | tee -a "$LOGDIR/$name.log"
   local rc=${PIPESTATUS[0]}
+  [ "$rc" = 124 ] && echo "=== $name: killed after ${STEP_TIMEOUT} s" | tee -a "$LOGDIR/$name.log"
   echo "=== $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOGDIR/$name.log"
   ORDER+=("$name")
   VERDICT[$name]=$rc
+  SECS[$name]=$((SECONDS - t0))
   return "$rc"
 }
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+need_tool() {  # need_tool NAME STEP: a missing tool fails the step (never a silent skip)
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "$1 not found: step $2 cannot run" | tee -a "$LOGDIR/$2.log"
+  ORDER+=("$2")
+  VERDICT[$2]="failed ($1 not found)"
+  SECS[$2]=0
+  return 1
+}
 
 if want env; then
   run_step env bash -c "
@@ -62,50 +91,65 @@ print(torch.cuda.get_device_properties(0))'
 fi
 
 if want build; then
-  if ! run_step build env MAX_JOBS="${MAX_JOBS:-16}" \
+  # The nvcc on PATH may be a wrapper outside the toolkit: setup.py finds the toolkit itself
+  # (CUDA_HOME, else nvcc's own report), so nothing needs setting here unless that fails.
+  if ! run_step build env MAX_JOBS="${MAX_JOBS:-16}" GRADSTAB_FORCE_CUDA=1 \
       $PY -m pip install --no-build-isolation --no-deps -v -e .; then
-    echo "build failed: see $LOGDIR/build.log"
+    echo "build failed: see $LOGDIR/build.log (set CUDA_HOME to the CUDA toolkit if setup.py"
+    echo "could not find it); nothing else runs without a build"
     exit 1
   fi
   run_step build_info $PY -c "import gradstab, gradstab._extension as e; \
-print(gradstab.backend_info()); print(e._C.build_info())"
+info = gradstab.backend_info(); print(info); print(e._C.build_info()); \
+assert info['cuda']['kernel'] == 'cuda', 'the build has no CUDA kernel'"
 fi
 
-if want tests; then
-  run_step tests_cuda $PY -m pytest -q -ra tests/test_cuda.py
-  run_step tests_all $PY -m pytest -q -ra tests
+if want tests_cuda; then
+  # the GPU-only file, and every device-parametrised test's CUDA case
+  run_step tests_cuda $PY -m pytest -q -ra -p no:cacheprovider tests/test_cuda.py \
+    tests -k "cuda or CUDA"
 fi
 
-if want sanitize; then
-  if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck synccheck initcheck; do
-      run_step "sanitize_$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-        compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        $PY benchmarks/gpu/driver.py sanitize
-    done
-  else
-    echo "compute-sanitizer not found: sanitize step skipped" | tee "$LOGDIR/sanitize.log"
-    ORDER+=(sanitize)
-    VERDICT[sanitize]=skipped
+for tool in memcheck synccheck initcheck racecheck; do
+  if want "$tool" && need_tool compute-sanitizer "$tool"; then
+    run_step "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      $PY benchmarks/gpu/driver.py sanitize
   fi
+done
+
+if want traffic && need_tool ncu traffic; then
+  for case in clip-healthy clip-clipping agc-healthy agc-clipping; do
+    read_bytes=$GPT2_BYTES
+    [[ $case == agc-* ]] && read_bytes=$((2 * GPT2_BYTES))
+    max_write=$((4 * 1000 * 1000))  # per-unit records and results only
+    [[ $case == *-clipping ]] && max_write=$((2 * read_bytes))
+    run_step "traffic_$case" bash -c "
+      ncu --csv --print-units base --kernel-name-base demangled --kernel-name regex:gradstab:: \
+        --nvtx --nvtx-include gradstab_measure/ --metrics $NCU_METRICS \
+        $PY benchmarks/gpu/driver.py traffic --case $case > '$LOGDIR/ncu_$case.csv' &&
+      $PY benchmarks/gpu/ncu_summary.py '$LOGDIR/ncu_$case.csv' --expect-read $read_bytes \
+        --max-write $max_write --json '$LOGDIR/ncu_$case.json'"
+  done
 fi
 
-if want traffic; then
-  if command -v ncu >/dev/null 2>&1; then
-    run_step traffic ncu --kernel-name regex:gradstab \
-      --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
-      $PY benchmarks/gpu/driver.py traffic || VERDICT[traffic]="failed (ncu counters not allowed?)"
-  else
-    echo "ncu not found: traffic step skipped" | tee "$LOGDIR/traffic.log"
-    ORDER+=(traffic)
-    VERDICT[traffic]=skipped
-  fi
+if want bench_core; then
+  run_step bench_core $PY -m gradstab bench --device cuda --set gpt2,many-small \
+    --dtype fp32,bf16 --mode healthy,clip,stats --json "$LOGDIR/bench_core.json"
 fi
 
-if want bench; then
-  run_step bench $PY -m gradstab bench --device cuda \
-    --mode healthy,clip,stats,value,agc,agc-healthy,adaptive,adaptive-zscore \
-    --json "$LOGDIR/bench.json"
+if want bench_more; then
+  run_step bench_more bash -c "
+    $PY -m gradstab bench --device cuda --set resnet50 --dtype fp32,bf16 \
+      --mode agc,agc-healthy --json '$LOGDIR/bench_agc.json' &&
+    $PY -m gradstab bench --device cuda --set gpt2 --dtype fp32 \
+      --mode adaptive,adaptive-zscore --json '$LOGDIR/bench_adaptive.json' &&
+    $PY -m gradstab bench --device cuda --set llama1b --dtype bf16 \
+      --mode healthy,clip --json '$LOGDIR/bench_llama1b.json'"
+fi
+
+if want train; then
+  run_step train $PY -m gradstab bench --train --device cuda --json "$LOGDIR/train.json"
 fi
 
 echo
@@ -113,7 +157,7 @@ echo "Logs: $LOGDIR"
 status=0
 for name in "${ORDER[@]}"; do
   v=${VERDICT[$name]}
-  echo "  $name: $v"
-  [[ "$v" == 0 || "$v" == skipped ]] || status=1
+  echo "  $name: $v (${SECS[$name]} s)"
+  [[ "$v" == 0 ]] || status=1
 done
 exit $status
