@@ -138,8 +138,8 @@ def _expected_grads(op: str, before, bound: float, p: float, weights=None):
     return out, torch.tensor(clipped)
 
 
-#: (size, p): every norm type on block sizes; the fused ones (2, 1) also over several chunks.
-SIZE_P = [(n, p) for n in SIZES[:2] for p in NORM_TYPES] + [(SIZES[2], 2.0), (SIZES[2], 1.0)]
+#: (size, p): every norm type on block sizes; p = 2 also over several chunks.
+SIZE_P = [(n, p) for n in SIZES[:2] for p in NORM_TYPES] + [(SIZES[2], 2.0)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -153,7 +153,8 @@ def test_stats_are_those_on_entry_under_overflow(op, dtype, n, case, p, device):
         case = "huge_l1"
     e = SCALE[dtype][case]
     bound = 10.0**e if op != "adaptive_clip" else 1e-3  # every value (or unit) is clipped
-    for impl in ["op", "reference"] if device == "cpu" else ["op"]:
+    # the reference kernel (CPU) on block sizes: it has no blocks or chunks of its own
+    for impl in ["op", "reference"] if device == "cpu" and n < SIZES[2] else ["op"]:
         grads = two_grads(dtype, n, e, device)
         if case == "huge_l1":
             grads.append(torch.tensor([1.0, -2.0], dtype=torch.float64, device=device))
