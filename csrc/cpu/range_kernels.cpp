@@ -335,6 +335,11 @@ template <typename T, bool kL1, bool kWide>
 GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
   Partial r;
   const bool do_clamp = clamp >= 0.0;
+  // A bound that rounds to Inf in T (float16 from 65520, bfloat16 just below FLT_MAX) writes
+  // an Inf back as Inf: it stays in the range and is counted when the range is re-read, so only
+  // a finite rounded bound removes Infs that must be counted before the clamp.
+  const bool clamp_removes_inf =
+      do_clamp && std::isfinite(to_float(from_float<T>(static_cast<float>(clamp))));
   double sum = 0.0;
   double max_abs = 0.0;
   int64_t clamped_inf = 0;  // Infs a clamp replaced by the bound (counted before it)
@@ -374,7 +379,7 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
     sum += block_sum;
     max_abs = block_max > max_abs ? block_max : max_abs;
     if (do_clamp && block_max > static_cast<float>(clamp)) {
-      if (std::isinf(block_max)) clamped_inf += count_inf(q, len);
+      if (clamp_removes_inf && std::isinf(block_max)) clamped_inf += count_inf(q, len);
       clamp_range(p + i, len, clamp);
       r.wrote = true;
     }
@@ -388,7 +393,7 @@ GS_INLINE Partial reduce_float_family(T* p, int64_t n, double clamp) {
     }
     max_abs = tail_max > max_abs ? tail_max : max_abs;
     if (do_clamp && tail_max > static_cast<float>(clamp)) {
-      if (std::isinf(tail_max)) clamped_inf += count_inf(p + i, n - i);
+      if (clamp_removes_inf && std::isinf(tail_max)) clamped_inf += count_inf(p + i, n - i);
       clamp_range(p + i, n - i, clamp);
       r.wrote = true;
     }
