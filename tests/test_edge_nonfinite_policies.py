@@ -204,7 +204,7 @@ def test_wrapper_zero_without_a_host_read_masks_every_gradient(config, monkeypat
     """Off the CPU, "zero" reads no flag on the host: it masks every gradient of the step on
     the device instead. The CPU takes that path here once the host read is said not to be free
     (a GPU runs it in the test above)."""
-    monkeypatch.setattr(_clipping, "_host_read_is_free", lambda parts: False)
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
     run_wrapper(CONFIGS[config], "zero", "cpu")
 
 
