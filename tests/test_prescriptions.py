@@ -178,7 +178,7 @@ def test_relu_net_initialised_too_large_gets_the_init_prescription():
             float(w.double().pow(2).mean().sqrt()) / target, rel=1e-5
         )
     assert ini.evidence["compounded"] > 10
-    assert ini.evidence["weights_from"] == ["step 0"]
+    assert ini.evidence["weights_from"] == ["weights at step 0"]
 
 
 def test_init_prescription_needs_weights_off_scale():

@@ -194,7 +194,8 @@ def init_scale(
             ok = torch.isfinite(col).nonzero().flatten()
             if ok.numel():
                 r = int(ok[0])
-                rms, src = float(col[r]) / math.sqrt(max(numel, 1)), f"step {data.steps[r]}"
+                rms = float(col[r]) / math.sqrt(max(numel, 1))
+                src = f"weights at step {data.steps[r]}"
         if not math.isfinite(rms) and not w.is_meta:
             rms, src = float(w.detach().to(_F64).pow(2).mean().sqrt()), "current weights"
         if not (math.isfinite(rms) and rms > 0):
