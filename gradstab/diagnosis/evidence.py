@@ -160,6 +160,12 @@ def read_model(
     )
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A materialised tensor of this process (not meta, not a DTensor or other subclass whose
+    values live elsewhere): its values may be read for evidence."""
+    return not t.is_meta and type(t.detach()) is torch.Tensor
+
+
 def saturation_bound(act: nn.Module | None) -> float | None:
     """The derivative bound of a saturating activation, else ``None``."""
     if act is None or isinstance(act, nn.ReLU6):
@@ -196,7 +202,7 @@ def init_scale(
                 r = int(ok[0])
                 rms = float(col[r]) / math.sqrt(max(numel, 1))
                 src = f"weights at step {data.steps[r]}"
-        if not math.isfinite(rms) and not w.is_meta:
+        if not math.isfinite(rms) and _plain(w):
             rms, src = float(w.detach().to(_F64).pow(2).mean().sqrt()), "current weights"
         if not (math.isfinite(rms) and rms > 0):
             continue
@@ -238,7 +244,7 @@ def recurrent_spectra(mi: ModelEvidence) -> list[dict[str, Any]]:
         blocks = 4 if "LSTM" in mode else 3 if "GRU" in mode else 1
         h = int(m.hidden_size)
         for pname, p in m.named_parameters(recurse=False):
-            if not pname.startswith("weight_hh") or p.is_meta:
+            if not pname.startswith("weight_hh") or not _plain(p):
                 continue
             w = p.detach().to(_F64)
             if not bool(torch.isfinite(w).all()):
