@@ -70,7 +70,9 @@ class GradStabCallback(Callback):
         log_prefix: prefix of gradstab's own metric keys.
         history: keep a gradient history of this many optimizer steps (0: off).
         history_extras: the history also records zero fractions and parameter norms.
-        diagnose_on_fit_end: log the diagnosis of the history at the end of ``fit``.
+        diagnose_on_fit_end: log the diagnosis of the history at the end of ``fit``: the
+            findings and their prescriptions (cause, remedy, the call; the LightningModule's
+            modules are part of their evidence).
         plot_dir: write the history's plots into this folder at the end of ``fit`` (needs
             ``history``; matplotlib).
         process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``,
@@ -349,6 +351,7 @@ class GradStabCallback(Callback):
             norm_type=c.norm_type,
             zero_fraction=c.history_extras,
             param_norms=c.history_extras,
+            model=pl_module,  # the prescriptions read its modules
         )
 
     def diagnose(self, **kwargs: Any) -> Diagnosis:

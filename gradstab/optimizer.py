@@ -60,7 +60,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
         group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
         module: the model, to name parameters in errors and metrics and to group them by
-            module; without it parameters are named ``param_groups.<g>.<i>``.
+            module; without it parameters are named ``param_groups.<g>.<i>``.  With
+            ``history``, its modules are evidence for the prescriptions of :meth:`diagnose`
+            (without it they say which evidence is missing).
         log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
             and pass it to ``log_fn``; 0 (the default) never does.
         log_fn: called as ``log_fn(metrics, step)`` on logging steps, ``step`` counting the
@@ -329,6 +331,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
             norm_type=c.norm_type,
             zero_fraction=c.history_extras,
             param_norms=c.history_extras,
+            model=self._module,  # the prescriptions read its modules (None: history only)
         )
 
     def _current_plan(self) -> _clipping.Plan:

@@ -494,7 +494,8 @@ def test_history_diagnosis_and_plots_at_fit_end(tmp_path, caplog):
     lightning_logger.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-            fit(DeepSigmoid(), [cb], max_steps=8)
+            module = DeepSigmoid()
+            fit(module, [cb], max_steps=8)
     finally:
         lightning_logger.removeHandler(caplog.handler)
     assert isinstance(cb.history, gradstab.GradHistory) and len(cb.history) == 8
@@ -503,6 +504,12 @@ def test_history_diagnosis_and_plots_at_fit_end(tmp_path, caplog):
     assert d is not None and d.vanishing_gradients and d.steps == 8
     assert "net.0.weight" in d.vanishing
     assert "vanishing" in caplog.text and "gradstab diagnosis" in caplog.text
+    # the fit-end summary prescribes from the LightningModule's modules: its Sigmoids, named
+    sigmoids = [n for n, m in module.named_modules() if isinstance(m, nn.Sigmoid)]
+    assert d.prescriptions[0].kind == "activation"
+    assert d.prescriptions[0].evidence["activations"] == sigmoids
+    assert "prescriptions" in caplog.text and f"'{sigmoids[0]}'" in caplog.text
+    assert cb.history.model is module
     files = sorted(os.listdir(tmp_path / "plots"))
     assert files == ["grad_norm_heatmap.png", "total_norm.png"]
     data = cb.history.data()

@@ -292,6 +292,48 @@ def test_printed_tables_show_the_measured_numbers(tiny, capsys):
     assert sentences[1].startswith("(c) -> (d)") and sentences[2].startswith("(e)")
 
 
+def test_the_table_prescribes_for_a_and_c_and_b_and_d_apply_it(tiny):
+    results, _ = tiny
+    a, b, c, d = (results.runs[k] for k in "abcd")
+    table = demo.comparison_table(results)
+    rows = {line.split(")")[0] + ")": line for line in table.splitlines() if line.startswith("(")}
+    # (a): Sigmoid -> ReLU, LayerNorm, init, derived from (a)'s own modules
+    rx_a = {p.kind: p for p in a.diagnosis.prescriptions}
+    assert [p.kind for p in a.diagnosis.prescriptions][:3] == [
+        "activation",
+        "normalization",
+        "init",
+    ]
+    sig = rx_a["activation"].evidence["activations"]
+    assert sig == [f"model.{2 * i + 1}" for i in range(results.config.depth)]  # the Sigmoids
+    assert "1 ReLU for Sigmoid, 2 LayerNorm, 3 init_model_" in rows["(a)"]
+    # (b) is built by exactly those remedies: no Sigmoid, LayerNorms, init_model_'s scale
+    fixed = demo.fixed_mlp(results.config.depth, results.config.width)
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in fixed.modules())
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in fixed.modules())
+    assert rows["(b)"].endswith("applies (a)'s 1, 2, 3")
+    # (c): a clip threshold from its healthy steps; numpy on the recorded norms agrees
+    clip = c.diagnosis.prescriptions[0]
+    assert clip.kind == "clip"
+    total = c.history.total_norm.numpy()
+    assert all(s < c.first_nonfinite_loss for s in clip.evidence["healthy_steps"])
+    healthy = total[clip.evidence["healthy_steps"]]
+    p95 = float(np.percentile(healthy, 95))
+    assert p95 <= clip.evidence["threshold"] <= 1.01 * p95
+    assert clip.evidence["nonfinite_steps"] == int((~np.isfinite(total)).sum()) > 0
+    assert f"1 clip at {clip.evidence['threshold']:g} + skip" in rows["(c)"]
+    assert rows["(d)"].endswith("applies (c)'s 1")
+    assert d.threshold_min == results.config.max_norm
+    sentences = demo.conclusions(results)
+    assert "(a)'s prescriptions 1, 2, 3" in sentences[0]
+    assert f"prescribed threshold {clip.evidence['threshold']:g}" in sentences[1]
+    # the run tables print each prescription with its call
+    assert 'gradstab.norm.add_normalization_(model, kind="layer")' in demo.run_table(a)
+    assert clip.call in demo.run_table(c)
+    for r in (b, d):
+        assert r.diagnosis.prescriptions == []
+
+
 def test_run_selection_without_plots(tmp_path, capsys):
     out = tmp_path / "none"
     rc = main(["demo", "--tiny", "--steps", "12", "--runs", "c,a", "--no-plots",

@@ -202,6 +202,13 @@ def test_report_on_a_real_csv_log(csv_run, tmp_path, capsys):
     with open(js) as fh:
         blob = json.load(fh)
     assert blob["nonfinite"]["step"] == NAN_STEP and blob["healthy"] is False
+    # prescriptions from the log alone: a log has no model, so the vanishing cause stays open
+    # and the missing evidence is named; the NaN at NAN_STEP came without a rise of the norm
+    kinds = [p["kind"] for p in blob["prescriptions"]]
+    assert kinds == ["skip-nonfinite", "need-model"], kinds
+    assert blob["prescriptions"][0]["evidence"]["first_step"] == NAN_STEP
+    assert blob["evidence_missing"] and "model" in blob["evidence_missing"][0]
+    assert "prescriptions (hypotheses to try" in printed and "not checked: the model" in printed
     assert main(["report", root, "--no-plots", "--strict"]) == 1
 
 

@@ -21,7 +21,12 @@ history is copied to the host only when asked (:meth:`GradHistory.data`,
   the log total norm against the preceding steps), and steps whose total norm is simply huge;
 - **dead** parameters: a gradient that was exactly zero, or absent (unused or detached
   parameter), over the whole window; with unit tracking, dead output units of a layer;
-- where **non-finite** values first appeared: the step and the parameter.
+- where **non-finite** values first appeared: the step and the parameter;
+
+and, for each problem, ranked **prescriptions** (:class:`Prescription`: the likely cause, the
+remedy, the gradstab call that applies it and the evidence, from the history and, where the
+model is known, its modules; :mod:`gradstab.diagnosis.prescriptions`), e.g. a clip threshold
+computed from the healthy steps' total norms, or the Sigmoid modules to replace.
 
 Network order is the registration order of ``module.named_parameters()``, which follows the
 forward pass for ``nn.Sequential`` and for modules that create their layers in the order they
@@ -52,6 +57,7 @@ from gradstab.diagnosis.findings import (
     Diagnosis,
     LayerReport,
     NonfiniteReport,
+    Prescription,
     Spike,
     Thresholds,
 )
@@ -65,6 +71,7 @@ __all__ = [
     "HistoryData",
     "LayerReport",
     "NonfiniteReport",
+    "Prescription",
     "Spike",
     "Thresholds",
     "diagnose",

@@ -30,6 +30,7 @@ from gradstab.diagnosis.findings import (
     Spike,
     Thresholds,
 )
+from gradstab.diagnosis.prescriptions import prescribe
 
 if TYPE_CHECKING:
     from gradstab.diagnosis.history import GradHistory
@@ -66,10 +67,16 @@ def diagnose(
     spike_history: int = 50,
     spike_min_history: int = 8,
     large_norm: float | None = 1e6,
+    clip_percentile: float = 95.0,
 ) -> Diagnosis:
-    """Name vanishing, exploding, dead and non-finite gradients in a recorded history.
+    """Name vanishing, exploding, dead and non-finite gradients in a recorded history, and
+    prescribe the remedies.
 
-    Reads the history on the host (one copy) and analyses the last ``window`` steps.
+    Reads the history on the host (one copy) and analyses the last ``window`` steps. Each
+    problem found gets ranked :class:`~gradstab.diagnosis.Prescription` records (likely cause,
+    remedy, the call that applies it, the evidence): :attr:`Diagnosis.prescriptions`, derived
+    by :func:`gradstab.diagnosis.prescriptions.prescribe` from the history and, when known, the
+    model (``model=``, or the model a :class:`GradHistory` was built from).
 
     - **Compared magnitude** (``metric``): ``"rms"`` = ``norm / sqrt(n)`` with ``n`` the
       number of non-zero gradient elements when the zero fraction was recorded, else all
@@ -103,14 +110,22 @@ def diagnose(
     - **Non-finite**: the first step with a NaN/Inf gradient and its origin, the affected
       parameter first in backward order (reverse network order); see the module docstring.
 
+    - **Prescriptions**: the recommended clip threshold is the ``clip_percentile``-th
+      percentile of the healthy steps' total norms (:func:`~gradstab.diagnosis.prescriptions.
+      clip_threshold`); the rest is described in :mod:`gradstab.diagnosis.prescriptions`.
+
     Args:
         source: a :class:`GradHistory` or a :class:`HistoryData`.
-        model: when given and the source has no shapes, the shapes are taken from its
-            ``named_parameters()`` by name.
+        model: the model whose parameters the history names: its modules are the evidence of
+            the prescriptions (activations, normalisation, init scale, recurrent weights), and
+            its shapes are used when the source has none.  Default: the model a
+            :class:`GradHistory` was built from (``GradHistory(model)``), else none.
         window: analyse the last ``window`` steps (default: all held).
         metric, vanish_decades, explode_decades, sustain_steps, depth_decades,
             min_depth_layers, spike_z, spike_ratio, spike_history, spike_min_history,
             large_norm: thresholds, as above.
+        clip_percentile: percentile (0-100] of the healthy total norms that the clip
+            prescription recommends as the threshold.
 
     Returns:
         A :class:`Diagnosis`; ``print(d)`` shows the findings and a table of the worst
@@ -142,6 +157,7 @@ def diagnose(
         ("depth_decades", depth_decades),
         ("spike_z", spike_z),
         ("spike_ratio", spike_ratio),
+        ("clip_percentile", clip_percentile),
     ):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
             raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
@@ -153,6 +169,8 @@ def diagnose(
         raise ValueError(
             f"{owner}: large_norm must be a positive number or None, got {large_norm!r}"
         )
+    if clip_percentile > 100:
+        raise ValueError(f"{owner}: clip_percentile must be at most 100, got {clip_percentile!r}")
     sustain_steps = check_int(sustain_steps, "sustain_steps", owner)
     min_depth_layers = check_int(min_depth_layers, "min_depth_layers", owner, 2)
     spike_history = check_int(spike_history, "spike_history", owner)
@@ -171,6 +189,7 @@ def diagnose(
         spike_history=spike_history,
         spike_min_history=spike_min_history,
         large_norm=None if large_norm is None else float(large_norm),
+        clip_percentile=float(clip_percentile),
     )
     if isinstance(source, HistoryData):
         data = source.window(window)
@@ -180,11 +199,17 @@ def diagnose(
         raise TypeError(
             f"{owner}: source must be a GradHistory or a HistoryData, got {type(source).__name__}"
         )
+    if model is None:
+        model = getattr(source, "model", None)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be an nn.Module or None, got {type(model).__name__}")
     if model is not None and data.shapes is None:
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         if all(n in shapes for n in data.names):
             data = dataclasses.replace(data, shapes=[shapes[n] for n in data.names])
-    return _analyse(data, th)
+    d = _analyse(data, th)
+    d.prescriptions, d.evidence_missing = prescribe(d, data, model)
+    return d
 
 
 def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:

@@ -22,6 +22,7 @@ __all__ = [
     "Diagnosis",
     "LayerReport",
     "NonfiniteReport",
+    "Prescription",
     "Spike",
     "Thresholds",
 ]
@@ -45,6 +46,7 @@ class Thresholds:
     spike_min_history: int = 8
     large_norm: float | None = 1e6
     min_group: int = 3
+    clip_percentile: float = 95.0
 
 
 @dataclass
@@ -177,6 +179,49 @@ class NonfiniteReport:
 
 
 @dataclass
+class Prescription:
+    """A likely cause of a finding and the remedy to try, with the evidence it rests on.
+
+    A prescription is a hypothesis: the evidence (the model's modules, the recorded norms)
+    points at a cause, and the remedy is what the catalogue of fixes says to try for it.
+    docs/diagnosis.md says how each kind is derived and where it can be wrong.
+
+    Attributes:
+        rank: 1 = try first; the order of :attr:`Diagnosis.prescriptions`.
+        finding: the finding it answers: ``"exploding"``, ``"non-finite"``, ``"vanishing"``
+            or ``"dead"``.
+        kind: the remedy: ``"clip"`` (clip the total norm at a threshold computed from the
+            history), ``"lr-decay"``, ``"lower-lr"``, ``"weight-decay"``,
+            ``"skip-nonfinite"``, ``"init"`` (re-initialise for the activations),
+            ``"activation"`` (replace saturating activations), ``"normalization"``,
+            ``"residual"``, ``"recurrent-init"`` (orthogonal recurrent weights),
+            ``"dead-units"``, ``"unused-parameters"`` or ``"need-model"`` (the cause cannot be
+            told without the model).
+        cause: the likely cause, in words, with the deciding numbers.
+        remedy: what to do, in words.
+        call: the code that applies it (a gradstab call where gradstab has one; ``""`` where
+            there is nothing to call).
+        evidence: the facts it rests on (module and parameter names, measured numbers);
+            JSON-ready, keys per kind (see docs/diagnosis.md).
+        missing: evidence it would have used and did not have (e.g. the model).
+
+    Example:
+        >>> p = Prescription(1, "exploding", "clip", "spikes", "clip", "call()", {"a": 1})
+        >>> p.kind, p.missing
+        ('clip', [])
+    """
+
+    rank: int
+    finding: str
+    kind: str
+    cause: str
+    remedy: str
+    call: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Diagnosis:
     """What :func:`diagnose` found.  ``str(d)`` is a readable report; fields are for code.
 
@@ -199,6 +244,10 @@ class Diagnosis:
         skipped_steps: steps whose optimizer step was skipped.
         thresholds: the thresholds used.
         source: where the data came from.
+        prescriptions: for each problem found, its likely causes and the remedies to try,
+            most likely first (:class:`Prescription`); empty when healthy.
+        evidence_missing: what the prescriptions could not check for want of evidence (e.g.
+            no model: activations, normalisation and init scale unknown).
     """
 
     steps: int
@@ -217,6 +266,8 @@ class Diagnosis:
     thresholds: Thresholds
     source: str = ""
     depth_trends: list[DepthTrend] = field(default_factory=list)
+    prescriptions: list[Prescription] = field(default_factory=list)
+    evidence_missing: list[str] = field(default_factory=list)
 
     @property
     def exploding(self) -> bool:
@@ -297,6 +348,31 @@ class Diagnosis:
                 f"huge total norm (>= {th.large_norm:g}) at {len(self.large_steps)} step(s), "
                 f"first at step {self.large_steps[0]}"
             )
+        return out
+
+    def prescription_lines(self) -> list[str]:
+        """The prescriptions as text lines (empty when there are none), as ``str(d)`` shows.
+
+        Example:
+            >>> import torch, gradstab
+            >>> gradstab.diagnose(gradstab.GradHistory(torch.nn.Linear(2, 1))).prescription_lines()
+            []
+        """
+        if not self.prescriptions:
+            return []
+        out = [
+            "prescriptions (hypotheses to try, most likely first; evidence in "
+            "to_dict()['prescriptions']):"
+        ]
+        for p in self.prescriptions:
+            out.append(f"{p.rank}. [{p.finding}] cause: {p.cause}")
+            out.append(f"   remedy: {p.remedy}")
+            if p.call:
+                out.append(f"   apply:  {p.call}")
+            if p.missing:
+                out.append(f"   not checked: {'; '.join(p.missing)}")
+        for m in self.evidence_missing:
+            out.append(f"   (no evidence: {m})")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -401,6 +477,7 @@ class Diagnosis:
                 f"skipped optimizer steps: {len(self.skipped_steps)} "
                 f"({_short_list([str(s) for s in self.skipped_steps])})"
             )
+        lines += self.prescription_lines()
         lines.append("")
         lines.append(self.table())
         hidden = len(self.layers) - min(len(self.layers), 10)

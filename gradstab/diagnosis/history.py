@@ -101,6 +101,9 @@ class GradHistory:
         extras_every: compute the extras on every ``extras_every``-th recorded step only
             (NaN in between; the unit tracker is simply updated less often).
         device: the device of the buffers; default: that of the first statistics recorded.
+        model: the model the parameters belong to, for the prescriptions of
+            :func:`diagnose` (its modules are their evidence); default: ``parameters`` when
+            it is an ``nn.Module``.  Kept by reference as :attr:`model`.
 
     Example:
         >>> import torch, gradstab
@@ -125,7 +128,10 @@ class GradHistory:
         track_units: bool = False,
         extras_every: int = 1,
         device: Union[torch.device, str, None] = None,
+        model: nn.Module | None = None,
     ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"{self._owner}: model must be an nn.Module or None, got {model!r:.80}")
         if isinstance(parameters, nn.Module):
             named = [(n, p) for n, p in parameters.named_parameters() if p.requires_grad]
         else:
@@ -154,6 +160,10 @@ class GradHistory:
             extras_every=extras_every,
             device=device,
         )
+        if model is None and isinstance(parameters, nn.Module):
+            model = parameters
+        #: The model whose modules the prescriptions of :meth:`diagnose` read (or ``None``).
+        self.model: nn.Module | None = model
 
     @classmethod
     def from_names(
@@ -205,6 +215,7 @@ class GradHistory:
             extras_every=extras_every,
             device=device,
         )
+        self.model = None
         return self
 
     def _init(

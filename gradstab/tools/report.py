@@ -1,8 +1,9 @@
 """``python -m gradstab report <log dir>``: diagnose gradients from a training log, draw them.
 
 Reads the log with :func:`gradstab.diagnosis.logs.read_log` (which keys, formats and orders it
-understands are described there), prints the diagnosis of :func:`gradstab.diagnose` and writes
-two PNG files (see :mod:`gradstab.diagnosis.plots`).
+understands are described there), prints the diagnosis of :func:`gradstab.diagnose` with its
+prescriptions (from the log alone: a log has no model, so the model-based checks are listed as
+missing) and writes two PNG files (see :mod:`gradstab.diagnosis.plots`).
 
 Example:
     $ python -m gradstab report lightning_logs --out gradstab_report
@@ -62,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="consecutive logged steps to count (default 5)")  # fmt: skip
     parser.add_argument("--spike-z", type=float, default=6.0,
                         help="robust z-score of a total-norm spike (default 6)")  # fmt: skip
+    parser.add_argument("--clip-percentile", type=float, default=95.0,
+                        help="percentile of the healthy steps' total norms that the clip "
+                        "prescription recommends (default 95)")  # fmt: skip
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a problem is found")  # fmt: skip
 
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             vanish_decades=args.vanish_decades,
             sustain_steps=args.sustain_steps,
             spike_z=args.spike_z,
+            clip_percentile=args.clip_percentile,
         )
     except (LogError, ValueError) as e:
         print(f"gradstab report: {e}", file=err)

@@ -23,7 +23,9 @@ clip) and diagnoses it at the end of ``fit``:
 
 Every number printed comes from these runs: per run a table (final training loss, validation
 accuracy, smallest and largest per-layer gradient norm, steps clipped and skipped, the clip
-threshold, the verdict of :func:`gradstab.diagnose`), then a comparison.  With matplotlib
+threshold, the verdict of :func:`gradstab.diagnose` and its prescriptions), then a comparison
+whose last column gives the prescriptions of (a) and (c) and which of them (b), (d) and (e)
+apply.  With matplotlib
 installed, a per-layer gradient-norm heatmap and a total-norm curve per run go to ``--out``.
 
 Needs ``lightning`` (``pip install "gradstab[demo]"``); matplotlib is optional.  The models

@@ -129,15 +129,18 @@ def build_callbacks(*, capacity: int, max_norm: float | AdaptiveThreshold | None
     ``capacity`` optimizer steps (``history=capacity``): monitor-only (``mode=None``) without
     ``max_norm``; with ``max_norm`` (a number, or an adaptive threshold such as
     :class:`gradstab.ZScoreThreshold`) it clips the total norm and skips non-finite steps.
+    The history keeps its extras (``history_extras=True``: zero fractions and parameter
+    norms; the weights' scale at the first step is the evidence of the init prescription).
     Nothing is logged (``log_every_n_steps=0``); at the end of ``fit`` the callback diagnoses
-    its history (:attr:`GradStabCallback.diagnosis`).
+    its history (:attr:`GradStabCallback.diagnosis`, with its prescriptions).
 
     Example:
         >>> parts = build_callbacks(capacity=10, max_norm=1.0)
         >>> type(parts.clipper).__name__, parts.history() is None  # no step yet
         ('GradStabCallback', True)
     """
-    common: dict[str, Any] = {"history": capacity, "log_every_n_steps": 0}
+    common: dict[str, Any] = {"history": capacity, "history_extras": True}
+    common["log_every_n_steps"] = 0
     if max_norm is None:
         cb = gradstab.GradStabCallback(mode=None, **common)
         clipper = None

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import replace
 
-from gradstab.diagnosis import plots
+from gradstab.diagnosis import Prescription, plots
 from gradstab.tools.demo.models import CLASSES
 from gradstab.tools.demo.runs import END_WINDOW, DemoResults, RunResult
 
@@ -73,6 +73,74 @@ def _threshold_cell(r: RunResult) -> str:
     return text
 
 
+#: Short names of the prescription kinds, for the comparison table.
+_KIND_SHORT = {
+    "activation": "ReLU for {types}",
+    "normalization": "{norm}",
+    "init": "init_model_",
+    "residual": "residual",
+    "clip": "clip at {threshold}",
+    "recurrent-init": "orthogonal init",
+    "lr-decay": "LR decay",
+    "lower-lr": "lower LR",
+    "weight-decay": "weight decay",
+    "skip-nonfinite": "skip NaN steps",
+    "need-model": "(needs the model)",
+    "dead-units": "LeakyReLU",
+    "unused-parameters": "check unused",
+}
+
+
+def prescription_short(p: Prescription) -> str:
+    """A prescription in two or three words (for the comparison table).
+
+    Example:
+        >>> from gradstab.diagnosis import Prescription
+        >>> prescription_short(Prescription(1, "exploding", "clip", "", "", "",
+        ...                                 {"threshold": 339.0, "nonfinite_steps": 20}))
+        'clip at 339 + skip'
+    """
+    ev = p.evidence
+    thr = ev.get("threshold")
+    text = _KIND_SHORT.get(p.kind, p.kind).format(
+        types="/".join(ev.get("types", [])),
+        norm="BatchNorm" if '"batch"' in p.call else "LayerNorm",
+        threshold="-" if thr is None else f"{thr:g}",
+    )
+    if p.kind == "clip" and ev.get("nonfinite_steps"):
+        text += " + skip"
+    return text
+
+
+def prescription_cell(r: RunResult, results: DemoResults, top: int = 3) -> str:
+    """What the comparison table says a run was prescribed, or which prescriptions it applies.
+
+    A run that applies another run's remedies (:attr:`RunInfo.applies`) names their ranks in
+    that run's diagnosis, as that diagnosis ranked them.
+
+    Example:
+        >>> print(prescription_cell(results.runs["b"], results))  # doctest: +SKIP
+        applies (a)'s 1, 2, 3
+    """
+    if r.info.applies is not None:
+        key, kinds = r.info.applies
+        src = results.runs.get(key)
+        if src is None:
+            return f"({key}) not run"
+        ranks = {p.kind: p.rank for p in src.diagnosis.prescriptions}
+        found = sorted(ranks[k] for k in kinds if k in ranks)
+        text = f"applies ({key})'s " + ", ".join(str(n) for n in found) if found else ""
+        lost = [k for k in kinds if k not in ranks]
+        if lost:
+            text += ("; " if text else "") + f"{', '.join(lost)}: not prescribed to ({key})"
+        return text
+    rx = r.diagnosis.prescriptions
+    if not rx:
+        return "-"
+    text = ", ".join(f"{p.rank} {prescription_short(p)}" for p in rx[:top])
+    return text + (f" (+{len(rx) - top})" if len(rx) > top else "")
+
+
 def run_table(r: RunResult) -> str:
     """The table printed after a run.
 
@@ -104,6 +172,10 @@ def run_table(r: RunResult) -> str:
     lines = [f"({r.info.key}) {r.info.title}"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     lines += [f"    - {f}" for f in r.diagnosis.findings()]
+    for p in r.diagnosis.prescriptions:
+        lines.append(f"    => {p.rank}. [{p.kind}] {p.remedy}")
+        if p.call:
+            lines.append(f"       {p.call}")
     if not r.as_expected:
         lines.append(
             f"  note: this run was designed to be {r.info.expected!r} but the diagnosis says "
@@ -129,6 +201,7 @@ def comparison_table(results: DemoResults) -> str:
         "threshold",
         "steps",
         "diagnosis",
+        "prescription",
     ]
     body = []
     for r in results.runs.values():
@@ -146,6 +219,7 @@ def comparison_table(results: DemoResults) -> str:
                 r.verdict
                 if r.steps_run <= END_WINDOW or r.verdict_end == r.verdict
                 else f"{r.verdict}; last {END_WINDOW} steps: {r.verdict_end}",
+                prescription_cell(r, results),
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
@@ -172,9 +246,10 @@ def conclusions(results: DemoResults) -> list[str]:
     a, b, c, d, e = (runs.get(k) for k in "abcde")
     if a is not None and b is not None:
         out.append(
-            f"(a) -> (b): ReLU + init_model_ + LayerNorm: accuracy {_acc(a)} -> {_acc(b)}, "
-            f"layer gradient norms spread over {_g(a.spread_decades, 2)} -> "
-            f"{_g(b.spread_decades, 2)} decades; diagnosis {a.verdict} -> {b.verdict}."
+            f"(a) -> (b): ReLU + init_model_ + LayerNorm{_applied(b, results)}: accuracy "
+            f"{_acc(a)} -> {_acc(b)}, layer gradient norms spread over "
+            f"{_g(a.spread_decades, 2)} -> {_g(b.spread_decades, 2)} decades; diagnosis "
+            f"{a.verdict} -> {b.verdict}."
         )
     if c is not None and d is not None:
         c_end = (
@@ -183,7 +258,8 @@ def conclusions(results: DemoResults) -> list[str]:
             else f"final loss {_g(c.final_loss, 4)}"
         )
         out.append(
-            f"(c) -> (d): same initial weights, clipping: {c_end} -> final loss "
+            f"(c) -> (d): same initial weights, clipping{_applied(d, results)}: {c_end} -> "
+            "final loss "
             f"{_g(d.final_loss, 4)} and accuracy {_acc(d)}; {d.clipped_steps} of "
             f"{d.steps_run} steps clipped, {d.skipped_steps} skipped; diagnosis {c.verdict} "
             f"-> {d.verdict}."
@@ -208,6 +284,30 @@ def conclusions(results: DemoResults) -> list[str]:
             + "."
         )
     return out
+
+
+def _applied(r: RunResult, results: DemoResults) -> str:
+    """`` (prescriptions 1, 2, 3 of (a))``: which of the source run's prescriptions ``r``
+    applies, with the prescribed clip threshold next to the one ``r`` used."""
+    if r.info.applies is None or r.info.applies[0] not in results.runs:
+        return ""
+    key, kinds = r.info.applies
+    rx = {p.kind: p for p in results.runs[key].diagnosis.prescriptions}
+    ranks = sorted(rx[k].rank for k in kinds if k in rx)
+    if not ranks:
+        return f" (not what ({key})'s diagnosis prescribed)"
+    text = f" (({key})'s prescription{'s' if len(ranks) > 1 else ''} " + ", ".join(
+        str(n) for n in ranks
+    )
+    clip = rx.get("clip")
+    if "clip" in kinds and clip is not None and clip.evidence.get("threshold") is not None:
+        ev = clip.evidence
+        n = len(ev.get("healthy_steps", []))
+        text += (
+            f"; prescribed threshold {ev['threshold']:g} from {n} healthy step(s), used "
+            f"{_threshold_cell(r)}"
+        )
+    return text + ")"
 
 
 def _adaptive_sentence(e: RunResult, d: RunResult | None) -> str:

@@ -31,12 +31,15 @@ class RunInfo:
         name: a short name (also used in file names).
         title: one line describing the run.
         expected: the verdict the run is designed to get (see :func:`verdict`).
+        applies: ``(run, kinds)``: this run applies those prescription kinds (see
+            :class:`gradstab.diagnosis.Prescription`) of that run's diagnosis; ``None``.
     """
 
     key: str
     name: str
     title: str
     expected: str
+    applies: tuple[str, tuple[str, ...]] | None = None
 
 
 #: The five runs, in order.
@@ -49,6 +52,7 @@ RUNS: dict[str, RunInfo] = {
         "fixed",
         "same MLP fixed: ReLU + gradstab.init.init_model_ + LayerNorm (gradstab.norm)",
         expected="healthy",
+        applies=("a", ("activation", "normalization", "init")),
     ),
     "c": RunInfo(
         "c",
@@ -61,12 +65,14 @@ RUNS: dict[str, RunInfo] = {
         "clipped",
         "same net and initial weights as (c) + GradStabCallback, fixed threshold",
         expected="healthy",
+        applies=("c", ("clip",)),
     ),
     "e": RunInfo(
         "e",
         "adaptive",
         "same net and initial weights as (c) + GradStabCallback, adaptive threshold",
         expected="healthy",
+        applies=("c", ("clip",)),
     ),
 }
 
