@@ -112,7 +112,7 @@ __device__ __noinline__ double span_rescaled_sum(uint64_t base, int64_t begin, i
   };
   for_span(
       p, make_span(p, begin, end), lane,
-      [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -198,8 +198,7 @@ __device__ __forceinline__ double agc_coef(double gnorm, double wnorm, double cl
 
 // Tells the scale kernel it has work (several warps may store the same 1).
 __device__ __forceinline__ void flag_scale(const AgcParams& P) {
-  volatile int32_t* f = &P.global->scale;
-  if (*f == 0) *f = 1;
+  if (load_flag(&P.global->scale) == 0) store_flag(&P.global->scale, 1);
 }
 
 __device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
@@ -438,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) agc_reduce_kernel(const __grid_const
 }
 
 __global__ void __launch_bounds__(kThreads) agc_scale_kernel(const __grid_constant__ AgcParams P) {
-  if (*static_cast<volatile const int32_t*>(&P.global->scale) == 0) return;  // nothing clipped
+  if (load_flag(&P.global->scale) == 0) return;  // nothing clipped
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;

@@ -95,9 +95,9 @@ __device__ __noinline__ void clamp_unit(T* p, const Span& s, int lane, double bo
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const float x = to_acc(p[i]);
-        if (x > bf) p[i] = hi;
-        if (x < -bf) p[i] = lo;
+        const float x = to_acc(gload(p + i));
+        if (x > bf) gstore(p + i, hi);
+        if (x < -bf) gstore(p + i, lo);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -114,7 +114,7 @@ __device__ __noinline__ void clamp_unit(T* p, const Span& s, int lane, double bo
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
@@ -123,9 +123,9 @@ __device__ __noinline__ void clamp_unit<float>(float* p, const Span& s, int lane
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const float x = p[i];
-        if (x > bf) p[i] = bf;
-        if (x < -bf) p[i] = -bf;
+        const float x = gload(p + i);
+        if (x > bf) gstore(p + i, bf);
+        if (x < -bf) gstore(p + i, -bf);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -141,7 +141,7 @@ __device__ __noinline__ void clamp_unit<float>(float* p, const Span& s, int lane
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
@@ -149,9 +149,9 @@ __device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int la
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const double x = p[i];
-        if (x > bound) p[i] = bound;
-        if (x < -bound) p[i] = -bound;
+        const double x = gload(p + i);
+        if (x > bound) gstore(p + i, bound);
+        if (x < -bound) gstore(p + i, -bound);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -167,7 +167,7 @@ __device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int la
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 
@@ -236,7 +236,7 @@ __device__ __noinline__ double tensor_rescaled_sum(const TensorDesc d, double np
   for (int64_t u = 0; u < d.num_units; ++u) {
     const Span s = unit_span<T>(d, u);
     for_span(
-        p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+        p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
         [&](const Vec& v, int64_t) {
 #pragma unroll
           for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -510,13 +510,13 @@ __global__ void __launch_bounds__(kThreads) writeback_kernel(const __grid_consta
     }
     switch (W.elem_size) {
       case 2:
-        static_cast<uint16_t*>(W.dst)[off] = static_cast<const uint16_t*>(W.src)[i];
+        gstore(static_cast<uint16_t*>(W.dst) + off, gload(static_cast<const uint16_t*>(W.src) + i));
         break;
       case 4:
-        static_cast<uint32_t*>(W.dst)[off] = static_cast<const uint32_t*>(W.src)[i];
+        gstore(static_cast<uint32_t*>(W.dst) + off, gload(static_cast<const uint32_t*>(W.src) + i));
         break;
       default:
-        static_cast<uint64_t*>(W.dst)[off] = static_cast<const uint64_t*>(W.src)[i];
+        gstore(static_cast<uint64_t*>(W.dst) + off, gload(static_cast<const uint64_t*>(W.src) + i));
         break;
     }
   }
