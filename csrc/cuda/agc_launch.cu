@@ -46,11 +46,7 @@ int agc_grid_for(int device, int64_t items, int max_blocks, const void* kernel,
     per_sm = per_sm < 1 ? 1 : per_sm;
     if (cached) per_sm_cache[device].store(per_sm);
   }
-  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
-  const int64_t needed = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  int64_t grid = needed < resident ? needed : resident;
-  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
-  return static_cast<int>(grid < 1 ? 1 : grid);
+  return persistent_grid(items, static_cast<int64_t>(sms) * per_sm, max_blocks);
 }
 
 }  // namespace

@@ -167,6 +167,15 @@ struct WritebackParams {
   const int64_t* flag64;  // TensorRecord::write, used when flag32 is null
 };
 
+// The persistent grid for `work` warp work items (units, AGC items): `resident` blocks (what the
+// GPU holds at once), fewer when there is less work, capped by max_blocks > 0; at least one.
+inline int persistent_grid(int64_t work, int64_t resident, int max_blocks) {
+  const int64_t needed = (work + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  int64_t grid = needed < resident ? needed : resident;
+  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
+  return static_cast<int>(grid < 1 ? 1 : grid);
+}
+
 // Blocks of kThreads threads for the write-back of `numel` elements (a grid-stride loop).
 inline int writeback_grid(int64_t numel) {
   const int64_t blocks = (numel + kThreads - 1) / kThreads;

@@ -45,11 +45,7 @@ int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel
     per_sm = per_sm < 1 ? 1 : per_sm;
     if (device >= 0 && device < kMaxDevices) per_sm_cache[device].store(per_sm);
   }
-  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
-  const int64_t needed = (total_units + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  int64_t grid = needed < resident ? needed : resident;
-  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
-  return static_cast<int>(grid < 1 ? 1 : grid);
+  return persistent_grid(total_units, static_cast<int64_t>(sms) * per_sm, max_blocks);
 }
 
 }  // namespace
