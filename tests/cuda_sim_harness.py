@@ -16,9 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,3 +204,140 @@ def selftest(which: int, schedule: str = "in_order") -> str:
     0 none, 1 out of bounds, 2 misaligned vector load, 3 store to read-only memory, 4 a lane
     returning before a shuffle, 5 lanes at different collectives, 6 a partial mask."""
     return torch.ops.gradstab_sim.selftest(which, SCHEDULES[schedule])
+
+
+# ------------------------------------------------------------------ ThreadSanitizer build --
+
+#: The torch-free driver and what it links: the kernels, the plans, the simulator.
+TSAN_SOURCES = [
+    SIM_DIR / "tsan_driver.cpp",
+    SIM_DIR / "runtime.cpp",
+    SIM_DIR / "sim_device.cpp",
+    SIM_DIR / "sim_kernels.cpp",
+    SIM_DIR / "sim_agc.cpp",
+    *PLAN_SOURCES,
+]
+TSAN_FLAGS = ["-std=c++20", "-g1", "-fsanitize=thread", *CFLAGS]
+#: ThreadSanitizer's options for the runs: exit status 66 on a report, every report printed.
+TSAN_OPTIONS = "exitcode=66 halt_on_error=0 report_signal_unsafe=0"
+
+_tsan_lock = threading.Lock()
+_tsan_thread: threading.Thread | None = None
+_tsan_result: list[Path | BaseException] = []
+
+
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def _digest(paths, extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in sorted(paths):
+        h.update(str(p).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _compile(cxx: str, args: list[str], what: str) -> None:
+    r = subprocess.run([cxx, *args], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling {what} failed:\n{r.stderr[-6000:]}")
+
+
+def tsan_usable() -> str:
+    """ "" if a ThreadSanitizer program builds and runs here, else why not (e.g. the kernel's
+    address-space layout, which some ThreadSanitizer versions cannot run under)."""
+    cxx = compiler()
+    if cxx is None:
+        return "no C++ compiler"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "probe.cpp"
+        src.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
+        exe = Path(d) / "probe"
+        r = subprocess.run(
+            [cxx, "-fsanitize=thread", "-pthread", str(src), "-o", str(exe)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode != 0:
+            return f"{cxx} -fsanitize=thread cannot build a program: {r.stderr[-500:]}"
+        r = subprocess.run([str(exe)], capture_output=True, text=True, check=False, timeout=60)
+        if r.returncode != 0:
+            return f"a ThreadSanitizer program does not run here: {r.stderr[-500:]}"
+    return ""
+
+
+def _build_tsan_driver() -> Path:
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler")
+    headers = [*SIM_DIR.rglob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cuh")]
+    headers += [*(ROOT / "csrc" / "cuda").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cu")]
+    key = _digest([*TSAN_SOURCES, *headers], " ".join(TSAN_FLAGS) + _compiler_version(cxx))
+    out = BUILD_DIR / f"tsan-{key}"
+    exe = out / "tsan_driver"
+    if exe.exists():
+        return exe
+    out.mkdir(parents=True, exist_ok=True)
+    includes = [f"-I{p}" for p in INCLUDES]
+    jobs = []
+    for src in TSAN_SOURCES:
+        obj = out / (src.stem + ".o")
+        jobs.append(([*TSAN_FLAGS, *includes, "-c", str(src), "-o", str(obj)], src.name, obj))
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as ex:
+        for f in [ex.submit(_compile, cxx, args, name) for args, name, _ in jobs]:
+            f.result()
+    tmp = out / f"tsan_driver.{os.getpid()}"
+    _compile(
+        cxx,
+        ["-fsanitize=thread", "-pthread", *(str(o) for _, _, o in jobs), "-o", str(tmp)],
+        "link",
+    )
+    tmp.replace(exe)
+    return exe
+
+
+def start_tsan_build() -> None:
+    """Start building the ThreadSanitizer driver in the background (idempotent)."""
+    global _tsan_thread
+
+    def work():
+        try:
+            _tsan_result.append(_build_tsan_driver())
+        except BaseException as exc:  # handed to the test that waits for the build
+            _tsan_result.append(exc)
+
+    with _tsan_lock:
+        if _tsan_thread is None:
+            _tsan_thread = threading.Thread(target=work, daemon=True)
+            _tsan_thread.start()
+
+
+def tsan_driver() -> Path:
+    """The ThreadSanitizer build of csrc/testing/cuda_sim/tsan_driver.cpp (cached by a hash of
+    its sources and flags under ``build/cuda_sim/``).
+
+    Raises:
+        RuntimeError: the build failed.
+    """
+    start_tsan_build()
+    assert _tsan_thread is not None
+    _tsan_thread.join()
+    result = _tsan_result[0]
+    if isinstance(result, BaseException):
+        raise RuntimeError(f"the ThreadSanitizer build failed: {result}") from result
+    return result
+
+
+def run_tsan_driver(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the driver with ``args`` under :data:`TSAN_OPTIONS`."""
+    env = {**os.environ, "TSAN_OPTIONS": TSAN_OPTIONS}
+    return subprocess.run(
+        [str(tsan_driver()), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=env,
+    )
