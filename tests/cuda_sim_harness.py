@@ -93,14 +93,21 @@ def load() -> None:
     from torch.utils.cpp_extension import load as load_extension  # noqa: PLC0415
 
     start = time.monotonic()
+    # GRADSTAB_CUDA_SIM_CFLAGS: extra compiler and linker flags for a one-off build in its own
+    # directory, e.g. "--coverage -O0" to measure which kernel lines the tests execute.
+    extra = os.environ.get("GRADSTAB_CUDA_SIM_CFLAGS", "").split()
     build = BUILD_DIR / f"torch-{torch.__version__}"
+    if extra:
+        build = build.with_name(
+            build.name + "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
+        )
     build.mkdir(parents=True, exist_ok=True)
     load_extension(
         name="gradstab_cuda_sim",
         sources=[str(s) for s in SOURCES],
         extra_include_paths=[str(p) for p in INCLUDES],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-pthread"],
+        extra_cflags=[*CFLAGS, *extra],
+        extra_ldflags=["-pthread", *extra],
         build_directory=str(build),
         is_python_module=False,
         verbose=False,
