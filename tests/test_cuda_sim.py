@@ -403,8 +403,9 @@ LAUNCHES = [
     Launch(grid=3, schedule="reversed"),
     Launch(resident=64, schedule="shuffled", seed=1),
     Launch(grid=40, schedule="shuffled", seed=2),  # 320 warps: more than the units
-    Launch(max_blocks=2, schedule="concurrent"),
 ]
+#: Every CUDA thread a std::thread (costly on two cores: a smaller list).
+CONCURRENT = Launch(grid=2, schedule="concurrent")
 
 
 def _all_ops(grads, launch: Launch):
@@ -428,6 +429,53 @@ def test_bit_identical_across_grids_and_schedules():
     for launch, other in zip(LAUNCHES[1:], results[1:]):
         assert all(torch.equal(a, b) for a, b in zip(results[0][0], other[0])), launch
         assert all(torch.equal(a, b) for a, b in zip(results[0][1], other[1])), launch
+
+
+def test_concurrent_schedule_gives_the_same_bits():
+    """All warps at once (every CUDA thread a std::thread, lanes meeting at barriers): the
+    same results as one warp at a time, for every op and AGC."""
+    gen = _gen(17)
+    base = [
+        make_grad(9000, torch.float32, "offset", gen),
+        make_grad(20_000, torch.bfloat16, "contiguous", gen),
+        make_grad(3000, torch.float64, "strided", gen),
+    ]
+    results = []
+    for launch in (Launch(grid=2), CONCURRENT):
+        grads = [g.clone() for g in base]
+        outs = _all_ops(grads, launch)
+        results.append(([bits(t) for out in outs for t in out], [bits(g) for g in grads]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    g, w = agc_pairs(18, torch.float32, torch.float32, shapes=[(40, 30), (2, 9000)])
+    a = sim.agc([x.clone() for x in g], w, launch=Launch(grid=2))
+    b = sim.agc([x.clone() for x in g], w, launch=CONCURRENT)
+    assert all(_bits_equal(x, y) for x, y in zip(a, b))
+
+
+def test_strided_gradient_over_many_units_is_scaled_through_its_copy():
+    """A strided gradient spanning 25 units: processed on its contiguous copy, written back
+    element by element (the gaps between its elements never touched)."""
+    storage = randn((200_000,), torch.float32, _gen(19))
+    g = storage[::2]  # 100,000 elements: 25 units of the copy
+    gaps = bits(storage[1::2])
+    before = g.clone()
+    f64 = torch.full((3,), 0.5, dtype=torch.float64)  # float64 results: the exact coefficient
+    got = sim.norm_op("clip_norm", [g, f64], 10.0)
+    assert "writeback 0 grid 391" in sim.last_log()
+    assert _bits_equal(g, scaled(before, min(1.0, 10.0 / (float(got[3]) + EPS))))
+    assert torch.equal(bits(storage[1::2]), gaps)
+
+
+def test_normalize_coefficient_of_exactly_one_writes_nothing():
+    """normalize_per_layer writes a gradient unless its coefficient is exactly 1."""
+    g = make_grad(5000, torch.float64, "contiguous", _gen(20))
+    norm = float(sim.norm_op("grad_stats", [g])[0][0])
+    before = g.clone()
+    sim.norm_op("normalize_per_layer", [g], norm + EPS)  # target / (norm + eps) == 1 exactly
+    assert _writes(sim.last_stats()) == 0 and _bits_equal(g, before)
+    sim.norm_op("normalize_per_layer", [g], 2 * (norm + EPS))
+    assert _bits_equal(g, scaled(before, 2.0))
 
 
 def test_two_launches_in_a_row_on_one_scratch_buffer():
