@@ -630,6 +630,21 @@ def test_agc_zero_weights_use_eps_floor_and_zero_gradients_stay_zero():
     assert clipped.tolist() == [1] and bool((g == 0).all())
 
 
+def test_agc_unit_exactly_at_its_bound_is_not_clipped():
+    """A unit is clipped only if its norm exceeds clip_factor * ||W||: with G = W and a clip
+    factor of 1 the two norms are the same sums in the same order, equal to the last bit, so
+    no unit, short or split into pieces, is clipped or written."""
+    w = [randn((50, 30), torch.float32, _gen(63)), randn((2, 9000), torch.bfloat16, _gen(64))]
+    g = [x.clone() for x in w]
+    before = [bits(x) for x in g]
+    _, clipped, _, _ = sim.agc(g, w, 1.0, 0.0)
+    assert clipped.tolist() == [0, 0] and _writes(sim.last_stats()) == 0
+    assert all(torch.equal(bits(x), b) for x, b in zip(g, before))
+    _, clipped, _, _ = sim.agc(g, w, 0.5, 0.0)  # just below: every unit, halved
+    assert clipped.tolist() == [50, 2]
+    assert all(_bits_equal(x, scaled(y, 0.5)) for x, y in zip(g, w))
+
+
 def test_agc_bit_identical_across_grids_and_schedules():
     base_g, params = agc_pairs(57, torch.float32, torch.float32)
     base_g[0][1, 0, 0, 0] = math.inf
