@@ -286,6 +286,8 @@ def _build_tsan_driver() -> Path:
     exe = out / "tsan_driver"
     if exe.exists():
         return exe
+    for old in BUILD_DIR.glob("tsan-*"):  # builds of other sources: never used again
+        shutil.rmtree(old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{p}" for p in INCLUDES]
     jobs = []

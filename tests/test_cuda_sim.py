@@ -194,6 +194,69 @@ def test_float32_lanes_redo_in_double_and_float64_is_rescued_by_max_abs():
     )
 
 
+def test_max_abs_rescue_in_every_dtype_with_heads_and_tails():
+    """p-powers that overflow (bfloat16 1e30^40, float32 1e10^40) or underflow (float16 6e-8^40,
+    float64 1e-200^2) double are recomputed scaled by the max |x|, scalar head and tail
+    included (odd lengths, views one element in); the total then comes from the norms, over
+    more than 32 tensors."""
+    gen = _gen(21)
+    specs = [
+        (torch.bfloat16, 1e30, 9001, 40.0),
+        (torch.float32, 1e10, 1001, 40.0),
+        (torch.float16, 6e-8, 8193, 40.0),  # the smallest subnormal: 2^-24
+        (torch.float64, 1e-200, 3001, 2.0),
+        (torch.float64, 1e200, 2049, 2.0),
+    ]
+    for dtype, v, n, p in specs:
+        x = torch.full((n + 1,), v, dtype=dtype)[1:]
+        x[::7] = -x[::7]
+        filler = [make_grad(64, torch.float32, "contiguous", gen) for _ in range(34)]
+        grads = [x, *filler]
+        got = sim.norm_op("grad_stats", grads, norm_type=p)
+        want = reference.grad_stats(cpu_copies(grads), p)
+        assert_stats(got, want, 2e-6)
+        magnitude = float(x[0].abs().double())
+        assert math.isclose(float(got[0][0]), magnitude * n ** (1 / p), rel_tol=2e-6), dtype
+
+
+@pytest.mark.parametrize(
+    ("gdtype", "wdtype", "p"),
+    [
+        (torch.bfloat16, torch.float16, 1.0),
+        (torch.float16, torch.float64, 3.0),
+        (torch.float64, torch.bfloat16, 1.0),
+        (torch.float64, torch.float64, 3.0),
+    ],
+)
+def test_agc_other_norm_types_on_other_dtypes(gdtype, wdtype, p):
+    grads, params = agc_pairs(70, gdtype, wdtype, "offset", shapes=[(40, 33), (2, 9001)])
+    expected = agc_oracle(grads, params, 0.05, 1e-3, p)
+    got = sim.agc(grads, params, 0.05, 1e-3, p)
+    assert_agc(grads, params, got, expected, f"{gdtype}/{wdtype} p={p}")
+
+
+@pytest.mark.parametrize("gdtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_agc_max_abs_rescue_of_p_powers(gdtype):
+    """Rows whose p-powers overflow or underflow double (p = 40) are recomputed scaled by
+    their max |x|, for short rows and rows split into pieces."""
+    v = 6e-8 if gdtype == torch.float16 else 1e10  # (6e-8: float16's smallest subnormal)
+    g = [torch.full((3, 101), v, dtype=gdtype), torch.full((2, 9001), v, dtype=gdtype)]
+    w = [torch.ones(3, 101), torch.ones(2, 9001)]
+    norms, clipped, _, total = sim.agc(g, w, 1e-3, 0.0, 40.0)
+    magnitude = float(torch.tensor(v, dtype=gdtype).double())
+    assert math.isclose(float(norms[0]), magnitude * 303 ** (1 / 40), rel_tol=2e-6)
+    assert math.isclose(float(norms[1]), magnitude * 18002 ** (1 / 40), rel_tol=2e-6)
+    assert math.isclose(float(total), magnitude * 18305 ** (1 / 40), rel_tol=2e-6)
+    want = agc_oracle(
+        [torch.full((3, 101), v, dtype=gdtype), torch.full((2, 9001), v, dtype=gdtype)],
+        w,
+        1e-3,
+        0.0,
+        40.0,
+    )
+    assert clipped.tolist() == want[1]
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_nonfinite_counts_and_nan_max(dtype):
     a = make_grad(70000, dtype, "offset", _gen(6))
@@ -287,6 +350,17 @@ def test_clip_value_in_pass_and_deferred_bit_exact_with_prior_stats(with_float64
     vt = torch.tensor(1.5, dtype=torch.float64)
     for g, b in zip(grads, before):
         assert _bits_equal(g, torch.clamp(b, min=-vt.to(b.dtype), max=vt.to(b.dtype)))
+
+
+def test_clip_value_deferred_clamps_float64_heads_and_tails():
+    """float64 gradients defer the clamp to the scale kernel; the scalar head (a view one
+    element in) and tail (an odd length) are clamped like the vectors."""
+    g = torch.linspace(-6.0, 6.0, 12, dtype=torch.float64)[1:]
+    g[0], g[-1] = 5.0, -5.0
+    before = g.clone()
+    sim.norm_op("clip_value", [g], 1.0)
+    assert any(line.startswith("scale") for line in sim.last_log())
+    assert _bits_equal(g, torch.clamp(before, -1.0, 1.0))
 
 
 @pytest.mark.parametrize("op", CLIP_OPS)
@@ -593,6 +667,16 @@ def test_agc_nonfinite_follow_the_float64_formula(gdtype):
     assert math.isnan(float(norms[0])) and math.isnan(float(total))
 
 
+def test_agc_nan_weights_in_long_rows_are_never_clipped():
+    """A NaN in a parameter's long row (pieces) makes that row's bound NaN: never clipped."""
+    g = torch.full((3, 9000), 0.5)
+    w = torch.ones(3, 9000)
+    w[1, 8999] = math.nan
+    expected = agc_oracle([g.clone()], [w], 0.01, 1e-3)
+    assert expected[1] == [2]
+    assert_agc([g], [w], sim.agc([g], [w], 0.01, 1e-3), expected)
+
+
 def test_agc_huge_and_tiny_values():
     g = torch.tensor([[3e30, 4e30], [3e-30, 4e-30]])  # squares over/underflow float32
     w = torch.tensor([[1e38, 1e38], [1e-30, 0.0]])
@@ -604,11 +688,11 @@ def test_agc_huge_and_tiny_values():
     g64 = torch.full((2, 5000), 1e200, dtype=torch.float64)  # rescued by max |x|
     w64 = torch.full((2, 5000), 1e300, dtype=torch.float64)
     w64[1] = 1e190
-    long64 = torch.full((9000,), 1e-200, dtype=torch.float64)  # a long row, underflowing
-    norms, clipped, _, total = sim.agc([g64, long64], [w64, torch.ones(9000, dtype=torch.float64)])
+    long64 = torch.full((9002,), 1e-200, dtype=torch.float64)[1:]  # long, underflowing, a tail
+    norms, clipped, _, total = sim.agc([g64, long64], [w64, torch.ones(9001, dtype=torch.float64)])
     row = 1e200 * math.sqrt(5000)
     assert math.isclose(float(norms[0]), row * math.sqrt(2), rel_tol=1e-12)
-    assert math.isclose(float(norms[1]), 1e-200 * math.sqrt(9000), rel_tol=1e-12)
+    assert math.isclose(float(norms[1]), 1e-200 * math.sqrt(9001), rel_tol=1e-12)
     assert math.isclose(float(total), row * math.sqrt(2), rel_tol=1e-12)
     assert clipped.tolist() == [1, 0] and bool((g64[0] == 1e200).all())
     coef = 0.01 * 1e190 * math.sqrt(5000) / row
