@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import kernel_cases
 import pytest
 import torch
 from helpers import (
@@ -29,6 +30,17 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_cases import (
+    AGC_SHAPES,
+    CLIP_OPS,
+    CLIP_SPECS,
+    EPS,
+    FLOAT_DTYPES,
+    MIXED_SPECS,
+    RTOL32,
+    RTOL64,
+    SIZES,
+)
 
 import gradstab
 from gradstab import reference
@@ -40,16 +52,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 DEV = "cuda"
 OPS = torch.ops.gradstab
-EPS = 1e-6
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: Sizes around the kernel's boundaries: 16-byte vectors (2-8 elements), 32 lanes, units of
-#: 16 KB (2048-8192 elements), several units per tensor.
-SIZES = (0, 1, 7, 63, 64, 65, 2047, 2049, 4095, 4096, 4097, 8191, 8193, 16385, 65537, 300_007)
-#: Relative tolerance of norms against float64 oracles: 1e-6 (the contract) for lists holding
-#: float16/bfloat16/float32 gradients (float32 partial sums of at most 8 terms, then double),
-#: 1e-12 for float64-only lists (double throughout).
-RTOL32 = 1e-6
-RTOL64 = 1e-12
 
 
 def _ext():
@@ -78,37 +80,37 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator(device=DEV).manual_seed(seed)
 
 
-def _randn(shape, dtype, gen, scale=1.0) -> torch.Tensor:
-    x = torch.randn(shape, generator=gen, device=DEV, dtype=torch.float32) * scale
-    return x.to(dtype)
+# The case tables and oracles are kernel_cases' (shared with test_cuda_sim.py, which runs the
+# same kernels on the CPU execution harness); these names keep this file's spelling.
+_randn = kernel_cases.randn
+_make = kernel_cases.make_grad
+_cpu = kernel_cases.cpu_copies
+_rd = kernel_cases.result_dtype
+_rtol = kernel_cases.rtol_of
+_assert_stats = kernel_cases.assert_stats
+_oracle_norms = kernel_cases.oracle_norms
+_scaled = kernel_cases.scaled
+_bits = kernel_cases.bits
+_units = kernel_cases.units
+_row_norms = kernel_cases.row_norms
+_agc_oracle = kernel_cases.agc_oracle
+_agc_rtol = kernel_cases.agc_rtol
+_assert_agc = kernel_cases.assert_agc
+_assert_agc_stats = kernel_cases.assert_agc_stats
+_agc_clipped_rows = kernel_cases.agc_clipped_rows
 
 
-def _make(n: int, dtype: torch.dtype, layout: str, gen, scale: float = 1.0) -> torch.Tensor:
-    """A CUDA gradient of ``n`` elements laid out as ``layout``.
-
-    contiguous; offset (a view one element into its storage: not 16-byte aligned);
-    offset3 (three elements in); strided (every other element: not dense, processed on a
-    copy); transposed (dense but permuted: used in place); matrix (2-D contiguous).
-    """
-    if layout == "contiguous":
-        return _randn((n,), dtype, gen, scale)
-    if layout == "offset":
-        return _randn((n + 1,), dtype, gen, scale)[1:]
-    if layout == "offset3":
-        return _randn((n + 3,), dtype, gen, scale)[3:]
-    if layout == "strided":
-        return _randn((2 * n,), dtype, gen, scale)[::2]
-    rows = max(1, math.isqrt(max(n, 1)))
-    cols = max(1, n // rows)
-    if layout == "transposed":
-        return _randn((cols, rows), dtype, gen, scale).t()
-    if layout == "matrix":
-        return _randn((rows, cols), dtype, gen, scale)
-    raise ValueError(layout)
+def _clip_list(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """Every dtype and layout, plus a float64 gradient (float64 results: exact coefficients)."""
+    return kernel_cases.make_list(CLIP_SPECS, _gen(seed), scale)
 
 
-def _cpu(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [g.detach().cpu().clone() for g in grads]
+def _agc_place(x: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    return kernel_cases.agc_place(x, dtype, layout, DEV)
+
+
+def _agc_pairs(seed: int, gdtype, wdtype, layout="contiguous", shapes=AGC_SHAPES):
+    return kernel_cases.agc_pairs(seed, gdtype, wdtype, layout, shapes, device=DEV)
 
 
 def _clone(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -117,47 +119,6 @@ def _clone(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _bound(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float64, device=DEV)
-
-
-def _rd(grads) -> torch.dtype:
-    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-
-
-def _rtol(grads) -> float:
-    return RTOL64 if all(g.dtype == torch.float64 for g in grads) else RTOL32
-
-
-def _assert_stats(got, want, rtol: float) -> None:
-    """Our stats against a reference: counts and max exact, norms within rtol."""
-    norms, max_abs, nonfinite, total = (t.cpu() for t in got)
-    w_norms, w_max, w_nonfinite, w_total = (t.cpu() for t in want)
-    assert norms.dtype == w_norms.dtype and total.dtype == w_total.dtype
-    assert torch.equal(nonfinite, w_nonfinite)
-    torch.testing.assert_close(max_abs, w_max, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(norms, w_norms, rtol=rtol, atol=0, equal_nan=True)
-    torch.testing.assert_close(total, w_total, rtol=rtol, atol=0, equal_nan=True)
-
-
-def _oracle_norms(grads: list[torch.Tensor], p: float) -> torch.Tensor:
-    """float64 per-tensor norms from torch.linalg.vector_norm (inputs of normal range)."""
-    return torch.stack(
-        [torch.linalg.vector_norm(g.detach().cpu().double().reshape(-1), p) for g in grads]
-    )
-
-
-def _scaled(g: torch.Tensor, coef: float) -> torch.Tensor:
-    """``g * coef`` with the kernels' rounding, computed on the CPU."""
-    x = g.detach().cpu()
-    if x.dtype in (torch.float16, torch.bfloat16):
-        cf = torch.tensor(coef, dtype=torch.float64).float()
-        return (x.float() * cf).to(x.dtype)
-    return (x.double() * coef).to(x.dtype)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().contiguous()
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.view(view)
 
 
 # ----------------------------------------------------------------------------- basics --
@@ -200,16 +161,7 @@ def test_norm_types_on_a_mixed_dtype_list(p):
     gen = _gen(2)
     grads = [
         _make(n, dtype, layout, gen, scale=0.01 * (i + 1))
-        for i, (n, dtype, layout) in enumerate(
-            [
-                (4097, torch.float16, "offset"),
-                (8193, torch.bfloat16, "contiguous"),
-                (65537, torch.float32, "offset3"),
-                (2049, torch.float32, "strided"),
-                (0, torch.bfloat16, "contiguous"),
-                (777, torch.float16, "transposed"),
-            ]
-        )
+        for i, (n, dtype, layout) in enumerate(MIXED_SPECS)
     ]
     got = OPS.grad_stats(grads, p)
     want = reference.grad_stats(_cpu(grads), p)
@@ -303,22 +255,6 @@ def test_nonfinite_counts_and_nan_max(dtype):
 
 
 # -------------------------------------------------------------------------- clipping --
-
-
-def _clip_list(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
-    """Every dtype and layout, plus a float64 gradient (float64 results: exact coefficients)."""
-    gen = _gen(seed)
-    specs = [
-        (300_007, torch.float32, "contiguous"),
-        (65537, torch.bfloat16, "offset"),
-        (8193, torch.float16, "offset3"),
-        (4097, torch.float32, "strided"),
-        (2049, torch.bfloat16, "transposed"),
-        (0, torch.float16, "contiguous"),
-        (1, torch.float32, "contiguous"),
-        (777, torch.float64, "offset"),
-    ]
-    return [_make(n, d, layout, gen, scale) for n, d, layout in specs]
 
 
 @gpu
@@ -476,9 +412,6 @@ def _run_clip(op: str, grads, bound: float, p: float = 2.0, impl=OPS):
     if op == "normalize_per_layer":
         return impl.normalize_per_layer(grads, b, p, EPS)
     return impl.clip_value(grads, b, p)
-
-
-CLIP_OPS = ("clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer")
 
 
 @gpu
@@ -1062,124 +995,6 @@ def test_random_lists_match_reference(specs, p, seed):
 
 
 # ------------------------------------------------------- adaptive_clip (AGC) on the GPU --
-
-#: conv 4-D, linear 2-D, 1-D, 0-D, zero-size (no units; units of no elements), units just
-#: under and over the kernel's 4,096-element work item (longer ones are split into pieces),
-#: a long 1-D unit, many short units.
-AGC_SHAPES = [
-    (6, 3, 3, 3),
-    (5, 7),
-    (9,),
-    (),
-    (0, 4),
-    (3, 0),
-    (3, 4096),
-    (3, 4097),
-    (2, 70_001),
-    (140_003,),
-    (300, 33),
-]
-
-
-def _agc_place(x: torch.Tensor, dtype: torch.dtype, layout: str) -> torch.Tensor:
-    """``x`` (CPU float64) as a ``DEV`` tensor of ``dtype`` laid out as ``layout``.
-
-    contiguous; offset (one element into its storage: rows not 16-byte aligned); transposed
-    (last two dims swapped in memory: units are not blocks, processed on a copy);
-    channels_last (4-D: units are still blocks, used in place).
-    """
-    shape = tuple(x.shape)
-    if layout == "offset":
-        out = torch.empty(x.numel() + 1, dtype=dtype, device=DEV)[1:].view(shape)
-    elif layout == "transposed" and len(shape) >= 2:
-        swapped = (*shape[:-2], shape[-1], shape[-2])
-        out = torch.empty(swapped, dtype=dtype, device=DEV).transpose(-1, -2)
-    elif layout == "channels_last" and len(shape) == 4:
-        out = torch.empty(shape, dtype=dtype, device=DEV, memory_format=torch.channels_last)
-    else:
-        out = torch.empty(shape, dtype=dtype, device=DEV)
-    return out.copy_(x.to(dtype))
-
-
-def _agc_pairs(seed: int, gdtype, wdtype, layout="contiguous", shapes=AGC_SHAPES):
-    """(grads, params) on ``DEV``: randn weights, gradients spread over rows so that some units
-    are clipped and others not (clip factor 0.01)."""
-    gen = torch.Generator().manual_seed(seed)
-    grads, params = [], []
-    for s in shapes:
-        w = torch.randn(s, generator=gen, dtype=torch.float64)
-        g = torch.randn(s, generator=gen, dtype=torch.float64) * 0.02
-        if len(s) >= 2 and s[0] > 1:
-            g *= torch.logspace(-1, 1, s[0], dtype=torch.float64).reshape(-1, *[1] * (len(s) - 1))
-        grads.append(_agc_place(g, gdtype, layout))
-        params.append(_agc_place(w, wdtype, layout))
-    return grads, params
-
-
-def _units(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().cpu().to(torch.float64)
-    return (
-        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
-    )
-
-
-def _row_norms(rows: torch.Tensor, p: float) -> torch.Tensor:
-    """Float64 p-norm of every row (0 for rows of no elements)."""
-    if rows.shape[1] == 0:
-        return torch.zeros(rows.shape[0], dtype=torch.float64)
-    return torch.linalg.vector_norm(rows, p, dim=1)
-
-
-def _agc_oracle(grads, params, clip_factor=0.01, eps=1e-3, p=2.0):
-    """Float64 expected gradients and clipped-unit counts: the paper's rule unit by unit, with
-    norms from torch.linalg.vector_norm on CPU float64 copies."""
-    out, counts = [], []
-    for g, w in zip(grads, params):
-        rg, rw = _units(g), _units(w)
-        gn = _row_norms(rg, p)
-        wn = _row_norms(rw, p)
-        max_norm = clip_factor * torch.where(wn < eps, eps, wn)  # a NaN weight norm stays NaN
-        clipped = gn > max_norm
-        coef = torch.where(clipped, max_norm / gn, torch.ones_like(gn))
-        out.append((rg * coef[:, None]).reshape(g.shape))
-        counts.append(int(clipped.sum()))
-    return out, counts
-
-
-def _agc_rtol(g: torch.Tensor, w: torch.Tensor) -> float:
-    """Accuracy of a float64 gradient's coefficient: float64 norms only if W is float64 too."""
-    return 1e-12 if w.dtype == torch.float64 else 1e-6
-
-
-def _assert_agc(grads, params, got, expected, what=""):
-    """Our AGC results against ``expected = _agc_oracle(...)``: counts exact, gradients within
-    one ulp (float64: within the accuracy of the coefficient)."""
-    want, counts = expected
-    norms, clipped, nonfinite, total = (t.cpu() for t in got)
-    rd = _rd(grads)
-    assert norms.dtype == total.dtype == rd and clipped.dtype == nonfinite.dtype == torch.int64
-    assert clipped.tolist() == counts, (what, clipped.tolist(), counts)
-    for i, (g, w, e) in enumerate(zip(grads, params, want)):
-        if g.dtype == torch.float64:
-            assert_grads_match([g.cpu()], [e], _agc_rtol(g, w), f"{what} grad {i}")
-        else:
-            assert_ulp_close(g.cpu(), e, 1, f"{what} grad {i} ({g.dtype}, {tuple(g.shape)})")
-
-
-def _assert_agc_stats(got, want, rtol: float) -> None:
-    """AGC statistics against the reference's: counts exact, norms within ``rtol``."""
-    norms, clipped, nonfinite, total = (t.cpu() for t in got)
-    assert norms.dtype == want[0].dtype and total.dtype == want[3].dtype
-    assert torch.equal(clipped, want[1]) and torch.equal(nonfinite, want[2])
-    torch.testing.assert_close(norms, want[0], rtol=rtol, atol=0, equal_nan=True)
-    torch.testing.assert_close(total, want[3], rtol=rtol, atol=0, equal_nan=True)
-
-
-def _agc_clipped_rows(g: torch.Tensor, w: torch.Tensor, clip_factor=0.01, eps=1e-3):
-    """Which units of ``g`` the rule clips (float64, on the CPU)."""
-    gn = _row_norms(_units(g), 2.0)
-    wn = _row_norms(_units(w), 2.0)
-    return gn > clip_factor * torch.where(wn < eps, eps, wn)
 
 
 def _agc_call(grads, params, clip_factor=0.01, eps=1e-3, p=2.0):

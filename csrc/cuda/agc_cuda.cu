@@ -1,6 +1,8 @@
 // Contract: the CUDA kernels of adaptive_clip (unit-wise adaptive gradient clipping, Brock et al.
 // 2021), plain CUDA with no torch headers (CI compiles this file with nvcc on a machine without
-// a GPU). The launcher is agc_ops_cuda.cpp; the work layout and records are described in
+// a GPU; the CPU execution harness csrc/testing/cuda_sim compiles it unchanged as host C++ and
+// runs it). The launcher is agc_ops_cuda.cpp (the <<<...>>> launches are in agc_launch.cu); the
+// work layout and records are described in
 // agc_cuda.cuh, the device building blocks in device_common.cuh. Same semantics and arithmetic
 // as the CPU kernel (csrc/cpu/agc_cpu.cpp):
 //
@@ -32,7 +34,6 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
 
@@ -40,7 +41,6 @@ namespace gradstab {
 namespace cuda {
 namespace {
 
-constexpr int kAgcMaxDevices = 64;
 
 __device__ __forceinline__ double nan64() { return __longlong_as_double(0x7ff8000000000000LL); }
 __device__ __forceinline__ double inf64() { return __longlong_as_double(0x7ff0000000000000LL); }
@@ -112,7 +112,7 @@ __device__ __noinline__ double span_rescaled_sum(uint64_t base, int64_t begin, i
   };
   for_span(
       p, make_span(p, begin, end), lane,
-      [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -198,8 +198,7 @@ __device__ __forceinline__ double agc_coef(double gnorm, double wnorm, double cl
 
 // Tells the scale kernel it has work (several warps may store the same 1).
 __device__ __forceinline__ void flag_scale(const AgcParams& P) {
-  volatile int32_t* f = &P.global->scale;
-  if (*f == 0) *f = 1;
+  if (load_flag(&P.global->scale) == 0) store_flag(&P.global->scale, 1);
 }
 
 __device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
@@ -397,6 +396,8 @@ __device__ __forceinline__ int find_pair(const AgcParams& P, int64_t item) {
   return lo;
 }
 
+}  // namespace
+
 __global__ void __launch_bounds__(kThreads) agc_reduce_kernel(const __grid_constant__ AgcParams P) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -436,7 +437,7 @@ __global__ void __launch_bounds__(kThreads) agc_reduce_kernel(const __grid_const
 }
 
 __global__ void __launch_bounds__(kThreads) agc_scale_kernel(const __grid_constant__ AgcParams P) {
-  if (*static_cast<volatile const int32_t*>(&P.global->scale) == 0) return;  // nothing clipped
+  if (load_flag(&P.global->scale) == 0) return;  // nothing clipped
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -463,64 +464,6 @@ __global__ void __launch_bounds__(kThreads) agc_scale_kernel(const __grid_consta
       }
     }
   }
-}
-
-// Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
-std::atomic<int> g_agc_reduce_per_sm[kAgcMaxDevices];
-std::atomic<int> g_agc_scale_per_sm[kAgcMaxDevices];
-std::atomic<int> g_agc_sms[kAgcMaxDevices];
-
-int agc_grid_for(int device, int64_t items, int max_blocks, const void* kernel,
-                 std::atomic<int>* per_sm_cache) {
-  int sms = 0, per_sm = 0;
-  const bool cached = device >= 0 && device < kAgcMaxDevices;
-  if (cached) {
-    sms = g_agc_sms[device].load(std::memory_order_relaxed);
-    per_sm = per_sm_cache[device].load(std::memory_order_relaxed);
-  }
-  if (sms <= 0) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      sms = 1;
-    }
-    if (cached) g_agc_sms[device].store(sms);
-  }
-  if (per_sm <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      per_sm = 1;
-    }
-    per_sm = per_sm < 1 ? 1 : per_sm;
-    if (cached) per_sm_cache[device].store(per_sm);
-  }
-  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
-  const int64_t needed = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  int64_t grid = needed < resident ? needed : resident;
-  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
-  return static_cast<int>(grid < 1 ? 1 : grid);
-}
-
-}  // namespace
-
-int agc_reduce_grid(int device, int64_t items, int max_blocks) {
-  return agc_grid_for(device, items, max_blocks,
-                      reinterpret_cast<const void*>(&agc_reduce_kernel), g_agc_reduce_per_sm);
-}
-
-int agc_scale_grid(int device, int64_t items, int max_blocks) {
-  return agc_grid_for(device, items, max_blocks, reinterpret_cast<const void*>(&agc_scale_kernel),
-                      g_agc_scale_per_sm);
-}
-
-cudaError_t launch_agc_reduce(const AgcParams& params, int grid, cudaStream_t stream) {
-  agc_reduce_kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_agc_scale(const AgcParams& params, int grid, cudaStream_t stream) {
-  agc_scale_kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -1,6 +1,7 @@
 // Contract: the interface between the CUDA kernels of adaptive_clip (agc_cuda.cu, plain CUDA, no
-// torch headers) and their ATen launcher (agc_ops_cuda.cpp): POD structs both sides share bit
-// for bit, and the launch functions agc_cuda.cu defines.
+// torch headers) and their host side (the torch-free plan agc_plan.cpp, the ATen launcher
+// agc_ops_cuda.cpp, the launches in agc_launch.cu, the CPU execution harness csrc/testing/
+// cuda_sim): POD structs both sides share bit for bit, the kernels, and the launch functions.
 //
 // AGC (Brock et al. 2021) per row r (a slice along dim 0 of a >= 2-D gradient G and its
 // parameter W; a 0-/1-D tensor is one row): max_r = clip_factor * max(||W_r||_p, eps) (NaN
@@ -124,12 +125,19 @@ struct AgcParams {
   int32_t pad;
 };
 
+// The kernels (agc_cuda.cu). Launched by agc_launch.cu on the GPU; the CPU execution harness
+// (csrc/testing/cuda_sim) compiles agc_cuda.cu as host C++ and runs them on a simulated grid.
+#if defined(__CUDACC__)
+__global__ void agc_reduce_kernel(const __grid_constant__ AgcParams P);
+__global__ void agc_scale_kernel(const __grid_constant__ AgcParams P);
+#endif
+
 // Blocks of kThreads threads for `items` work items on `device`: the resident maximum of the
-// kernel, fewer when there is less work; max_blocks > 0 caps it (a test hook).
+// kernel, fewer when there is less work; max_blocks > 0 caps it (a test hook). (agc_launch.cu)
 int agc_reduce_grid(int device, int64_t items, int max_blocks);
 int agc_scale_grid(int device, int64_t items, int max_blocks);
 
-// Launch on `stream`; return the launch error (cudaSuccess when queued).
+// Launch on `stream`; return the launch error (cudaSuccess when queued). (agc_launch.cu)
 cudaError_t launch_agc_reduce(const AgcParams& params, int grid, cudaStream_t stream);
 cudaError_t launch_agc_scale(const AgcParams& params, int grid, cudaStream_t stream);
 

@@ -57,6 +57,52 @@ union Vec {
   unsigned short h[8];
 };
 
+// ------------------------------------------------------------------ global data accesses --
+// Every load and store of gradient/parameter data in the kernel files goes through these. Under
+// nvcc they are the plain accesses (gload_vec: ld.global.cg, cached in L2 only, for streaming
+// data). The CPU execution harness (csrc/testing/cuda_sim, which defines GRADSTAB_CUDA_SIM)
+// checks each one before doing it: inside the bytes of a tensor it registered, naturally
+// aligned (16 bytes for a vector, as the GPU requires); the caller's file and line name it.
+#if defined(GRADSTAB_CUDA_SIM)
+template <typename T>
+inline T gload(const T* p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::gs_sim::global_load(p, file, line);
+}
+template <typename T>
+inline void gstore(T* p, T v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::gs_sim::global_store(p, v, file, line);
+}
+inline uint4 gload_vec(const uint4* p, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+  return ::gs_sim::global_load(p, file, line);
+}
+inline void gstore_vec(uint4* p, uint4 v, const char* file = __builtin_FILE(),
+                       int line = __builtin_LINE()) {
+  ::gs_sim::global_store(p, v, file, line);
+}
+// A flag several warps may set while others read it (volatile: relaxed, never a data race).
+inline int32_t load_flag(const int32_t* p) { return ::gs_sim::relaxed_load(p); }
+inline void store_flag(int32_t* p, int32_t v) { ::gs_sim::relaxed_store(p, v); }
+#else
+template <typename T>
+__device__ __forceinline__ T gload(const T* p) {
+  return *p;
+}
+template <typename T>
+__device__ __forceinline__ void gstore(T* p, T v) {
+  *p = v;
+}
+__device__ __forceinline__ uint4 gload_vec(const uint4* p) { return __ldcg(p); }
+__device__ __forceinline__ void gstore_vec(uint4* p, uint4 v) { *p = v; }
+// A flag several warps may set while others read it (volatile: relaxed, never a data race).
+__device__ __forceinline__ int32_t load_flag(const int32_t* p) {
+  return *static_cast<const volatile int32_t*>(p);
+}
+__device__ __forceinline__ void store_flag(int32_t* p, int32_t v) {
+  *static_cast<volatile int32_t*>(p) = v;
+}
+#endif
+
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
@@ -153,7 +199,7 @@ __device__ __forceinline__ void for_span_grouped(T* p, const Span& s, int lane, 
     for (int q = 0; q < kU; ++q) {
       const int64_t k = k0 + q * 32 + lane;
       if (k < nvec) {
-        r[q].u = __ldcg(vp + k);  // 16-byte global load, cached in L2 only (streaming data)
+        r[q].u = gload_vec(vp + k);  // 16-byte global load, cached in L2 only
       } else {
         r[q].u = make_uint4(0u, 0u, 0u, 0u);
       }
@@ -191,7 +237,7 @@ __device__ __noinline__ double unit_sum_double(T* p, const Span& s, int lane) {
     acc = __dadd_rn(acc, kL1 ? a : __dmul_rn(a, a));
   };
   for_span(
-      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -216,7 +262,7 @@ __device__ __noinline__ void unit_count_nonfinite(T* p, const Span& s, int lane,
     m = a > m ? a : m;
   };
   for_span(
-      p, s, lane, [&](int64_t i) { look(static_cast<double>(to_acc(p[i]))); },
+      p, s, lane, [&](int64_t i) { look(static_cast<double>(to_acc(gload(p + i)))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) look(static_cast<double>(vec_get<T>(v, j)));
@@ -266,7 +312,7 @@ __device__ __forceinline__ SpanStats span_stats_l12(T* p, const Span& s, int lan
     }
   };
   for_span_grouped<kUnroll>(
-      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(p[i])); },
+      p, s, lane, [&](int64_t i) { add(acc[0], to_acc(gload(p + i))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) add(acc[j], vec_get<T>(v, j));
@@ -307,7 +353,7 @@ __device__ __forceinline__ SpanStats span_stats_lp(T* p, const Span& s, int lane
     m = a > m ? a : m;
   };
   for_span(
-      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+      p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
       [&](const Vec& v, int64_t) {
 #pragma unroll
         for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -355,34 +401,34 @@ __device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double co
   constexpr int V = Traits<T>::V;
   const float cf = __double2float_rn(coef);
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { p[i] = from_float(T{}, __fmul_rn(to_acc(p[i]), cf)); },
+      p, s, lane, [&](int64_t i) { gstore(p + i, from_float(T{}, __fmul_rn(to_acc(gload(p + i)), cf))); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll
         for (int j = 0; j < V; ++j) w.h[j] = bits16(T{}, __fmul_rn(vec_get<T>(v, j), cf));
-        *vec_ptr(p, s, k) = w.u;
+        gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
 __device__ __noinline__ void scale_unit<float>(float* p, const Span& s, int lane, double coef) {
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      p, s, lane, [&](int64_t i) { gstore(p + i, scale_elem(gload(p + i), coef)); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll
         for (int j = 0; j < 4; ++j) w.f[j] = scale_elem(v.f[j], coef);
-        *vec_ptr(p, s, k) = w.u;
+        gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
 __device__ __noinline__ void scale_unit<double>(double* p, const Span& s, int lane, double coef) {
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { p[i] = scale_elem(p[i], coef); },
+      p, s, lane, [&](int64_t i) { gstore(p + i, scale_elem(gload(p + i), coef)); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll
         for (int j = 0; j < 2; ++j) w.d[j] = scale_elem(v.d[j], coef);
-        *vec_ptr(p, s, k) = w.u;
+        gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 

@@ -1,6 +1,7 @@
 // Contract: the fused CUDA kernels of gradstab's norm ops (plain CUDA: no torch headers, so CI
-// compiles this file with nvcc on a machine without a GPU). The launcher is ops_cuda.cpp; the
-// shared layout (units, descriptor table, records) is described in kernels.cuh, the device
+// compiles this file with nvcc on a machine without a GPU, and the CPU execution harness
+// csrc/testing/cuda_sim compiles it unchanged as host C++ and runs it). The launcher is
+// ops_cuda.cpp (the <<<...>>> launches are in kernels_launch.cu); the shared layout (units, descriptor table, records) is described in kernels.cuh, the device
 // building blocks (element access, warp reductions, spans, scaling) are in device_common.cuh.
 //
 // reduce_kernel: one launch over every unit of every gradient (any mix of float16, bfloat16,
@@ -45,7 +46,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
 
@@ -53,7 +53,6 @@ namespace gradstab {
 namespace cuda {
 namespace {
 
-constexpr int kMaxDevices = 64;
 
 // The elements of unit `local` of tensor d.
 template <typename T>
@@ -96,9 +95,9 @@ __device__ __noinline__ void clamp_unit(T* p, const Span& s, int lane, double bo
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const float x = to_acc(p[i]);
-        if (x > bf) p[i] = hi;
-        if (x < -bf) p[i] = lo;
+        const float x = to_acc(gload(p + i));
+        if (x > bf) gstore(p + i, hi);
+        if (x < -bf) gstore(p + i, lo);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -115,7 +114,7 @@ __device__ __noinline__ void clamp_unit(T* p, const Span& s, int lane, double bo
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
@@ -124,9 +123,9 @@ __device__ __noinline__ void clamp_unit<float>(float* p, const Span& s, int lane
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const float x = p[i];
-        if (x > bf) p[i] = bf;
-        if (x < -bf) p[i] = -bf;
+        const float x = gload(p + i);
+        if (x > bf) gstore(p + i, bf);
+        if (x < -bf) gstore(p + i, -bf);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -142,7 +141,7 @@ __device__ __noinline__ void clamp_unit<float>(float* p, const Span& s, int lane
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
@@ -150,9 +149,9 @@ __device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int la
   for_span(
       p, s, lane,
       [&](int64_t i) {
-        const double x = p[i];
-        if (x > bound) p[i] = bound;
-        if (x < -bound) p[i] = -bound;
+        const double x = gload(p + i);
+        if (x > bound) gstore(p + i, bound);
+        if (x < -bound) gstore(p + i, -bound);
       },
       [&](const Vec& v, int64_t k) {
         Vec w = v;
@@ -168,7 +167,7 @@ __device__ __noinline__ void clamp_unit<double>(double* p, const Span& s, int la
             changed = true;
           }
         }
-        if (changed) *vec_ptr(p, s, k) = w.u;
+        if (changed) gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 
@@ -237,7 +236,7 @@ __device__ __noinline__ double tensor_rescaled_sum(const TensorDesc d, double np
   for (int64_t u = 0; u < d.num_units; ++u) {
     const Span s = unit_span<T>(d, u);
     for_span(
-        p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(p[i]))); },
+        p, s, lane, [&](int64_t i) { add(static_cast<double>(to_acc(gload(p + i)))); },
         [&](const Vec& v, int64_t) {
 #pragma unroll
           for (int j = 0; j < V; ++j) add(static_cast<double>(vec_get<T>(v, j)));
@@ -423,6 +422,20 @@ __device__ __forceinline__ double read_bound(const Params& P) {
   return P.bound_ptr != nullptr ? *P.bound_ptr : P.bound_value;
 }
 
+template <typename T>
+__device__ __forceinline__ void write_unit(const Params& P, const TensorDesc& d, int64_t local,
+                                           int lane, double coef, double bound) {
+  T* p = reinterpret_cast<T*>(d.ptr);
+  const Span s = unit_span<T>(d, local);
+  if (P.mode == kClipValueDeferred) {
+    clamp_unit(p, s, lane, bound);
+  } else {
+    scale_unit(p, s, lane, coef);
+  }
+}
+
+}  // namespace
+
 __global__ void __launch_bounds__(kThreads, 3) reduce_kernel(const __grid_constant__ Params P) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -451,18 +464,6 @@ __global__ void __launch_bounds__(kThreads, 3) reduce_kernel(const __grid_consta
     }
     finalize_tensor(P, d, lane, bound);
     if (arrive_last<int32_t>(P.all_done, 1, P.num_work, lane)) finalize_all(P, lane, bound);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void write_unit(const Params& P, const TensorDesc& d, int64_t local,
-                                           int lane, double coef, double bound) {
-  T* p = reinterpret_cast<T*>(d.ptr);
-  const Span s = unit_span<T>(d, local);
-  if (P.mode == kClipValueDeferred) {
-    clamp_unit(p, s, lane, bound);
-  } else {
-    scale_unit(p, s, lane, coef);
   }
 }
 
@@ -509,80 +510,16 @@ __global__ void __launch_bounds__(kThreads) writeback_kernel(const __grid_consta
     }
     switch (W.elem_size) {
       case 2:
-        static_cast<uint16_t*>(W.dst)[off] = static_cast<const uint16_t*>(W.src)[i];
+        gstore(static_cast<uint16_t*>(W.dst) + off, gload(static_cast<const uint16_t*>(W.src) + i));
         break;
       case 4:
-        static_cast<uint32_t*>(W.dst)[off] = static_cast<const uint32_t*>(W.src)[i];
+        gstore(static_cast<uint32_t*>(W.dst) + off, gload(static_cast<const uint32_t*>(W.src) + i));
         break;
       default:
-        static_cast<uint64_t*>(W.dst)[off] = static_cast<const uint64_t*>(W.src)[i];
+        gstore(static_cast<uint64_t*>(W.dst) + off, gload(static_cast<const uint64_t*>(W.src) + i));
         break;
     }
   }
-}
-
-// Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
-std::atomic<int> g_reduce_per_sm[kMaxDevices];
-std::atomic<int> g_scale_per_sm[kMaxDevices];
-std::atomic<int> g_sms[kMaxDevices];
-
-int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel,
-             std::atomic<int>* per_sm_cache) {
-  int sms = 0, per_sm = 0;
-  if (device >= 0 && device < kMaxDevices) {
-    sms = g_sms[device].load(std::memory_order_relaxed);
-    per_sm = per_sm_cache[device].load(std::memory_order_relaxed);
-  }
-  if (sms <= 0) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      sms = 1;
-    }
-    if (device >= 0 && device < kMaxDevices) g_sms[device].store(sms);
-  }
-  if (per_sm <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      per_sm = 1;
-    }
-    per_sm = per_sm < 1 ? 1 : per_sm;
-    if (device >= 0 && device < kMaxDevices) per_sm_cache[device].store(per_sm);
-  }
-  const int64_t resident = static_cast<int64_t>(sms) * per_sm;
-  const int64_t needed = (total_units + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  int64_t grid = needed < resident ? needed : resident;
-  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
-  return static_cast<int>(grid < 1 ? 1 : grid);
-}
-
-}  // namespace
-
-int reduce_grid(int device, int64_t total_units, int max_blocks) {
-  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&reduce_kernel),
-                  g_reduce_per_sm);
-}
-
-int scale_grid(int device, int64_t total_units, int max_blocks) {
-  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&scale_kernel),
-                  g_scale_per_sm);
-}
-
-cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream) {
-  reduce_kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream) {
-  scale_kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream) {
-  const int64_t blocks = (params.numel + kThreads - 1) / kThreads;
-  const int grid = static_cast<int>(blocks < 1024 ? (blocks < 1 ? 1 : blocks) : 1024);
-  writeback_kernel<<<grid, kThreads, 0, stream>>>(params);
-  return cudaGetLastError();
 }
 
 }  // namespace cuda

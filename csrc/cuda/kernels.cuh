@@ -1,6 +1,8 @@
 // Contract: the interface between the CUDA kernels (kernels.cu, plain CUDA, no torch headers)
-// and their ATen launcher (ops_cuda.cpp). Everything here is plain data: POD structs and enums
-// that both sides share bit for bit, and the launch functions kernels.cu defines.
+// and their host side (the torch-free plan norm_plan.cpp, the ATen launcher ops_cuda.cpp, the
+// launches in kernels_launch.cu, and the CPU execution harness csrc/testing/cuda_sim). Mostly
+// plain data: POD structs and enums that both sides share bit for bit, the kernels, and the
+// launch functions kernels_launch.cu defines.
 //
 // Work layout (built on the host by the launcher, cached on the device, see ops_cuda.cpp):
 //   * every gradient is cut into *units* of kUnitBytes (16 KB: 4096 float32, 8192 float16 or
@@ -165,13 +167,36 @@ struct WritebackParams {
   const int64_t* flag64;  // TensorRecord::write, used when flag32 is null
 };
 
+// The persistent grid for `work` warp work items (units, AGC items): `resident` blocks (what the
+// GPU holds at once), fewer when there is less work, capped by max_blocks > 0; at least one.
+inline int persistent_grid(int64_t work, int64_t resident, int max_blocks) {
+  const int64_t needed = (work + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  int64_t grid = needed < resident ? needed : resident;
+  if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
+  return static_cast<int>(grid < 1 ? 1 : grid);
+}
+
+// Blocks of kThreads threads for the write-back of `numel` elements (a grid-stride loop).
+inline int writeback_grid(int64_t numel) {
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 1024 ? (blocks < 1 ? 1 : blocks) : 1024);
+}
+
+// The kernels (kernels.cu). Launched by kernels_launch.cu on the GPU; the CPU execution harness
+// (csrc/testing/cuda_sim) compiles kernels.cu as host C++ and runs them on a simulated grid.
+#if defined(__CUDACC__)
+__global__ void reduce_kernel(const __grid_constant__ Params P);
+__global__ void scale_kernel(const __grid_constant__ Params P);
+__global__ void writeback_kernel(const __grid_constant__ WritebackParams W);
+#endif
+
 // Blocks of kThreads threads to launch for `total_units` units on `device`: the resident
 // maximum of the kernel (persistent grid), fewer when there is less work. max_blocks > 0 caps it
-// (a test hook: results must not depend on it).
+// (a test hook: results must not depend on it). (kernels_launch.cu)
 int reduce_grid(int device, int64_t total_units, int max_blocks);
 int scale_grid(int device, int64_t total_units, int max_blocks);
 
-// Launch on `stream`; return the launch error (cudaSuccess when queued).
+// Launch on `stream`; return the launch error (cudaSuccess when queued). (kernels_launch.cu)
 cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream);
 cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream);
 cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream);

@@ -1,8 +1,10 @@
 // Contract: the CUDA kernels of the gradstab ops grad_stats, clip_norm, clip_norm_per_layer,
 // clip_value and normalize_per_layer (schemas in gradstab/_library.py), registered for the CUDA
-// dispatch key; the ATen side of kernels.cu (argument checks, descriptor table, scratch,
-// launches), and the table cache and write-back helpers declared in table_cache.h (also used by
-// agc_ops_cuda.cpp). Semantics as ops_cpu.cpp; see ops_cuda.h and kernels.cuh.
+// dispatch key; the ATen side of kernels.cu (argument checks, working copies, the table cache,
+// outputs and scratch; the table, mode, Params and launch sequence are norm_plan.h's, shared with
+// the CPU execution harness csrc/testing/cuda_sim), and the table cache and write-back helpers
+// declared in table_cache.h (also used by agc_ops_cuda.cpp). Semantics as ops_cpu.cpp; see
+// ops_cuda.h and kernels.cuh.
 //
 // Per call, with no host-device synchronisation (except error_if_nonfinite=True, which must read
 // the norm, as returned: inf also where a float32 result overflows): check every argument; make
@@ -69,11 +71,11 @@
 #include <list>
 #include <memory>
 #include <mutex>
-#include <numeric>
 #include <sstream>
 #include <vector>
 
 #include "cuda/kernels.cuh"
+#include "cuda/norm_plan.h"
 #include "cuda/table_cache.h"
 
 namespace gradstab {
@@ -83,12 +85,6 @@ namespace {
 std::atomic<int> g_max_blocks{0};
 
 // ------------------------------------------------------------------ descriptor tables --
-
-int32_t align_offset(uint64_t ptr, int32_t dtype) {
-  const uint64_t size = static_cast<uint64_t>(dtype_size(dtype));
-  if (ptr % size != 0) return -1;
-  return static_cast<int32_t>(((16 - ptr % 16) % 16) / size);
-}
 
 std::shared_ptr<Entry> build_entry(int device, int32_t tag, std::vector<KeyItem>&& key,
                                    HostTable&& host, const c10::cuda::CUDAStream& stream,
@@ -128,58 +124,7 @@ std::shared_ptr<Entry> build_entry(int device, int32_t tag, std::vector<KeyItem>
   return e;
 }
 
-// The norm ops' table (TensorDesc per gradient, in work order) and its host facts: meta[0]
-// total units, meta[1] tensors with units, meta[2] whether two of the key's spans overlap, then
-// per gradient (caller's order) its first unit (meta[3 + i]) and unit count (meta[3 + T + i]).
-constexpr int32_t kNormTableTag = 0;
-enum NormMeta : int { kTotalUnits = 0, kNumWork = 1, kKeyOverlap = 2, kPerTensor = 3 };
-
-HostTable build_norm_table(const std::vector<KeyItem>& key) {
-  const int64_t T = static_cast<int64_t>(key.size());
-  std::vector<int64_t> units(T);
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t per = unit_elems(key[i].dtype);
-    units[i] = (key[i].numel + per - 1) / per;
-  }
-  // Work order: most units first (so the tensors that finish last are small and quick to
-  // combine), ties in input order; zero-size tensors last.
-  std::vector<int32_t> order(T);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return units[a] > units[b]; });
-  HostTable host;
-  host.meta.assign(kPerTensor + 2 * T, 0);
-  std::vector<TensorDesc> desc(T);
-  int64_t first = 0, num_work = 0;
-  for (int64_t w = 0; w < T; ++w) {
-    const int32_t i = order[w];
-    const KeyItem& k = key[i];
-    TensorDesc& d = desc[w];
-    d.ptr = k.ptr;
-    d.numel = k.numel;
-    d.first_unit = first;
-    d.num_units = units[i];
-    d.dtype = k.dtype;
-    d.orig = i;
-    d.align_offset = align_offset(k.ptr, k.dtype);
-    d.pad = 0;
-    host.meta[kPerTensor + i] = first;
-    host.meta[kPerTensor + T + i] = units[i];
-    first += units[i];
-    if (units[i] > 0) ++num_work;
-  }
-  std::vector<ByteSpan> spans;
-  spans.reserve(T);
-  for (const KeyItem& k : key) {
-    spans.emplace_back(k.ptr, k.ptr + static_cast<uint64_t>(k.numel * dtype_size(k.dtype)));
-  }
-  host.meta[kTotalUnits] = first;
-  host.meta[kNumWork] = num_work;
-  host.meta[kKeyOverlap] = spans_overlap(std::move(spans), {}) ? 1 : 0;
-  host.bytes.resize(T * sizeof(TensorDesc));
-  if (T > 0) std::memcpy(host.bytes.data(), desc.data(), T * sizeof(TensorDesc));
-  return host;
-}
+constexpr int32_t kNormTableTag = 0;  // the table cache's tag of build_norm_table's tables
 
 class TableCache {
  public:
@@ -265,29 +210,8 @@ TableCache& cache() {
   return *c;
 }
 
-// (size, stride) of g's dimensions, outermost first, with size-1 dimensions dropped and
-// neighbours merged where the outer stride is the inner one times the inner size: the same
-// row-major element order, as few dimensions as possible.
 std::vector<std::pair<int64_t, int64_t>> coalesced_dims(const at::Tensor& g) {
-  std::vector<std::pair<int64_t, int64_t>> d;
-  for (int64_t i = 0; i < g.dim(); ++i) {
-    const int64_t n = g.size(i), st = g.stride(i);
-    if (n == 1) continue;
-    if (!d.empty() && d.back().second == st * n) {
-      d.back() = {d.back().first * n, st};
-    } else {
-      d.emplace_back(n, st);
-    }
-  }
-  return d;
-}
-
-void sort_spans(std::vector<ByteSpan>& v) {
-  v.erase(std::remove_if(v.begin(), v.end(), [](const ByteSpan& s) { return s.first >= s.second; }),
-          v.end());
-  if (std::is_sorted(v.begin(), v.end())) return;
-  std::reverse(v.begin(), v.end());
-  if (!std::is_sorted(v.begin(), v.end())) std::sort(v.begin(), v.end());
+  return cuda::coalesced_dims(g.sizes().data(), g.strides().data(), g.dim());
 }
 
 }  // namespace
@@ -318,35 +242,8 @@ bool stream_is_capturing(cudaStream_t stream) {
 int max_blocks() { return g_max_blocks.load(std::memory_order_relaxed); }
 
 ByteSpan byte_span(const at::Tensor& t) {
-  if (t.numel() == 0) return {0, 0};
-  int64_t extent = 1;  // elements from the first addressed to the last one
-  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-  const uint64_t lo = reinterpret_cast<uint64_t>(t.const_data_ptr());
-  return {lo, lo + static_cast<uint64_t>(extent * static_cast<int64_t>(t.element_size()))};
-}
-
-bool spans_overlap(std::vector<ByteSpan> written, std::vector<ByteSpan> read) {
-  sort_spans(written);
-  sort_spans(read);
-  for (size_t k = 1; k < written.size(); ++k) {
-    if (written[k].first < written[k - 1].second) return true;
-  }
-  // written against read: merge the sorted lists; a span overlaps an earlier one of the other
-  // kind iff it starts before the largest end seen among those
-  uint64_t w_end = 0, r_end = 0;
-  size_t a = 0, b = 0;
-  while (a < written.size() || b < read.size()) {
-    if (b == read.size() || (a < written.size() && written[a] < read[b])) {
-      if (written[a].first < r_end) return true;
-      w_end = std::max(w_end, written[a].second);
-      ++a;
-    } else {
-      if (read[b].first < w_end) return true;
-      r_end = std::max(r_end, read[b].second);
-      ++b;
-    }
-  }
-  return false;
+  return strided_byte_span(reinterpret_cast<uint64_t>(t.const_data_ptr()), t.sizes().data(),
+                           t.strides().data(), t.dim(), static_cast<int64_t>(t.element_size()));
 }
 
 void check_writeback(const at::Tensor& g, int64_t index, int64_t count) {
@@ -362,23 +259,13 @@ void check_writeback(const at::Tensor& g, int64_t index, int64_t count) {
 
 void write_back(const at::Tensor& g, const at::Tensor& copy, const int32_t* flag32,
                 const int64_t* flag64, cudaStream_t stream) {
-  const auto dims = coalesced_dims(g);
-  if (static_cast<int64_t>(dims.size()) > kMaxWritebackDims) {
+  WritebackParams W{};
+  if (!writeback_params(copy.const_data_ptr(), g.data_ptr(), g.numel(),
+                        static_cast<int64_t>(g.element_size()), coalesced_dims(g), flag32, flag64,
+                        &W)) {
     g.copy_(copy);  // more dimensions than the write-back kernel takes: always copied
     return;
   }
-  WritebackParams W{};
-  W.src = copy.const_data_ptr();
-  W.dst = g.data_ptr();
-  W.numel = g.numel();
-  W.ndim = static_cast<int32_t>(dims.size());
-  W.elem_size = static_cast<int32_t>(g.element_size());
-  for (size_t d = 0; d < dims.size(); ++d) {
-    W.sizes[d] = dims[d].first;
-    W.strides[d] = dims[d].second;
-  }
-  W.flag32 = flag32;
-  W.flag64 = flag64;
   C10_CUDA_CHECK(launch_writeback(W, stream));
 }
 
@@ -463,7 +350,32 @@ std::string nonfinite_message(double p, double total, at::TensorList grads,
   return os.str();
 }
 
-int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+// The norm plan's device: kernels on the CUDA stream, strided gradients' copies with ATen.
+class CudaNormDevice final : public NormDevice {
+ public:
+  CudaNormDevice(int device, cudaStream_t stream, at::TensorList grads,
+                 std::vector<at::Tensor>& copies)
+      : device_(device), stream_(stream), grads_(grads), copies_(copies) {}
+  void zero(void* dst, int64_t bytes) override {
+    C10_CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<size_t>(bytes), stream_));
+  }
+  void reduce(const Params& P, int64_t units) override {
+    C10_CUDA_CHECK(launch_reduce(P, reduce_grid(device_, units, max_blocks()), stream_));
+  }
+  void scale(const Params& P, int64_t units) override {
+    C10_CUDA_CHECK(launch_scale(P, scale_grid(device_, units, max_blocks()), stream_));
+  }
+  void refresh_copy(int64_t i) override { copies_[i].copy_(grads_[i]); }
+  void write_back(int64_t i, const int32_t* flag32, const int64_t* flag64) override {
+    cuda::write_back(grads_[i], copies_[i], flag32, flag64, stream_);
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+  at::TensorList grads_;
+  std::vector<at::Tensor>& copies_;
+};
 
 }  // namespace
 
@@ -514,7 +426,6 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   const std::shared_ptr<Entry> entry = get_table(static_cast<int>(device.index()),
                                                  kNormTableTag, std::move(key), stream,
                                                  capturing, build_norm_table);
-  const int64_t total_units = entry->meta[kTotalUnits];
   // Gradients that share memory (the same tensor twice, overlapping views) would race in the
   // write passes: they are then written one at a time, in list order, after the statistics.
   bool shared = false;
@@ -528,18 +439,15 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
     }
   }
   const int32_t kind = norm_kind(norm_type);
-  int32_t mode = kStats;
+  int32_t requested = kStats;
   switch (op) {
-    case Op::kStats: mode = kStats; break;
-    case Op::kClipNorm: mode = kClipNorm; break;
-    case Op::kClipNormPerLayer: mode = kClipPerLayer; break;
-    case Op::kNormalizePerLayer: mode = kNormalize; break;
-    case Op::kClipValue:
-      // float64 norms and p-norms may be recomputed from the data, and a gradient sharing
-      // memory with another may be read by other warps: clamp after the statistics.
-      mode = (any_double || kind == kLp || shared) ? kClipValueDeferred : kClipValue;
-      break;
+    case Op::kStats: requested = kStats; break;
+    case Op::kClipNorm: requested = kClipNorm; break;
+    case Op::kClipNormPerLayer: requested = kClipPerLayer; break;
+    case Op::kNormalizePerLayer: requested = kNormalize; break;
+    case Op::kClipValue: requested = kClipValue; break;
   }
+  const int32_t mode = norm_mode(requested, kind, any_double, shared);
 
   const auto rd = any_double ? at::kDouble : at::kFloat;
   const auto fopt = at::TensorOptions().dtype(rd).device(device);
@@ -548,43 +456,16 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   at::Tensor nonfinite = at::empty({T}, fopt.dtype(at::kLong));
   at::Tensor total = at::empty({}, fopt);
 
-  const int64_t counter_bytes = (T + 1) * static_cast<int64_t>(sizeof(int32_t));
-  const int64_t off_global = align16(counter_bytes);
-  const int64_t off_tensors = off_global + static_cast<int64_t>(sizeof(GlobalRecord));
-  const int64_t off_units = align16(off_tensors + T * static_cast<int64_t>(sizeof(TensorRecord)));
-  const int64_t scratch_bytes =
-      off_units + total_units * static_cast<int64_t>(sizeof(UnitRecord));
-  at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  char* base = static_cast<char*>(scratch.data_ptr());
-  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, counter_bytes, stream.stream()));
-
-  Params P{};
-  P.table = static_cast<const TensorDesc*>(entry->table.const_data_ptr());
-  P.num_tensors = static_cast<int32_t>(T);
-  P.num_work = static_cast<int32_t>(entry->meta[kNumWork]);
-  P.total_units = total_units;
-  P.scale_begin = 0;
-  P.scale_end = total_units;
-  P.kind = kind;
-  P.mode = mode;
-  P.p = norm_type;
-  P.eps = eps;
-  P.bound_ptr = b.ptr;
-  P.bound_value = b.value;
-  P.units = reinterpret_cast<UnitRecord*>(base + off_units);
-  P.tensors = reinterpret_cast<TensorRecord*>(base + off_tensors);
-  P.global = reinterpret_cast<GlobalRecord*>(base + off_global);
-  P.tensor_done = reinterpret_cast<int32_t*>(base);
-  P.all_done = reinterpret_cast<int32_t*>(base) + T;
-  P.out_norms = norms.data_ptr();
-  P.out_max_abs = max_abs.data_ptr();
-  P.out_nonfinite = nonfinite.data_ptr<int64_t>();
-  P.out_total = total.data_ptr();
-  P.out_double = any_double ? 1 : 0;
-
-  const int dev = static_cast<int>(device.index());
-  const int cap = max_blocks();
-  C10_CUDA_CHECK(launch_reduce(P, reduce_grid(dev, total_units, cap), stream.stream()));
+  const NormScratch layout = norm_scratch(T, entry->meta[kTotalUnits]);
+  at::Tensor scratch =
+      at::empty({layout.bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  NormOutputs out{norms.data_ptr(), max_abs.data_ptr(), nonfinite.data_ptr<int64_t>(),
+                  total.data_ptr(), any_double};
+  const Params P = norm_params(entry->table.const_data_ptr(), entry->meta, T,
+                               static_cast<char*>(scratch.data_ptr()), layout, kind, mode,
+                               norm_type, eps, b.ptr, b.value, out);
+  CudaNormDevice cuda_dev(static_cast<int>(device.index()), stream.stream(), grads, copy_of);
+  norm_reduce(P, layout, cuda_dev);
 
   if (error_if_nonfinite) {  // the documented host sync: the caller asked for it
     // The norm as returned: inf also where a float32 result overflows (beyond FLT_MAX).
@@ -593,37 +474,9 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
       TORCH_CHECK(false, nonfinite_message(norm_type, t, grads, nonfinite.cpu()));
     }
   }
-  if (op == Op::kStats) return {norms, max_abs, nonfinite, total};
-  const bool writes = mode == kClipNorm || mode == kClipPerLayer || mode == kNormalize ||
-                      mode == kClipValueDeferred;
-  // Strided gradients: written back from their copy only if this call changed them.
-  auto write_back_copy = [&](int64_t i) {
-    const int32_t* flag32 = mode == kClipNorm ? &P.global->scale : nullptr;
-    const int64_t* flag64 = mode == kClipNorm ? nullptr : &P.tensors[i].write;
-    write_back(grads[i], copy_of[i], flag32, flag64, stream.stream());
-  };
-  if (!shared) {
-    if (writes) {
-      C10_CUDA_CHECK(launch_scale(P, scale_grid(dev, total_units, cap), stream.stream()));
-    }
-    for (int64_t i = 0; i < T; ++i) {
-      if (copy_of[i].defined()) write_back_copy(i);
-    }
-    return {norms, max_abs, nonfinite, total};
-  }
-  // One gradient at a time, in list order, each with its coefficient from the statistics on
-  // entry (a gradient passed twice is scaled twice, as by PyTorch's loops); a strided gradient
-  // is re-read into its copy just before (an earlier gradient may have changed its memory).
-  for (int64_t i = 0; i < T; ++i) {
-    const int64_t units = entry->meta[kPerTensor + T + i];
-    if (units == 0) continue;
-    if (copy_of[i].defined()) copy_of[i].copy_(grads[i]);
-    Params Q = P;
-    Q.scale_begin = entry->meta[kPerTensor + i];
-    Q.scale_end = Q.scale_begin + units;
-    C10_CUDA_CHECK(launch_scale(Q, scale_grid(dev, units, cap), stream.stream()));
-    if (copy_of[i].defined()) write_back_copy(i);
-  }
+  std::vector<char> has_copy(T);
+  for (int64_t i = 0; i < T; ++i) has_copy[i] = copy_of[i].defined() ? 1 : 0;
+  norm_write(P, entry->meta, shared, has_copy, cuda_dev);
   return {norms, max_abs, nonfinite, total};
 }
 

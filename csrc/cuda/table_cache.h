@@ -2,8 +2,9 @@
 // agc_ops_cuda.cpp for adaptive_clip): the per-process cache of device-resident work tables
 // (implemented in ops_cuda.cpp, where the comment explains why and how it stays correct), the
 // grid cap of the test hook, the strided write-back of a gradient's working copy, the
-// memory-overlap test, and the kernels' dtype and norm codes. Host code only (ATen and the CUDA
-// runtime API).
+// byte span of a tensor, and the kernels' dtype code of a ScalarType. Host code only (ATen and the
+// CUDA runtime API); the torch-free parts (cache keys, overlap test, norm codes) are in
+// plan_common.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +12,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -19,11 +19,12 @@
 #include <vector>
 
 #include "cuda/kernels.cuh"
+#include "cuda/plan_common.h"
 
 namespace gradstab {
 namespace cuda {
 
-// The kernels' codes (kernels.cuh) of a dtype and of a norm type.
+// The kernels' code (kernels.cuh) of a dtype.
 inline int32_t to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kHalf: return kHalf;
@@ -33,30 +34,7 @@ inline int32_t to_dtype(at::ScalarType t) {
   }
 }
 
-inline int32_t norm_kind(double p) {
-  if (std::isinf(p)) return kLinf;
-  if (p == 2.0) return kL2;
-  if (p == 1.0) return kL1;
-  return kLp;
-}
-
-// One item of a table's cache key: an address, an element count (or any other integer the
-// table depends on) and a dtype code.
-struct KeyItem {
-  uint64_t ptr;
-  int64_t numel;
-  int32_t dtype;
-  bool operator==(const KeyItem& o) const {
-    return ptr == o.ptr && numel == o.numel && dtype == o.dtype;
-  }
-};
-
-// What a builder makes of a key on a cache miss: the bytes of the device table and the host
-// facts the launcher needs on every call (sizes, offsets, flags), both immutable afterwards.
-struct HostTable {
-  std::vector<uint8_t> bytes;
-  std::vector<int64_t> meta;
-};
+// Builds a table on a cache miss (build_norm_table, build_agc_table).
 using TableBuilder = std::function<HostTable(const std::vector<KeyItem>&)>;
 
 // A cached table: `table` (on the device) holds HostTable::bytes, `meta` its host facts.
@@ -111,13 +89,8 @@ void write_back(const at::Tensor& g, const at::Tensor& copy, const int32_t* flag
 // copy_ although its elements share memory (copy_ would throw after other gradients changed).
 void check_writeback(const at::Tensor& g, int64_t index, int64_t count);
 
-// Bytes [lo, hi) a tensor with elements addresses (strides are >= 0: data_ptr() is the lowest).
-using ByteSpan = std::pair<uint64_t, uint64_t>;
+// Bytes [lo, hi) a tensor's elements address (strides are >= 0: data_ptr() is the lowest).
 ByteSpan byte_span(const at::Tensor& t);
-// Whether a span of `written` overlaps another span of `written` or one of `read` (two read
-// spans may overlap); empty spans are ignored. Conservative for interleaved views such as x[::2]
-// and x[1::2]. Sorted spans: O(n log n), O(n) when each list lies in address order.
-bool spans_overlap(std::vector<ByteSpan> written, std::vector<ByteSpan> read);
 
 }  // namespace cuda
 }  // namespace gradstab
