@@ -79,8 +79,10 @@ class GradStabCallback(Callback):
     Raises:
         TypeError, ValueError: a bad option, naming it and its value (a ``{group:
             threshold}`` dict naming a group the optimizer lacks: at the first step).
-        MisconfigurationException: in ``setup()``, next to ``Trainer(gradient_clip_val=...)``
-            or a :class:`~gradstab.GradStabOptimizer` (either would clip a second time).
+        MisconfigurationException: a clipping callback (``mode`` not ``None``) next to
+            ``Trainer(gradient_clip_val=...)`` (in ``setup()``) or a
+            :class:`~gradstab.GradStabOptimizer` (either would clip a second time). A
+            monitor-only callback works beside both and sees the gradients before they clip.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -243,9 +245,22 @@ class GradStabCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse ``Trainer(gradient_clip_val=...)`` (double clipping); forget cached names."""
+        """Refuse ``Trainer(gradient_clip_val=...)`` when this callback clips too (double
+        clipping); beside it, a monitor-only callback (``mode=None``) says what it logs.
+        Forget cached names."""
         clip_val = trainer.gradient_clip_val
-        if clip_val is not None and clip_val != 0:
+        lightning_clips = clip_val is not None and clip_val != 0
+        if lightning_clips and self.mode is None:
+            if stage == "fit":
+                rank_zero_info(
+                    f"{_OWNER}(mode=None) monitors the gradients before Trainer(gradient_clip_val="
+                    f"{clip_val!r}, gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}) "
+                    "clips them (Lightning clips after the callbacks' on_before_optimizer_step): "
+                    "its norms, history and diagnosis are of the pre-clip gradients, and its "
+                    f"{self._config.log_prefix}/post_clip_norm_total and "
+                    f"{self._config.log_prefix}/clip_coef leave Lightning's clip out"
+                )
+        elif lightning_clips:
             raise MisconfigurationException(
                 f"{_OWNER}(mode={self.mode!r}) clips and monitors the gradients itself, and "
                 f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm="
@@ -261,7 +276,10 @@ class GradStabCallback(Callback):
             self.diagnosis = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step)."""
+        """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step) when
+        this callback clips too."""
+        if self.mode is None:  # monitoring: the wrapper clips later, inside its step()
+            return
         for i, opt in enumerate(trainer.optimizers):
             if isinstance(opt, GradStabOptimizer):
                 raise MisconfigurationException(

@@ -750,6 +750,47 @@ def test_refuses_trainer_gradient_clip_val():
         trainer.fit(seeded(Net))
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_monitor_only_beside_lightning_gradient_clip_val(algorithm, caplog):
+    """mode=None clips nothing: it runs next to Lightning's clipping, sees the gradients before
+    Lightning clips them (Lightning clips after the callbacks' hook), and says so."""
+    bound = 0.05 if algorithm == "norm" else 0.01
+    clip = {"gradient_clip_val": bound, "gradient_clip_algorithm": algorithm}
+    ref = seeded(Net)
+    fit(ref, [], max_steps=4, **clip)
+    before, after = Spy(), Spy()
+    cb = GradStabCallback(mode=None, log_every_n_steps=1, history=4)
+    ours = seeded(Net)
+    with caplog.at_level("INFO"):
+        fit(ours, [before, cb, after], max_steps=4, **clip)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)  # Lightning's clip alone decided the steps
+    for b, a in zip(before.grads, after.grads):  # the callback changed no gradient
+        assert all(torch.equal(b[n], a[n]) for n in NAMES)
+    # what it logged and recorded is the pre-clip gradient (Lightning clips after the hook)
+    pre = pnorm(before.grads[-1].values(), 2)
+    assert pre > bound * 2  # so Lightning did clip
+    assert cb.last_metrics["grad_2.0_norm_total"] == pytest.approx(pre, rel=1e-6)
+    assert cb.history.data().total_norm[-1].item() == pytest.approx(pre, rel=1e-6)
+    assert cb.counters()["steps"] == 4
+    assert "monitors the gradients before Trainer(gradient_clip_val=" in caplog.text
+
+
+def test_monitor_only_beside_a_gradstab_optimizer():
+    class Wrapped(Net):
+        def configure_optimizers(self):
+            return GradStabOptimizer(torch.optim.SGD(self.parameters(), lr=0.1), max_norm=0.05)
+
+    before = Spy()
+    cb = GradStabCallback(mode=None, log_every_n_steps=1)
+    model = seeded(Wrapped)
+    trainer = fit(model, [before, cb], max_steps=3)
+    assert cb.last_metrics["grad_2.0_norm_total"] == pytest.approx(
+        pnorm(before.grads[-1].values(), 2), rel=1e-6
+    )
+    assert trainer.optimizers[0].counters()["clipped_steps"] == 3  # the wrapper clipped
+
+
 def test_refuses_a_gradstab_optimizer():
     class Wrapped(Net):
         def configure_optimizers(self):
