@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -24,6 +26,18 @@ from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 __all__ = ["GradStabOptimizer"]
 
 _OWNER = "GradStabOptimizer"
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for a warning issued by the caller that points at the first frame
+    outside gradstab and torch (the training loop that called ``step()``)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "gradstab",
+        "torch",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class GradStabOptimizer(torch.optim.Optimizer):
@@ -58,7 +72,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
             from ``module``) or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
-        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
+        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``. Skipped and zeroed
+            steps are warned about (``warnings.warn`` on rank 0, at the 1st, 10th, 100th, ...
+            such step).
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.
         log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
@@ -363,18 +379,34 @@ class GradStabOptimizer(torch.optim.Optimizer):
         if self._config.history and not self._history_made:
             self._history = self._make_history(plan)
             self._history_made = True
+        step, policy_before = st.steps, st.policy_steps
         skip, metrics = _clipping.clip_step(
             self._config,
             st,
             plan,
             log=log,
-            step=st.steps,
+            step=step,
             history=self._history,
-            history_step=st.steps,
+            history_step=step,
         )
+        if st.policy_steps > st.warned_policy_steps:
+            self._warn_nonfinite(
+                step, skip or (st.policy_steps > policy_before and not st.zeroed_on_device)
+            )
         if metrics is not None and self._log_fn is not None:
             self._log_fn(metrics, st.steps)
         return skip
+
+    def _warn_nonfinite(self, step: int, skipped_now: bool) -> None:
+        """Warn (rate-limited, on rank 0) about steps the non-finite policy skipped/zeroed."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        notice = _clipping.nonfinite_notice(
+            self._config, self._clip_state, _OWNER, step, skipped_now=skipped_now
+        )
+        if notice is None or (dist.is_available() and dist.is_initialized() and dist.get_rank()):
+            return
+        warnings.warn(notice, UserWarning, stacklevel=_outside_stacklevel())
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (if any), clip, then step the wrapped optimizer.
