@@ -93,3 +93,19 @@ def test_seed_remedies(capsys):
     assert by[("exploding", "smaller LR (0.005)")]["first_nonfinite"] is None
     printed = capsys.readouterr().out
     assert printed.count("\n") == len(rows) + 2  # header, rule, one line per variant
+
+
+def test_fabric_loop(capsys):
+    pytest.importorskip("lightning.fabric")
+    threads = torch.get_num_threads()
+    for precision in ("32-true", "bf16-mixed"):
+        out = load("fabric_loop").main(
+            ["--steps", "12", "--nan-step", "3", "--log-every", "4", "--precision", precision]
+        )
+        c = out["counters"]
+        assert c["steps"] == 12 and c["skipped_steps"] == 1 and c["nonfinite_steps"] == 1
+        assert c["clipped_steps"] >= 1
+        assert [s for s, _ in out["logged"]] == [4, 8, 12]
+        assert all(math.isfinite(v) for v in out["losses"])
+        assert f"{precision}: 12 steps clipped by gradstab" in capsys.readouterr().out
+    torch.set_num_threads(threads)
