@@ -26,6 +26,8 @@ from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 __all__ = ["GradStabOptimizer"]
 
 _OWNER = "GradStabOptimizer"
+#: ``log_every_n_steps`` when a ``log_fn`` is given without one (Lightning's Trainer default).
+DEFAULT_LOG_EVERY = 50
 
 
 def _outside_stacklevel() -> int:
@@ -78,7 +80,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.
         log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
-            and pass it to ``log_fn``; 0 (the default) never does.
+            and pass it to ``log_fn``; 0 never does. ``None`` (the default): every 50 steps
+            when ``log_fn`` is given (Lightning's default period), else never (no host read).
+            0 with a ``log_fn`` warns that ``log_fn`` is never called.
         log_fn: called as ``log_fn(metrics, step)`` on logging steps, ``step`` counting the
             optimizer steps so far (this one included), e.g. a TensorBoard
             ``SummaryWriter``'s ``add_scalar`` in a loop over ``metrics``.
@@ -135,7 +139,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         group_by: str = "param",
         nonfinite: str = "ignore",
         module: torch.nn.Module | None = None,
-        log_every_n_steps: int = 0,
+        log_every_n_steps: int | None = None,
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         log_per_layer: bool = False,
         log_prefix: str = "grad",
@@ -183,11 +187,21 @@ class GradStabOptimizer(torch.optim.Optimizer):
                 f"{_OWNER}: group_by='module' needs module= (the model whose modules group the "
                 "parameters); got module=None"
             )
-        every = _clipping.check_log_every(_OWNER, log_every_n_steps, allow_none=False)
+        every = _clipping.check_log_every(_OWNER, log_every_n_steps)
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"{_OWNER}: log_fn must be callable or None; got {log_fn!r}")
+        if every is None:
+            every = DEFAULT_LOG_EVERY if log_fn is not None else 0
+        elif every == 0 and log_fn is not None:
+            warnings.warn(
+                f"{_OWNER}: log_fn={log_fn!r} is never called with log_every_n_steps=0; pass "
+                f"log_every_n_steps=N to call it every N steps (or leave it out: every "
+                f"{DEFAULT_LOG_EVERY} steps with a log_fn)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._wrapped = optimizer
-        self._log_every = every or 0
+        self._log_every = every
         self._log_fn = log_fn
         self._module = module
         self._clip_state = _clipping.ClipState()

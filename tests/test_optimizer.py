@@ -261,6 +261,36 @@ def _train(opt, model, steps, bad=()):
         opt.step()
 
 
+def test_log_fn_without_a_period_logs_every_50_steps():
+    model = make_model()
+    logged = []
+    opt = GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        max_norm=1.0,
+        log_fn=lambda metrics, step: logged.append(step),
+    )
+    _train(opt, model, 101)
+    assert logged == [50, 100]
+
+
+def test_no_log_fn_no_period_never_logs():
+    model = make_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), max_norm=1.0)
+    _train(opt, model, 51)
+    assert opt.last_metrics == {}
+
+
+def test_log_fn_with_period_zero_warns_that_it_is_never_called():
+    model = make_model()
+    with pytest.warns(UserWarning, match=r"log_fn=.* is never called with log_every_n_steps=0"):
+        GradStabOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            max_norm=1.0,
+            log_every_n_steps=0,
+            log_fn=print,
+        )
+
+
 def test_skipped_steps_warn_rate_limited():
     """A warning at the 1st and the 10th skipped step, not at every one."""
     model = make_model()
@@ -597,10 +627,10 @@ def test_grad_scaler_skips_inf_steps():
         ),
         (
             lambda m: GradStabOptimizer(
-                torch.optim.SGD(m.parameters(), lr=1), max_norm=1, log_every_n_steps=None
+                torch.optim.SGD(m.parameters(), lr=1), max_norm=1, log_every_n_steps=2.0
             ),
             TypeError,
-            "log_every_n_steps must be an int >= 0; got None",
+            "log_every_n_steps must be None or an int >= 0; got 2.0",
         ),
         (
             lambda m: GradStabOptimizer(torch.optim.SGD(m.parameters(), lr=1), max_norm=-3),
