@@ -1,0 +1,84 @@
+"""The repository around the code: guides (links, runnable snippets, no local paths), the
+README's notes, .gitignore, the pytest summary, and the build's persistent object folder."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+GUIDES = sorted(
+    [os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md")]
+    + [os.path.join(ROOT, "README.md")]
+)
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading)
+    text = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: str) -> set[str]:
+    body = re.sub(r"```.*?```", "", read(path), flags=re.S)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", body, flags=re.M)}
+
+
+def links(path: str) -> list[str]:
+    body = re.sub(r"```.*?```", "", read(path), flags=re.S)
+    return re.findall(r"\]\(([^)\s]+)\)", body)
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=os.path.basename)
+def test_relative_links_resolve(guide):
+    """Every relative link names a file of the repository and, with #anchor, a heading of it."""
+    bad = []
+    for link in links(guide):
+        if re.match(r"[a-z]+:", link):
+            continue  # http(s), mailto
+        target, _, anchor = link.partition("#")
+        path = os.path.normpath(os.path.join(os.path.dirname(guide), target)) if target else guide
+        if not os.path.exists(path) or not path.startswith(ROOT + os.sep):
+            bad.append(f"{link}: no file {path}")
+        elif anchor and path.endswith(".md") and anchor not in anchors(path):
+            bad.append(f"{link}: no heading #{anchor} in {os.path.relpath(path, ROOT)}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=os.path.basename)
+def test_guides_name_no_local_paths_or_missing_sections(guide):
+    text = read(guide)
+    assert not re.findall(r"/tmp/\S+|/home/\S+|/work/\S+", text)
+    assert "README section" not in text  # point to a file that has the section
+
+
+def python_blocks(path: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", read(path), flags=re.S)
+
+
+def test_lightning_guide_snippets_are_self_contained_and_run(tmp_path, monkeypatch):
+    """Each ``python`` block of docs/lightning.md runs on its own: every name it uses is
+    imported or defined in it."""
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("matplotlib")
+    import torch  # noqa: PLC0415
+
+    monkeypatch.chdir(tmp_path)  # Trainer logs, plots
+    threads = torch.get_num_threads()
+    blocks = python_blocks(os.path.join(DOCS, "lightning.md"))
+    assert len(blocks) >= 3
+    try:
+        for i, code in enumerate(blocks):
+            namespace: dict[str, object] = {"__name__": f"lightning_md_block_{i}"}
+            exec(compile(code, f"docs/lightning.md, python block {i}", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
