@@ -306,6 +306,21 @@ def test_run_selection_without_plots(tmp_path, capsys):
     assert "(b)" not in printed.split("Comparison")[1]
 
 
+def test_progress_is_plain_lines_when_stdout_is_no_terminal(tmp_path, capsys, one_thread):
+    """Piped to a file, the progress is a line per tenth of a run, not a bar's redraws."""
+    rc = main(["demo", "--tiny", "--steps", "20", "--runs", "a", "--no-plots",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "\r" not in printed and "it/s" not in printed
+    lines = [ln for ln in printed.splitlines() if ln.startswith("  (a) vanishing: step")]
+    assert [ln.split(",")[0] for ln in lines] == [
+        f"  (a) vanishing: step {s}/20" for s in range(2, 21, 2)
+    ]
+    assert all(", loss " in ln for ln in lines)
+
+
 def test_without_matplotlib_the_tables_still_print(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo.command, "_matplotlib_available", lambda: False)
     rc = main(["demo", "--tiny", "--steps", "8", "--runs", "a", "--no-progress-bar",

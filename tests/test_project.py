@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import pytest
 
@@ -91,3 +92,15 @@ def test_readme_says_the_demo_figures_depend_on_the_cpu():
     note = text[table_end : table_end + 1500]
     assert "model name" in note and "AMD EPYC" in note
     assert "98.4%" in note and "1..2" in note  # the figures another x86 machine gave
+
+
+def test_demo_output_folder_is_ignored_by_git():
+    if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(
+        os.path.join(ROOT, ".git")
+    ):
+        pytest.skip("not a git checkout")
+    for path in ("gradstab_demo/a_vanishing_heatmap.png", "gradstab_report/total_norm.png"):
+        out = subprocess.run(
+            ["git", "check-ignore", "-q", path], cwd=ROOT, check=False, capture_output=True
+        )
+        assert out.returncode == 0, f"{path} is not ignored by .gitignore"

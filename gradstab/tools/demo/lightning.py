@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from torch import Tensor, nn
 
 import gradstab
@@ -30,6 +30,7 @@ __all__ = [
     "LossTracker",
     "RunCallbacks",
     "RunProgressBar",
+    "RunProgressLines",
     "build_callbacks",
     "quiet_lightning",
 ]
@@ -98,6 +99,37 @@ class RunProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         if self.train_progress_bar is not None:
             self.train_progress_bar.set_description(self._label)
+
+
+class RunProgressLines(ProgressBar):
+    """Plain progress lines for output that is no terminal (a file, a pipe): the run, the step
+    and the loss at every tenth of the run, instead of a progress bar's redraws.
+
+    Example:
+        >>> bar = RunProgressLines("(a) vanishing")
+    """
+
+    def __init__(self, label: str, parts: int = 10) -> None:
+        super().__init__()
+        self._label = label
+        self._parts = parts
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        total, step = trainer.max_steps, trainer.global_step
+        if not self._enabled or total <= 0 or step % max(1, total // self._parts):
+            return
+        loss = trainer.progress_bar_metrics.get("loss")
+        shown = f", loss {float(loss):.4g}" if loss is not None else ""
+        print(f"  {self._label}: step {step}/{total}{shown}", flush=True)
 
 
 @dataclass
