@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -104,3 +106,45 @@ def test_demo_output_folder_is_ignored_by_git():
             ["git", "check-ignore", "-q", path], cwd=ROOT, check=False, capture_output=True
         )
         assert out.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+def test_pytest_folds_the_gpu_skips_into_one_line(tmp_path):
+    """``-ra`` lists one line for all "needs a CUDA device" skips; other skips as usual."""
+    with open(os.path.join(ROOT, "tests", "conftest.py"), encoding="utf-8") as fh:
+        (tmp_path / "conftest.py").write_text(fh.read())
+    (tmp_path / "test_mixed.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            gpu = pytest.mark.skipif(True, reason="needs a CUDA device")
+
+            @gpu
+            def test_a(): pass
+
+            @gpu
+            @pytest.mark.parametrize("x", [1, 2])
+            def test_b(x): pass
+
+            def test_c(): pytest.skip("needs CUDA")
+
+            def test_other(): pytest.skip("another reason")
+
+            @pytest.mark.skipif(True, reason="a third reason")
+            def test_third(): pass
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-ra", "-q", "-p", "no:cacheprovider", "test_mixed.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    summary = [ln for ln in out.stdout.splitlines() if ln.startswith("SKIPPED")]
+    gpu = [ln for ln in summary if "CUDA" in ln]
+    assert len(gpu) == 1 and gpu[0].startswith("SKIPPED [4] conftest.py"), out.stdout
+    assert "needs a CUDA device" in gpu[0]
+    assert any("another reason" in ln for ln in summary)
+    assert any("a third reason" in ln for ln in summary)
+    assert len(summary) == 3, out.stdout
