@@ -9,7 +9,7 @@ gradients hold a NaN/Inf (``--nan-step`` plants one), and hands the metrics to
 GradScaler unscales the gradients before the wrapper clips them (the wrapper declares
 ``_step_supports_amp_scaling = False``) and skips overflowing steps itself.
 
-Run (about 10 seconds on a CPU; 16-mixed needs a CUDA device):
+Run (about 11 s of CPU time on one torch thread; 16-mixed needs a CUDA device):
     python examples/fabric_loop.py
     python examples/fabric_loop.py --precision bf16-mixed --steps 50
     python examples/fabric_loop.py --accelerator cuda --precision 16-mixed
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None, fabric: Fabric | None = None) -> dict[st
             )
     counters = optimizer.counters()  # forwarded through Fabric's optimizer wrapper
     print(
-        f"{args.precision}: {counters['steps']} steps clipped by gradstab "
+        f"{args.precision}: {counters['steps']} optimizer steps through gradstab "
         f"({counters['clipped_steps']} clipped, {counters['skipped_steps']} skipped for "
         f"NaN/Inf); final loss {losses[-1]:.4f}"
     )

@@ -107,5 +107,32 @@ def test_fabric_loop(capsys):
         assert c["clipped_steps"] >= 1
         assert [s for s, _ in out["logged"]] == [4, 8, 12]
         assert all(math.isfinite(v) for v in out["losses"])
-        assert f"{precision}: 12 steps clipped by gradstab" in capsys.readouterr().out
+        assert f"{precision}: 12 optimizer steps through gradstab" in capsys.readouterr().out
     torch.set_num_threads(threads)
+
+
+PLAIN_LOOPS = [
+    ("vanishing_sigmoid_mlp", ["--steps", "2"]),
+    ("fixed_init_and_norm", ["--steps", "2"]),
+    ("exploding_without_clipping", ["--steps", "2"]),
+    ("plain_pytorch_loop", ["--steps", "2"]),
+    ("seed_remedies", ["--steps", "2"]),
+    ("fabric_loop", ["--steps", "2"]),
+    ("exploding_with_gradstab", ["--steps", "2", "--no-progress-bar"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv"), PLAIN_LOOPS, ids=[n for n, _ in PLAIN_LOOPS])
+def test_examples_pin_one_thread_by_default(name, argv, monkeypatch, num_threads, capsys):
+    """Like the demo, the examples run their small models on one torch thread (steady when
+    other processes share the CPU); ``--threads`` changes it."""
+    if name in ("fabric_loop", "exploding_with_gradstab"):
+        pytest.importorskip("lightning.fabric")
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    load(name).main(argv)
+    assert calls[:1] == [1]
+    calls.clear()
+    load(name).main([*argv, "--threads", "2"])
+    assert calls[:1] == [2]
