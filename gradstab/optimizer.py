@@ -32,11 +32,11 @@ DEFAULT_LOG_EVERY = 50
 
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` for a warning issued by the caller that points at the first frame
-    outside gradstab and torch (the training loop that called ``step()``)."""
+    outside gradstab, torch and Lightning (the training loop that called ``step()``)."""
+    inside = ("gradstab", "torch", "lightning", "lightning_fabric", "pytorch_lightning")
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-        "gradstab",
-        "torch",
+        inside
     ):
         frame, level = frame.f_back, level + 1
     return level
