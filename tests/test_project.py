@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -148,3 +149,27 @@ def test_pytest_folds_the_gpu_skips_into_one_line(tmp_path):
     assert any("another reason" in ln for ln in summary)
     assert any("a third reason" in ln for ln in summary)
     assert len(summary) == 3, out.stdout
+
+
+def test_setup_compiles_into_a_persistent_build_folder(tmp_path, monkeypatch):
+    """setuptools' editable install points build_temp at a fresh temporary folder; setup.py
+    moves it to build/ in the source tree, so a second ``pip install -e`` reuses ninja's
+    objects."""
+    pytest.importorskip("setuptools")
+    torch = pytest.importorskip("torch")
+    monkeypatch.delenv("GRADSTAB_BUILD_TEMP", raising=False)
+    monkeypatch.delenv("GRADSTAB_NO_EXT", raising=False)
+    setup = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="gradstab_setup_test")
+    _, cmdclass = setup["_extensions"]()
+    from setuptools import Distribution  # noqa: PLC0415
+
+    dist = Distribution({"name": "gradstab", "ext_modules": [], "cmdclass": cmdclass})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_temp = str(tmp_path / "fresh-temporary-folder")  # what editable_wheel does
+    cmd.ensure_finalized()
+    expected = setup["persistent_build_temp"](torch.__version__)
+    assert cmd.build_temp == expected
+    assert expected.startswith(os.path.join(ROOT, "build") + os.sep)
+    assert torch.__version__.split("+")[0] in expected  # one folder per torch
+    monkeypatch.setenv("GRADSTAB_BUILD_TEMP", str(tmp_path / "objects"))
+    assert setup["persistent_build_temp"](torch.__version__) == str(tmp_path / "objects")
