@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -319,6 +320,16 @@ def test_progress_is_plain_lines_when_stdout_is_no_terminal(tmp_path, capsys, on
         f"  (a) vanishing: step {s}/20" for s in range(2, 21, 2)
     ]
     assert all(", loss " in ln for ln in lines)
+
+
+def test_the_exploding_run_prints_no_warning(tmp_path, one_thread):
+    """Run (c) lets NaN steps through on purpose; the callback's fit-end warning about them
+    would only repeat the demo's table."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["demo", "--tiny", "--runs", "c", "--no-plots", "--no-progress-bar"]) == 0
+    assert not [str(w.message) for w in seen if "GradStab" in str(w.message)]
+    assert demo.command.last_results.runs["c"].first_nonfinite_loss is not None
 
 
 def test_without_matplotlib_the_tables_still_print(tmp_path, monkeypatch, capsys):
