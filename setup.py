@@ -6,6 +6,11 @@
 * CUDA build of torch, no toolkit -> CppExtension, with a message saying so
 * GRADSTAB_NO_EXT=1               -> pure Python, no extension
 
+Object files go to build/temp.<platform>-<python>-torch<version> in the source tree, for plain
+and editable (``pip install -e``) installs alike, so a second install reuses them: ninja
+recompiles only what changed (setuptools' editable install would otherwise compile in a fresh
+temporary folder every time). ``GRADSTAB_BUILD_TEMP=<dir>`` puts them elsewhere.
+
 The CUDA toolkit is the one CUDA_HOME (or CUDA_PATH) names, else the one the ``nvcc`` on PATH
 belongs to (found through symbolic links and, for a wrapper script, by asking nvcc itself),
 else /usr/local/cuda. The build needs the user's own torch: install with
@@ -111,6 +116,32 @@ def _third_party_include_dirs(cuda):
     return [*dirs, sysconfig.get_paths()["include"]]
 
 
+def persistent_build_temp(torch_version):
+    """The folder of the object files: ``GRADSTAB_BUILD_TEMP``, else
+    ``build/temp.<platform>-<python>-torch<version>`` in the source tree (one per torch, so
+    builds against two torches in one tree do not overwrite each other's objects)."""
+    import sysconfig
+
+    env = os.environ.get("GRADSTAB_BUILD_TEMP")
+    if env:
+        return os.path.abspath(env)
+    tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", torch_version)
+    return os.path.join(ROOT, "build", f"temp.{tag}-torch{torch_tag}")
+
+
+def _persistent(build_ext_cls, torch_version):
+    """``build_ext_cls`` compiling into :func:`persistent_build_temp` (ninja then rebuilds
+    only the objects whose sources, headers or flags changed)."""
+
+    class BuildExt(build_ext_cls):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = persistent_build_temp(torch_version)
+
+    return BuildExt
+
+
 def _extensions():
     if os.environ.get("GRADSTAB_NO_EXT") == "1":
         print("gradstab: GRADSTAB_NO_EXT=1, installing the pure-Python package", file=sys.stderr)
@@ -188,8 +219,10 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    build_ext = _persistent(BuildExtension.with_options(use_ninja=True), torch.__version__)
+    return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

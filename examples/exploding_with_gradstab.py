@@ -15,7 +15,7 @@ Both keep their gradient history themselves (``history=<steps>``: pre-clip per-l
 the post-clip norm, the threshold in force) and diagnose it; the script prints the verdict,
 the steps clipped, the thresholds used and the accuracy reached.
 
-Run (about 10 seconds on a CPU):
+Run (about 15 s of CPU time, on one torch thread: ``--threads``):
     python examples/exploding_with_gradstab.py
     python examples/exploding_with_gradstab.py --steps 30
 """
@@ -166,7 +166,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--percentile", type=float, default=10.0, help="part 2: percentile of the earlier norms"
     )
     parser.add_argument("--no-progress-bar", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for this small model, and steady when "
+        "other processes share the CPU)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     data = (*make_data(4096, args.seed), *make_data(1024, args.seed, split=1))
     return {
         "lightning": with_lightning(args, data),

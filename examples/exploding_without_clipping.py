@@ -9,7 +9,7 @@ from hundreds to billions in three steps and then the loss is NaN.
 :func:`gradstab.diagnose` says where NaN/Inf first appeared and that the gradients exploded.
 The loop stops after ``--patience`` steps with a non-finite loss.
 
-Run (a few seconds on a CPU):
+Run (about 6 s of CPU time, on one torch thread: ``--threads``):
     python examples/exploding_without_clipping.py
     python examples/exploding_without_clipping.py --plots /tmp/gs-exploding
 """
@@ -35,7 +35,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--init-gain", type=float, default=2.0, help="weight std x sqrt(fan_in)")
     parser.add_argument("--patience", type=int, default=20, help="stop after N NaN losses")
     parser.add_argument("--plots", default=None, help="write the pictures to this folder")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for this small model, and steady when "
+        "other processes share the CPU)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     x, y = make_data(4096, args.seed)

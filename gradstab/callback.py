@@ -63,7 +63,9 @@ class GradStabCallback(Callback):
             sequence of prefixes (e.g. ``"fc."``), or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (for ``"layer"`` and ``"normalize"``).
-        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
+        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``. Skipped and zeroed
+            steps are warned about (rank 0; at the 1st, 10th, 100th, ... such step), and the
+            end of ``fit`` prints the counters in one line.
         log_every_n_steps: logging period in optimizer steps; ``None`` uses the trainer's
             ``log_every_n_steps``; 0 never logs.
         log_per_layer: also log per-parameter norms and max-abs.
@@ -81,8 +83,10 @@ class GradStabCallback(Callback):
     Raises:
         TypeError, ValueError: a bad option, naming it and its value (a ``{group:
             threshold}`` dict naming a group the optimizer lacks: at the first step).
-        MisconfigurationException: in ``setup()``, next to ``Trainer(gradient_clip_val=...)``
-            or a :class:`~gradstab.GradStabOptimizer` (either would clip a second time).
+        MisconfigurationException: a clipping callback (``mode`` not ``None``) next to
+            ``Trainer(gradient_clip_val=...)`` (in ``setup()``) or a
+            :class:`~gradstab.GradStabOptimizer` (either would clip a second time). A
+            monitor-only callback works beside both and sees the gradients before they clip.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -245,15 +249,29 @@ class GradStabCallback(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse ``Trainer(gradient_clip_val=...)`` (double clipping); forget cached names."""
+        """Refuse ``Trainer(gradient_clip_val=...)`` when this callback clips too (double
+        clipping); beside it, a monitor-only callback (``mode=None``) says what it logs.
+        Forget cached names."""
         clip_val = trainer.gradient_clip_val
-        if clip_val is not None and clip_val != 0:
+        lightning_clips = clip_val is not None and clip_val != 0
+        if lightning_clips and self.mode is None:
+            if stage == "fit":
+                rank_zero_info(
+                    f"{_OWNER}(mode=None) monitors the gradients before Trainer(gradient_clip_val="
+                    f"{clip_val!r}, gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}) "
+                    "clips them (Lightning clips after the callbacks' on_before_optimizer_step): "
+                    "its norms, history and diagnosis are of the pre-clip gradients, and its "
+                    f"{self._config.log_prefix}/post_clip_norm_total and "
+                    f"{self._config.log_prefix}/clip_coef leave Lightning's clip out"
+                )
+        elif lightning_clips:
             raise MisconfigurationException(
                 f"{_OWNER}(mode={self.mode!r}) clips and monitors the gradients itself, and "
                 f"Trainer(gradient_clip_val={clip_val!r}, gradient_clip_algorithm="
                 f"{trainer.gradient_clip_algorithm!r}) would clip them a second time. Remove "
                 f"gradient_clip_val from the Trainer (use {_OWNER}(mode='norm', max_norm=...) "
-                f"or {_OWNER}(mode='value', clip_value=...) instead), or remove the {_OWNER}"
+                f"or {_OWNER}(mode='value', clip_value=...) instead), or make the {_OWNER} "
+                "monitor only (mode=None), or remove it"
             )
         self._names = None
         self._module_of = None
@@ -263,7 +281,10 @@ class GradStabCallback(Callback):
             self.diagnosis = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step)."""
+        """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step) when
+        this callback clips too."""
+        if self.mode is None:  # monitoring: the wrapper clips later, inside its step()
+            return
         for i, opt in enumerate(trainer.optimizers):
             if isinstance(opt, GradStabOptimizer):
                 raise MisconfigurationException(
@@ -315,6 +336,7 @@ class GradStabCallback(Callback):
         log = bool(every) and (batches + 1) % every == 0
         if self._config.history and self.history is None and trainer.is_global_zero:
             self.history = self._make_history(pl_module)
+        policy_before = state.policy_steps
         skip, metrics = _clipping.clip_step(
             self._config,
             state,
@@ -329,6 +351,17 @@ class GradStabCallback(Callback):
         if skip:
             for p in plan.params:
                 p.grad = None
+        if state.policy_steps > state.warned_policy_steps:
+            notice = _clipping.nonfinite_notice(
+                self._config,
+                state,
+                _OWNER,
+                trainer.global_step,
+                skipped_now=skip
+                or (state.policy_steps > policy_before and not state.zeroed_on_device),
+            )
+            if notice is not None:
+                rank_zero_warn(notice)
         if metrics is not None:
             if len(trainer.optimizers) > 1:
                 per_param = _clipping.per_param_prefixes(self._config)
@@ -381,8 +414,36 @@ class GradStabCallback(Callback):
             raise RuntimeError(f"{_OWNER}.diagnose: there is no gradient history ({why})")
         return diagnose(self.history, **kwargs)
 
+    def _summary(self, c: Mapping[str, int]) -> str:
+        """The fit-end line: the counters ``c`` (from :meth:`counters`) in words."""
+        line = (
+            f"{_OWNER}(mode={self.mode!r}, nonfinite={self.nonfinite!r}): {c['steps']} "
+            f"optimizer steps, {c['clipped_steps']} clipped, {c['nonfinite_steps']} with "
+            f"NaN/Inf gradients, {c['skipped_steps']} skipped"
+        )
+        zeroed = sum(st.policy_steps for st in self._states.values())
+        if self.nonfinite == "zero":
+            line += f", {zeroed} zeroed"
+        return line
+
+    def _nonfinite_left_in(self, counts: Mapping[str, int]) -> bool:
+        """Whether steps with NaN/Inf gradients were skipped or zeroed by the policy, or, with
+        ``"ignore"``, reached the weights (a GradScaler's routine skips do not count)."""
+        if any(st.policy_steps for st in self._states.values()):
+            return True
+        return self.nonfinite == "ignore" and counts["nonfinite_steps"] > counts["skipped_steps"]
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With a history: log the diagnosis (``diagnose_on_fit_end``), write the plots."""
+        """Print the counters in one line (a warning when NaN/Inf steps were skipped,
+        zeroed or let through); with a history: log the diagnosis (``diagnose_on_fit_end``),
+        write the plots."""
+        if self._states:
+            counts = self.counters()  # one read per optimizer, on every rank (equal under DDP)
+            line = self._summary(counts)
+            if self._nonfinite_left_in(counts):
+                rank_zero_warn(line)
+            else:
+                rank_zero_info(line)
         if self.history is None or not trainer.is_global_zero:
             return
         if self._diagnose_on_fit_end or self._plot_dir is not None:

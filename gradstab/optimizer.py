@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -24,6 +26,20 @@ from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 __all__ = ["GradStabOptimizer"]
 
 _OWNER = "GradStabOptimizer"
+#: ``log_every_n_steps`` when a ``log_fn`` is given without one (Lightning's Trainer default).
+DEFAULT_LOG_EVERY = 50
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` for a warning issued by the caller that points at the first frame
+    outside gradstab, torch and Lightning (the training loop that called ``step()``)."""
+    inside = ("gradstab", "torch", "lightning", "lightning_fabric", "pytorch_lightning")
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        inside
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class GradStabOptimizer(torch.optim.Optimizer):
@@ -58,13 +74,17 @@ class GradStabOptimizer(torch.optim.Optimizer):
             from ``module``) or a callable ``(name, param) -> bool``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
-        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``.
+        nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``. Skipped and zeroed
+            steps are warned about (``warnings.warn`` on rank 0, at the 1st, 10th, 100th, ...
+            such step).
         module: the model, to name parameters in errors and metrics and to group them by
             module; without it parameters are named ``param_groups.<g>.<i>``.  With
             ``history``, its modules are evidence for the prescriptions of :meth:`diagnose`
             (without it they say which evidence is missing).
         log_every_n_steps: every this many steps build :attr:`last_metrics` (one host read)
-            and pass it to ``log_fn``; 0 (the default) never does.
+            and pass it to ``log_fn``; 0 never does. ``None`` (the default): every 50 steps
+            when ``log_fn`` is given (Lightning's default period), else never (no host read).
+            0 with a ``log_fn`` warns that ``log_fn`` is never called.
         log_fn: called as ``log_fn(metrics, step)`` on logging steps, ``step`` counting the
             optimizer steps so far (this one included), e.g. a TensorBoard
             ``SummaryWriter``'s ``add_scalar`` in a loop over ``metrics``.
@@ -121,7 +141,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         group_by: str = "param",
         nonfinite: str = "ignore",
         module: torch.nn.Module | None = None,
-        log_every_n_steps: int = 0,
+        log_every_n_steps: int | None = None,
         log_fn: Callable[[dict[str, float], int], None] | None = None,
         log_per_layer: bool = False,
         log_prefix: str = "grad",
@@ -169,11 +189,21 @@ class GradStabOptimizer(torch.optim.Optimizer):
                 f"{_OWNER}: group_by='module' needs module= (the model whose modules group the "
                 "parameters); got module=None"
             )
-        every = _clipping.check_log_every(_OWNER, log_every_n_steps, allow_none=False)
+        every = _clipping.check_log_every(_OWNER, log_every_n_steps)
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"{_OWNER}: log_fn must be callable or None; got {log_fn!r}")
+        if every is None:
+            every = DEFAULT_LOG_EVERY if log_fn is not None else 0
+        elif every == 0 and log_fn is not None:
+            warnings.warn(
+                f"{_OWNER}: log_fn={log_fn!r} is never called with log_every_n_steps=0; pass "
+                f"log_every_n_steps=N to call it every N steps (or leave it out: every "
+                f"{DEFAULT_LOG_EVERY} steps with a log_fn)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._wrapped = optimizer
-        self._log_every = every or 0
+        self._log_every = every
         self._log_fn = log_fn
         self._module = module
         self._clip_state = _clipping.ClipState()
@@ -366,18 +396,34 @@ class GradStabOptimizer(torch.optim.Optimizer):
         if self._config.history and not self._history_made:
             self._history = self._make_history(plan)
             self._history_made = True
+        step, policy_before = st.steps, st.policy_steps
         skip, metrics = _clipping.clip_step(
             self._config,
             st,
             plan,
             log=log,
-            step=st.steps,
+            step=step,
             history=self._history,
-            history_step=st.steps,
+            history_step=step,
         )
+        if st.policy_steps > st.warned_policy_steps:
+            self._warn_nonfinite(
+                step, skip or (st.policy_steps > policy_before and not st.zeroed_on_device)
+            )
         if metrics is not None and self._log_fn is not None:
             self._log_fn(metrics, st.steps)
         return skip
+
+    def _warn_nonfinite(self, step: int, skipped_now: bool) -> None:
+        """Warn (rate-limited, on rank 0) about steps the non-finite policy skipped/zeroed."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        notice = _clipping.nonfinite_notice(
+            self._config, self._clip_state, _OWNER, step, skipped_now=skipped_now
+        )
+        if notice is None or (dist.is_available() and dist.is_initialized() and dist.get_rank()):
+            return
+        warnings.warn(notice, UserWarning, stacklevel=_outside_stacklevel())
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (if any), clip, then step the wrapped optimizer.

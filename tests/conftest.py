@@ -8,6 +8,9 @@
   ``.hypothesis/``: turn each failure it finds into a fixed ``@example`` on the test. Both have
   no deadline (the first call of an op or a compiled function is slow on a busy machine). Each
   test sets its own moderate ``max_examples`` so the suite stays fast on two cores.
+- ``pytest -ra`` folds the skips of the GPU tests (reason ``needs a CUDA device``, or
+  ``needs CUDA``) into one summary line, ``SKIPPED [N] tests/conftest.py: needs a CUDA
+  device ...``, instead of one line per test function; other skips are listed as usual.
 - Fixtures: ``cpp_kernel`` skips a test unless the compiled C++ CPU kernel serves CPU;
   ``num_threads`` restores torch's intra-op thread count after a test changes it;
   ``one_thread`` runs a test with one intra-op thread (opt in per module with
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -35,6 +39,26 @@ _COMMON = {
 settings.register_profile("default", derandomize=True, database=None, **_COMMON)
 settings.register_profile("explore", **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+_GPU_SKIP = re.compile(r"^(Skipped: )?needs (a )?CUDA( device)?$")
+GPU_SKIP_REASON = (
+    "Skipped: needs a CUDA device (the GPU tests; benchmarks/gpu/run_gpu_checks.sh runs them "
+    "on a GPU machine)"
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Give every "needs a CUDA device" skip one location and reason, so that ``-ra`` folds
+    them into one line (pytest folds skips of equal location and reason)."""
+    longrepr = report.longrepr
+    if (
+        report.skipped
+        and isinstance(longrepr, tuple)
+        and len(longrepr) == 3
+        and _GPU_SKIP.match(str(longrepr[2]))
+    ):
+        report.longrepr = (__file__, None, GPU_SKIP_REASON)
 
 
 @pytest.fixture

@@ -750,6 +750,161 @@ def test_refuses_trainer_gradient_clip_val():
         trainer.fit(seeded(Net))
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_monitor_only_beside_lightning_gradient_clip_val(algorithm, caplog):
+    """mode=None clips nothing: it runs next to Lightning's clipping, sees the gradients before
+    Lightning clips them (Lightning clips after the callbacks' hook), and says so."""
+    bound = 0.05 if algorithm == "norm" else 0.01
+    clip = {"gradient_clip_val": bound, "gradient_clip_algorithm": algorithm}
+    ref = seeded(Net)
+    fit(ref, [], max_steps=4, **clip)
+    before, after = Spy(), Spy()
+    cb = GradStabCallback(mode=None, log_every_n_steps=1, history=4)
+    ours = seeded(Net)
+    with caplog.at_level("INFO"):
+        fit(ours, [before, cb, after], max_steps=4, **clip)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)  # Lightning's clip alone decided the steps
+    for b, a in zip(before.grads, after.grads):  # the callback changed no gradient
+        assert all(torch.equal(b[n], a[n]) for n in NAMES)
+    # what it logged and recorded is the pre-clip gradient (Lightning clips after the hook)
+    pre = pnorm(before.grads[-1].values(), 2)
+    assert pre > bound * 2  # so Lightning did clip
+    assert cb.last_metrics["grad_2.0_norm_total"] == pytest.approx(pre, rel=1e-6)
+    assert cb.history.data().total_norm[-1].item() == pytest.approx(pre, rel=1e-6)
+    assert cb.counters()["steps"] == 4
+    assert "monitors the gradients before Trainer(gradient_clip_val=" in caplog.text
+
+
+def test_monitor_only_beside_a_gradstab_optimizer():
+    class Wrapped(Net):
+        def configure_optimizers(self):
+            return GradStabOptimizer(torch.optim.SGD(self.parameters(), lr=0.1), max_norm=0.05)
+
+    before = Spy()
+    cb = GradStabCallback(mode=None, log_every_n_steps=1)
+    model = seeded(Wrapped)
+    trainer = fit(model, [before, cb], max_steps=3)
+    assert cb.last_metrics["grad_2.0_norm_total"] == pytest.approx(
+        pnorm(before.grads[-1].values(), 2), rel=1e-6
+    )
+    assert trainer.optimizers[0].counters()["clipped_steps"] == 3  # the wrapper clipped
+
+
+class MemoryLogger(pl.loggers.Logger):
+    """Keeps every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+def _gradstab_rows(logger: MemoryLogger) -> dict[int, dict[str, float]]:
+    return {s: m for s, m in logger.rows if "grad/clip_coef" in m}
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero"])
+def test_skipped_or_zeroed_step_logs_coefficient_zero(policy):
+    logger = MemoryLogger()
+    cb = GradStabCallback(max_norm=1.0, nonfinite=policy, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="NaN/Inf"):
+        fit(seeded(lambda: Net(bad={2: math.nan})), [cb], max_steps=4, logger=logger)
+    rows = _gradstab_rows(logger)
+    assert rows[2]["grad/clip_coef"] == 0.0 and rows[2]["grad/post_clip_norm_total"] == 0.0
+    assert all(0 < rows[s]["grad/clip_coef"] <= 1 for s in (0, 1, 3))
+
+
+def test_ignored_nan_step_logs_a_nan_coefficient():
+    logger = MemoryLogger()
+    cb = GradStabCallback(max_norm=1.0, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="1 with NaN/Inf gradients"):  # the fit-end line
+        fit(seeded(lambda: Net(bad={1: math.nan})), [cb], max_steps=2, logger=logger)
+    assert math.isnan(_gradstab_rows(logger)[1]["grad/clip_coef"])
+
+
+def test_all_zero_gradients_log_coefficient_one():
+    class Zero(Net):
+        def on_after_backward(self):
+            for p in self.parameters():
+                p.grad.zero_()
+
+    logger = MemoryLogger()
+    cb = GradStabCallback(max_norm=1.0, log_every_n_steps=1)
+    fit(seeded(Zero), [cb], max_steps=2, logger=logger)
+    assert [m["grad/clip_coef"] for m in _gradstab_rows(logger).values()] == [1.0, 1.0]
+
+
+def test_skipped_steps_warn_rate_limited_and_at_fit_end():
+    """A NaN storm of 12 steps: warnings at the 1st and 10th skipped step, and the fit-end line
+    with the counts."""
+    cb = GradStabCallback(max_norm=1.0, nonfinite="skip", log_every_n_steps=0)
+    model = seeded(lambda: Net(bad={s: math.nan for s in range(1, 13)}))
+    with pytest.warns(UserWarning) as record:
+        fit(model, [cb], max_steps=14)
+    texts = [str(w.message) for w in record if "GradStabCallback" in str(w.message)]
+    assert texts[0].startswith(
+        "GradStabCallback: optimizer step 1 skipped: its gradients hold NaN/Inf values "
+        "(nonfinite='skip'); 1 step skipped in this process. The next warning comes at 10 "
+        "such steps"
+    )
+    assert texts[1].startswith("GradStabCallback: optimizer step 10 skipped")
+    assert texts[2] == (
+        "GradStabCallback(mode='norm', nonfinite='skip'): 14 optimizer steps, 2 clipped, 12 "
+        "with NaN/Inf gradients, 12 skipped"
+    )
+    assert len(texts) == 3
+
+
+def test_zeroed_step_warns_at_once_on_the_cpu():
+    cb = GradStabCallback(max_norm=1.0, nonfinite="zero", log_every_n_steps=0)
+    with pytest.warns(UserWarning) as record:
+        fit(seeded(lambda: Net(bad={1: math.inf})), [cb], max_steps=3)
+    texts = [str(w.message) for w in record if "GradStabCallback" in str(w.message)]
+    assert texts[0].startswith(
+        "GradStabCallback: optimizer step 1: its gradients hold NaN/Inf values and were zeroed"
+    )
+    assert texts[1].endswith("1 with NaN/Inf gradients, 0 skipped, 1 zeroed")
+
+
+def test_zeroed_step_off_the_cpu_warns_when_the_counters_are_read(monkeypatch):
+    """Off the CPU "zero" reads nothing on the host: its warning comes at the next logging
+    step (simulated on the CPU by taking the device path)."""
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
+    cb = GradStabCallback(max_norm=1.0, nonfinite="zero", log_every_n_steps=4)
+    with pytest.warns(UserWarning) as record:
+        fit(seeded(lambda: Net(bad={1: math.nan})), [cb], max_steps=6)
+    texts = [str(w.message) for w in record if "GradStabCallback" in str(w.message)]
+    assert texts[0].startswith(
+        "GradStabCallback: NaN/Inf gradients were zeroed at some of the optimizer steps up to 3"
+    )
+    assert texts[1].endswith("1 zeroed")
+
+
+def test_healthy_fit_ends_with_an_info_line(caplog, recwarn):
+    cb = GradStabCallback(max_norm=0.05, nonfinite="skip")
+    with caplog.at_level("INFO"):
+        fit(seeded(Net), [cb], max_steps=3)
+    assert (
+        "GradStabCallback(mode='norm', nonfinite='skip'): 3 optimizer steps, 3 clipped, 0 with "
+        "NaN/Inf gradients, 0 skipped"
+    ) in caplog.text
+    assert not [w for w in recwarn if "GradStabCallback" in str(w.message)]
+
+
 def test_refuses_a_gradstab_optimizer():
     class Wrapped(Net):
         def configure_optimizers(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -346,6 +347,31 @@ def test_run_selection_without_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "(c) deep ReLU MLP" in printed and "Comparison" in printed
     assert "(b)" not in printed.split("Comparison")[1]
+
+
+def test_progress_is_plain_lines_when_stdout_is_no_terminal(tmp_path, capsys, one_thread):
+    """Piped to a file, the progress is a line per tenth of a run, not a bar's redraws."""
+    rc = main(["demo", "--tiny", "--steps", "20", "--runs", "a", "--no-plots",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "\r" not in printed and "it/s" not in printed
+    lines = [ln for ln in printed.splitlines() if ln.startswith("  (a) vanishing: step")]
+    assert [ln.split(",")[0] for ln in lines] == [
+        f"  (a) vanishing: step {s}/20" for s in range(2, 21, 2)
+    ]
+    assert all(", loss " in ln for ln in lines)
+
+
+def test_the_exploding_run_prints_no_warning(tmp_path, one_thread):
+    """Run (c) lets NaN steps through on purpose; the callback's fit-end warning about them
+    would only repeat the demo's table."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["demo", "--tiny", "--runs", "c", "--no-plots", "--no-progress-bar"]) == 0
+    assert not [str(w.message) for w in seen if "GradStab" in str(w.message)]
+    assert demo.command.last_results.runs["c"].first_nonfinite_loss is not None
 
 
 def test_without_matplotlib_the_tables_still_print(tmp_path, monkeypatch, capsys):

@@ -93,3 +93,46 @@ def test_seed_remedies(capsys):
     assert by[("exploding", "smaller LR (0.005)")]["first_nonfinite"] is None
     printed = capsys.readouterr().out
     assert printed.count("\n") == len(rows) + 2  # header, rule, one line per variant
+
+
+def test_fabric_loop(capsys):
+    pytest.importorskip("lightning.fabric")
+    threads = torch.get_num_threads()
+    for precision in ("32-true", "bf16-mixed"):
+        out = load("fabric_loop").main(
+            ["--steps", "12", "--nan-step", "3", "--log-every", "4", "--precision", precision]
+        )
+        c = out["counters"]
+        assert c["steps"] == 12 and c["skipped_steps"] == 1 and c["nonfinite_steps"] == 1
+        assert c["clipped_steps"] >= 1
+        assert [s for s, _ in out["logged"]] == [4, 8, 12]
+        assert all(math.isfinite(v) for v in out["losses"])
+        assert f"{precision}: 12 optimizer steps through gradstab" in capsys.readouterr().out
+    torch.set_num_threads(threads)
+
+
+PLAIN_LOOPS = [
+    ("vanishing_sigmoid_mlp", ["--steps", "2"]),
+    ("fixed_init_and_norm", ["--steps", "2"]),
+    ("exploding_without_clipping", ["--steps", "2"]),
+    ("plain_pytorch_loop", ["--steps", "2"]),
+    ("seed_remedies", ["--steps", "2"]),
+    ("fabric_loop", ["--steps", "2"]),
+    ("exploding_with_gradstab", ["--steps", "2", "--no-progress-bar"]),
+]
+
+
+@pytest.mark.parametrize(("name", "argv"), PLAIN_LOOPS, ids=[n for n, _ in PLAIN_LOOPS])
+def test_examples_pin_one_thread_by_default(name, argv, monkeypatch, num_threads, capsys):
+    """Like the demo, the examples run their small models on one torch thread (steady when
+    other processes share the CPU); ``--threads`` changes it."""
+    if name in ("fabric_loop", "exploding_with_gradstab"):
+        pytest.importorskip("lightning.fabric")
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    load(name).main(argv)
+    assert calls[:1] == [1]
+    calls.clear()
+    load(name).main([*argv, "--threads", "2"])
+    assert calls[:1] == [2]

@@ -252,6 +252,85 @@ def test_monitor_only_and_log_fn():
         assert m[f"health/max_abs/{n}"] == pytest.approx(float(g.abs().max()), rel=1e-6)
 
 
+def _train(opt, model, steps, bad=()):
+    for i, x in enumerate(batches(steps)):
+        opt.zero_grad()
+        loss_of(model, x).backward()
+        if i in bad:
+            model[2].weight.grad[0, 0] = math.nan
+        opt.step()
+
+
+def test_log_fn_without_a_period_logs_every_50_steps():
+    model = make_model()
+    logged = []
+    opt = GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        max_norm=1.0,
+        log_fn=lambda metrics, step: logged.append(step),
+    )
+    _train(opt, model, 101)
+    assert logged == [50, 100]
+
+
+def test_no_log_fn_no_period_never_logs():
+    model = make_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), max_norm=1.0)
+    _train(opt, model, 51)
+    assert opt.last_metrics == {}
+
+
+def test_log_fn_with_period_zero_warns_that_it_is_never_called():
+    model = make_model()
+    with pytest.warns(UserWarning, match=r"log_fn=.* is never called with log_every_n_steps=0"):
+        GradStabOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            max_norm=1.0,
+            log_every_n_steps=0,
+            log_fn=print,
+        )
+
+
+def test_skipped_steps_warn_rate_limited():
+    """A warning at the 1st and the 10th skipped step, not at every one."""
+    model = make_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), nonfinite="skip",
+                            max_norm=1.0)  # fmt: skip
+    with pytest.warns(UserWarning) as record:
+        _train(opt, model, 14, bad=range(1, 13))
+    texts = [str(w.message) for w in record if "skipped" in str(w.message)]
+    assert len(texts) == 2
+    assert texts[0].startswith(
+        "GradStabOptimizer: optimizer step 1 skipped: its gradients hold NaN/Inf values "
+        "(nonfinite='skip'); 1 step skipped in this process. The next warning comes at 10 "
+        "such steps"
+    )
+    assert (
+        "optimizer step 10 skipped" in texts[1] and "10 steps skipped in this process" in texts[1]
+    )
+    assert opt.counters()["skipped_steps"] == 12
+
+
+def test_zeroed_step_warns():
+    model = make_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), nonfinite="zero",
+                            max_norm=1.0)  # fmt: skip
+    match = (
+        r"optimizer step 0: its gradients hold NaN/Inf values and were zeroed "
+        r"\(nonfinite='zero'\); 1 step zeroed in this process"
+    )
+    with pytest.warns(UserWarning, match=match):
+        _train(opt, model, 2, bad=[0])
+
+
+def test_healthy_steps_do_not_warn(recwarn):
+    model = make_model()
+    opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), nonfinite="skip",
+                            max_norm=1.0)  # fmt: skip
+    _train(opt, model, 3)
+    assert not [w for w in recwarn if "GradStab" in str(w.message)]
+
+
 def test_closure_is_evaluated_once_before_the_clip():
     model = make_model()
     opt = GradStabOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), max_norm=1e-3)
@@ -418,6 +497,7 @@ def test_lr_scheduler():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        warnings.filterwarnings("ignore", "GradStabOptimizer: optimizer step 1 skipped")
         for i, x in enumerate(batches(3)):
             opt.zero_grad()
             loss_of(model, x).backward()
@@ -547,10 +627,10 @@ def test_grad_scaler_skips_inf_steps():
         ),
         (
             lambda m: GradStabOptimizer(
-                torch.optim.SGD(m.parameters(), lr=1), max_norm=1, log_every_n_steps=None
+                torch.optim.SGD(m.parameters(), lr=1), max_norm=1, log_every_n_steps=2.0
             ),
             TypeError,
-            "log_every_n_steps must be an int >= 0; got None",
+            "log_every_n_steps must be None or an int >= 0; got 2.0",
         ),
         (
             lambda m: GradStabOptimizer(torch.optim.SGD(m.parameters(), lr=1), max_norm=-3),

@@ -430,3 +430,91 @@ def test_report_on_a_gradstab_callback_log(tmp_path, capsys):
     rc = main(["report", root, "--no-plots"])
     assert rc == 0
     assert f"non-finite gradients first at step {NAN_STEP}" in capsys.readouterr().out
+
+
+GPT2_ORDER = [
+    "transformer.wte.weight",
+    "transformer.wpe.weight",
+    "transformer.h.0.attn.c_attn.weight",
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.h.1.attn.c_attn.weight",
+    "transformer.h.1.mlp.c_fc.weight",
+    "transformer.ln_f.weight",
+]
+
+
+def _gpt2_csv(tmp_path) -> str:
+    """A CSVLogger-style log (columns sorted by name) of GPT-2-like parameter names."""
+    cols = sorted(f"grad_2.0_norm/{n}" for n in GPT2_ORDER)
+    lines = [",".join(["epoch", *cols, "step"])]
+    for s in range(6):
+        lines.append(",".join(["0", *(["1.0"] * len(cols)), str(s)]))
+    path = tmp_path / "metrics.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _ylabels(monkeypatch) -> list[str]:
+    from matplotlib.axes import Axes  # noqa: PLC0415
+
+    labels: list[str] = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(
+        Axes, "set_ylabel", lambda self, text, *a, **k: (labels.append(text), real(self, text))[1]
+    )
+    return labels
+
+
+def _rows(labels: list[str]) -> list[str]:
+    """The heatmap's row-axis label among the y labels set (colour bars have their own)."""
+    return [t for t in labels if t.startswith("parameter")]
+
+
+def test_csv_log_order_is_labelled_for_what_it_is(tmp_path, monkeypatch, capsys):
+    """CSVLogger sorts its columns: GPT-2's wte/wpe end up after the blocks, so the heatmap must
+    not call the rows "network order"; --order FILE gives the real order."""
+    path = _gpt2_csv(tmp_path)
+    data = read_log(path)
+    assert data.names.index("transformer.wte.weight") > data.names.index(
+        "transformer.h.1.mlp.c_fc.weight"
+    )
+    assert data.name_order == "sorted by module path, not the network order"
+    labels = _ylabels(monkeypatch)
+    assert main(["report", path, "--out", str(tmp_path / "plain")]) == 0
+    assert _rows(labels) == ["parameter (sorted by module path, not the network order)"]
+    printed = capsys.readouterr().out
+    assert "Parameter order: sorted by module path, not the network order" in printed
+    assert "--order FILE" in printed
+    # the true order from a file: rows and label follow it, no note
+    order = tmp_path / "names.txt"
+    order.write_text("# GPT-2\n" + "\n".join(GPT2_ORDER) + "\n")
+    labels.clear()
+    assert main(["report", path, "--order", str(order), "--out", str(tmp_path / "o")]) == 0
+    assert _rows(labels) == ["parameter (network order)"]
+    assert "Parameter order:" not in capsys.readouterr().out
+    assert read_log(path, order=GPT2_ORDER).names == GPT2_ORDER
+    partial = read_log(path, order=GPT2_ORDER[:2])
+    assert partial.names[:2] == GPT2_ORDER[:2]
+    assert partial.name_order == "network order; 5 not in it, at the end"
+
+
+def test_report_order_file_errors(tmp_path, capsys):
+    path = _gpt2_csv(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    assert main(["report", path, "--order", str(empty), "--no-plots"]) == 2
+    assert "no parameter names in it" in capsys.readouterr().err
+    assert main(["report", path, "--order", str(tmp_path / "missing.txt"), "--no-plots"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_grad_history_heatmap_is_labelled_network_order(tmp_path, monkeypatch):
+    from gradstab.diagnosis.plots import plot_layer_heatmap  # noqa: PLC0415
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    h = GradHistory(model)
+    model(torch.randn(8, 4)).sum().backward()
+    h.record_step(0)
+    labels = _ylabels(monkeypatch)
+    plot_layer_heatmap(h.data(), str(tmp_path / "h.png"))
+    assert _rows(labels) == ["parameter (network order)"]

@@ -87,7 +87,7 @@ from gradstab._clipping.config import (
 )
 from gradstab._clipping.plan import Plan, build_plan, plan_key
 from gradstab._clipping.state import ClipState
-from gradstab._clipping.step import clip_step
+from gradstab._clipping.step import clip_step, nonfinite_notice
 from gradstab._common import EPS
 
 __all__ = [
@@ -104,6 +104,7 @@ __all__ = [
     "clip_step",
     "make_config",
     "metric_names",
+    "nonfinite_notice",
     "per_param_prefixes",
     "plan_key",
 ]

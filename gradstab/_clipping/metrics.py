@@ -134,7 +134,13 @@ def step_metrics(
         post = _post_total(parts, p, zeroed)
         if parts[0].scale is not None:
             post = post / parts[0].scale.to(dev0, _F64)
-        coef = torch.where(pre > 0, post / pre, torch.ones_like(pre))
+        # 1 for all-zero gradients; NaN where the pre-clip norm is NaN/Inf (policy "ignore");
+        # 0 for a skipped or zeroed step (post is 0 then)
+        coef = torch.where(pre == 0, torch.ones_like(pre), post / pre)
+        if isinstance(zeroed, Tensor):
+            coef = torch.where(zeroed.to(dev0), torch.zeros_like(coef), coef)
+        elif zeroed:
+            coef = torch.zeros_like(coef)
         blocks: list[tuple[list[str], Tensor]] = [
             ([keys["total"], keys["post"], keys["coef"]], torch.stack((pre, post, coef))),
             (["pending"] * 3, state.pending.to(dev0, _F64)),  # type: ignore[union-attr]

@@ -42,6 +42,14 @@ class ClipState:
     skipped_steps: int = 0
     window_steps: int = 0
     window_clipped: int = 0
+    #: Steps the non-finite policy skipped or zeroed, as far as the host knows: counted at the
+    #: step for ``"skip"`` (and ``"zero"`` on the CPU), at the next host read of the counters
+    #: for ``"zero"`` elsewhere (no read is added for it). Not part of checkpoints.
+    policy_steps: int = 0
+    #: ``policy_steps`` at the last warning (see :func:`gradstab._clipping.nonfinite_notice`).
+    warned_policy_steps: int = 0
+    #: ``"zero"`` off the CPU: the steps it zeroed are counted when the counters are read.
+    zeroed_on_device: bool = False
     pending: Tensor | None = field(default=None, repr=False)
     head: Tensor | None = field(default=None, repr=False)  # pending[:2], made once
     last_metrics: dict[str, float] = field(default_factory=dict, repr=False)
@@ -53,6 +61,8 @@ class ClipState:
         self.window_clipped += clipped
         self.nonfinite_steps += nonfinite
         self.skipped_steps += skipped
+        if self.zeroed_on_device:  # every non-finite step the GradScaler did not skip
+            self.policy_steps += nonfinite - skipped
         if self.pending is not None:
             self.pending.zero_()
 

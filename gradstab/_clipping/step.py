@@ -176,6 +176,7 @@ def clip_step(
         if _host_read_is_free(parts):
             zeroed = bool(flag)
             if zeroed:
+                state.policy_steps += 1
                 for part in parts:
                     for gs in part.grads:
                         if gs:
@@ -189,10 +190,12 @@ def clip_step(
                     for g in gs:
                         g.masked_fill_(f, 0)
             zeroed = flag
+            state.zeroed_on_device = True  # counted when the counters are next read
     elif cfg.nonfinite == "skip" and not scaler_skips:
         skip = bool(flag)  # one host read per step: the optimizer step happens or not
         if skip:
             state.skipped_steps += 1
+            state.policy_steps += 1
     if history is not None:
         record_history(
             cfg,
@@ -207,4 +210,60 @@ def clip_step(
         )
     if not log:
         return skip, None
-    return skip, step_metrics(cfg, state, parts, unit_logs, zeroed=skip or zeroed)
+    # a step the GradScaler skips is not applied either: logged as zeroed (post 0, coef 0)
+    gone = flag if scaler_skips else (skip or zeroed)
+    return skip, step_metrics(cfg, state, parts, unit_logs, zeroed=gone)
+
+
+def _decade(n: int) -> int:
+    """``floor(log10(n))`` for ``n >= 1``; -1 for 0."""
+    return len(str(n)) - 1 if n > 0 else -1
+
+
+def nonfinite_notice(
+    cfg: ClipConfig, state: ClipState, owner: str, step: int | None, *, skipped_now: bool
+) -> str | None:
+    """The warning due about steps the non-finite policy skipped or zeroed, or ``None``.
+
+    Rate-limited so that a run of NaN steps does not flood the output: a warning at the 1st,
+    10th, 100th, ... such step (when a count read at a logging step jumps past several of
+    these, one warning). Reads nothing on the device: it uses what the host already knows
+    (``"skip"``: every step; ``"zero"``: every step on the CPU, else at the next host read
+    of the counters).
+
+    Args:
+        cfg: the options.
+        state: the counters (``state.warned_policy_steps`` is updated when a warning is due).
+        owner: the class name for the message.
+        step: the optimizer step just taken (0-based), for the message.
+        skipped_now: this very step was skipped or zeroed (known on the host).
+
+    Returns:
+        The message, or ``None`` when no warning is due.
+
+    Example:
+        >>> from gradstab import _clipping
+        >>> cfg = _clipping.make_config("Demo", max_norm=1.0, nonfinite="skip")
+        >>> st = _clipping.ClipState(policy_steps=1)
+        >>> print(nonfinite_notice(cfg, st, "Demo", 7, skipped_now=True))  # doctest: +ELLIPSIS
+        Demo: optimizer step 7 skipped: its gradients hold NaN/Inf values (nonfinite='skip'); ...
+        >>> nonfinite_notice(cfg, st, "Demo", 8, skipped_now=False) is None
+        True
+    """
+    n = state.policy_steps
+    if _decade(n) <= _decade(state.warned_policy_steps):
+        return None
+    state.warned_policy_steps = n
+    verb = "skipped" if cfg.nonfinite == "skip" else "zeroed"
+    so_far = f"{n} step{'s' if n != 1 else ''} {verb} in this process"
+    if skipped_now and cfg.nonfinite == "skip":
+        head = f"optimizer step {step} skipped: its gradients hold NaN/Inf values"
+    elif skipped_now:
+        head = f"optimizer step {step}: its gradients hold NaN/Inf values and were zeroed"
+    else:  # "zero" off the CPU: found when the device counters were read
+        head = f"NaN/Inf gradients were zeroed at some of the optimizer steps up to {step}"
+    return (
+        f"{owner}: {head} (nonfinite={cfg.nonfinite!r}); {so_far}. The next warning comes at "
+        f"{10 ** (_decade(n) + 1)} such steps; counters() and the logged "
+        f"{cfg.log_prefix}/nonfinite_steps, {cfg.log_prefix}/skipped_steps count every one"
+    )

@@ -61,6 +61,10 @@ class HistoryData:
             never), or ``None`` when units were not tracked.
         unit_tracking_since: the first step at which units were tracked.
         source: where the data came from (for messages).
+        name_order: what the order of ``names`` is, in words, for the plots' labels:
+            ``"network order"`` (a :class:`GradHistory`: registration order; a log read with
+            ``order=``), else how a log's names were ordered (e.g. ``"sorted by module
+            path"``).
     """
 
     names: list[str]
@@ -82,6 +86,7 @@ class HistoryData:
     unit_last_nonzero: dict[str, Tensor] | None = None
     unit_tracking_since: int | None = None
     source: str = "GradHistory"
+    name_order: str = "network order"
 
     def __post_init__(self) -> None:
         s, t = len(self.steps), len(self.names)

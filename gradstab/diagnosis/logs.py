@@ -23,8 +23,12 @@ network order: when the per-layer keys appear sorted, they are re-ordered by mod
 a natural sort (digit runs compared as numbers: ``layers.2`` before ``layers.10``) and, within
 a module, ``weight`` before ``bias`` (the registration order of PyTorch's layers).  That
 restores the order of numbered containers (``nn.Sequential``, ``nn.ModuleList``); sibling
-modules with other names stay alphabetical (``read_log(order=...)`` takes the true order).
-TensorBoard tags keep the order in which they were first written.
+modules with other names stay alphabetical (GPT-2's ``transformer.wte`` and ``wpe`` come after
+``transformer.h.*``), so ``read_log(order=...)`` (``report --order FILE``) takes the true
+order.  TensorBoard tags keep the order in which they were first written (for
+:class:`gradstab.GradStabCallback`: its optimizer's parameter order).
+:attr:`HistoryData.name_order` says which order the names are in; the heatmap's axis label
+shows it.
 
 The log is looked for under the directory given: ``metrics.csv`` files and folders holding
 ``events.out.tfevents.*`` files (e.g. ``lightning_logs/version_3/``).  The newest one is used,
@@ -252,6 +256,8 @@ def read_log(
         prefix: the prefix of gradstab's own keys (``GradStabCallback(log_prefix=...)``).
         order: parameter names in network order (e.g. ``[n for n, _ in
             model.named_parameters()]``); logged names not in it follow, naturally sorted.
+            Without it the names are in the log's order (TensorBoard: as first written; CSV:
+            sorted by module path), and :attr:`HistoryData.name_order` says so.
 
     Returns:
         The history: one row per logged step that has any gradient key, missing cells NaN.
@@ -293,11 +299,20 @@ def read_log(
     names = list(
         dict.fromkeys(c[len(layer_prefix) :] for c in columns if c.startswith(layer_prefix))
     )
-    if names == sorted(names):
+    if names == sorted(names):  # CSVLogger sorts its columns: the network order is lost
         names.sort(key=_param_key)
+        name_order = "sorted by module path, not the network order"
+    elif kind == "csv":
+        name_order = "the log's column order"
+    else:
+        name_order = "as first logged"
     if order is not None:
         pos = {n: i for i, n in enumerate(order)}
         names = sorted(names, key=lambda n: (pos.get(n, len(pos)), _param_key(n)))
+        missing = [n for n in names if n not in pos]
+        name_order = "network order" + (
+            f"; {len(missing)} not in it, at the end" if missing else ""
+        )
     total_key = f"grad_{want}_norm_total"
     g = f"{prefix}/"
     keys = {
@@ -388,4 +403,5 @@ def read_log(
         nonfinite_step=nf_step,
         norm_type=p,
         source=os.path.relpath(loc) if not os.path.isabs(path) else loc,
+        name_order=name_order,
     )

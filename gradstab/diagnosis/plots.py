@@ -105,7 +105,9 @@ def plot_layer_heatmap(
     max_labels: int = 40,
     title: str | None = None,
 ) -> str:
-    """Heatmap of per-layer gradient norms: layers (network order, input at the top) x steps.
+    """Heatmap of per-layer gradient norms: layers (in ``data.names`` order: the network
+    order, input at the top, where it is known) x steps.  The y axis label says which order
+    (:attr:`HistoryData.name_order`).
 
     Colour is the norm on a log scale; grey cells have no value (no gradient, not logged),
     black cells an exactly zero gradient, red cells a NaN/Inf gradient.
@@ -175,7 +177,7 @@ def plot_layer_heatmap(
     ax.set_yticks([t + 0.5 for t in ticks])
     ax.set_yticklabels([data.names[t] for t in ticks], fontsize=7 if t_n > 20 else 9)
     ax.set_xlabel("step")
-    ax.set_ylabel("parameter (network order)")
+    ax.set_ylabel(f"parameter ({data.name_order})")
     fig.text(0.01, 0.01, "grey: no value   black: zero gradient   red: NaN/Inf gradient",
              fontsize=8, color="#555555")  # fmt: skip
     fig.subplots_adjust(left=0.22, right=0.98, top=0.94, bottom=0.08)

@@ -5,9 +5,15 @@ understands are described there), prints the diagnosis of :func:`gradstab.diagno
 prescriptions (from the log alone: a log has no model, so the model-based checks are listed as
 missing) and writes two PNG files (see :mod:`gradstab.diagnosis.plots`).
 
+A CSV log does not keep the network order of the parameters (``CSVLogger`` sorts its columns):
+the rows of the heatmap and the depth trend then follow the module paths, and the heatmap's
+axis says so.  ``--order FILE`` gives the true order: a text file with one parameter name a
+line, e.g. written by ``print(*(n for n, _ in model.named_parameters()), sep="\\n")``.
+
 Example:
     $ python -m gradstab report lightning_logs --out gradstab_report
     $ python -m gradstab report lightning_logs --version 3 --format tensorboard --json d.json
+    $ python -m gradstab report lightning_logs --order param_names.txt
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from gradstab.diagnosis import Diagnosis, diagnose
 from gradstab.diagnosis.logs import LogError, read_log
 from gradstab.diagnosis.plots import plot_history
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "read_order", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="gradstab_report",
                         help="folder for the PNG files (default: ./gradstab_report)")  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="print the diagnosis only")
+    parser.add_argument("--order", default=None, metavar="FILE",
+                        help="parameter names in network order, one a line (a CSV log is "
+                        "sorted by name; default: the log's order)")  # fmt: skip
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the diagnosis as JSON to FILE")  # fmt: skip
     parser.add_argument("--norm-type", type=float, default=None,
@@ -68,6 +77,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "prescription recommends (default 95)")  # fmt: skip
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 1 when a problem is found")  # fmt: skip
+
+
+def read_order(path: str) -> list[str]:
+    """The parameter names of an ``--order`` file: one a line, blank lines and ``#`` comments
+    skipped.
+
+    Args:
+        path: the file, e.g. written by
+            ``print(*(n for n, _ in model.named_parameters()), sep="\\n", file=fh)``.
+
+    Returns:
+        The names, in the file's order.
+
+    Raises:
+        LogError: the file cannot be read or names nothing.
+
+    Example:
+        >>> with open("names.txt", "w") as fh:
+        ...     _ = fh.write("# GPT-2\\nwte.weight\\n\\nh.0.attn.weight\\n")
+        >>> read_order("names.txt")
+        ['wte.weight', 'h.0.attn.weight']
+    """
+    try:
+        with open(path) as fh:
+            names = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise LogError(f"--order {path}: cannot read: {e}") from e
+    if not names:
+        raise LogError(f"--order {path}: no parameter names in it (one a line)")
+    return names
 
 
 def _print_report(d: Diagnosis, top: int) -> None:
@@ -96,12 +135,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """
     err = sys.stderr
     try:
+        order = read_order(args.order) if args.order else None
         data = read_log(
             args.logdir,
             version=args.version,
             fmt=args.format,
             norm_type=args.norm_type,
             prefix=args.prefix,
+            order=order,
         )
         d = diagnose(
             data,
@@ -115,6 +156,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"gradstab report: {e}", file=err)
         return 2
     _print_report(d, args.top)
+    if data.name_order != "network order":
+        print(
+            f"\nParameter order: {data.name_order} ({data.source}); the depth trend and the "
+            "heatmap's rows follow it. --order FILE (names in network order, one a line) "
+            "gives the network order."
+        )
     status = 1 if args.strict and not d.healthy else 0
     if args.json:
         parent = os.path.dirname(os.path.abspath(args.json))

@@ -154,7 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(gradstab.PercentileThreshold; default {d.percentile:g})",
     )
     parser.add_argument(
-        "--no-progress-bar", action="store_true", help="hide Lightning's progress bar"
+        "--no-progress-bar",
+        action="store_true",
+        help="no progress (a bar on a terminal, a line per tenth of a run otherwise)",
     )
     parser.add_argument(
         "--threads",

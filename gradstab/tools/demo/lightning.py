@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from torch import Tensor, nn
 
 import gradstab
@@ -30,6 +30,7 @@ __all__ = [
     "LossTracker",
     "RunCallbacks",
     "RunProgressBar",
+    "RunProgressLines",
     "build_callbacks",
     "quiet_lightning",
 ]
@@ -100,6 +101,37 @@ class RunProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_description(self._label)
 
 
+class RunProgressLines(ProgressBar):
+    """Plain progress lines for output that is no terminal (a file, a pipe): the run, the step
+    and the loss at every tenth of the run, instead of a progress bar's redraws.
+
+    Example:
+        >>> bar = RunProgressLines("(a) vanishing")
+    """
+
+    def __init__(self, label: str, parts: int = 10) -> None:
+        super().__init__()
+        self._label = label
+        self._parts = parts
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        total, step = trainer.max_steps, trainer.global_step
+        if not self._enabled or total <= 0 or step % max(1, total // self._parts):
+            return
+        loss = trainer.progress_bar_metrics.get("loss")
+        shown = f", loss {float(loss):.4g}" if loss is not None else ""
+        print(f"  {self._label}: step {step}/{total}{shown}", flush=True)
+
+
 @dataclass
 class RunCallbacks:
     """The callbacks of one run and where to read their results.
@@ -167,7 +199,8 @@ def _short(threshold: AdaptiveThreshold) -> str:
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's info messages and its warning about data-loader workers."""
+    """Silence Lightning's info messages, its warning about data-loader workers and the
+    callback's fit-end line of counts (the demo prints them in its tables)."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -177,6 +210,8 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             # Lightning 2.6 with torch >= 2.10: its pytree helper uses a deprecated LeafSpec
             warnings.filterwarnings("ignore", ".*LeafSpec.*", category=FutureWarning)
+            # the callback's fit-end counts: the demo's own table shows them
+            warnings.filterwarnings("ignore", r"GradStabCallback\(mode=.*optimizer steps")
             yield
     finally:
         for lg, level in zip(loggers, levels):

@@ -8,6 +8,7 @@ Example:
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,8 @@ class DemoConfig:
             (0: never).
         out: folder of the pictures.
         plots: write the pictures (needs matplotlib).
-        progress_bar: show Lightning's progress bar.
+        progress_bar: show progress: Lightning's progress bar on a terminal, else a plain
+            line at every tenth of a run.
         threads: torch CPU threads during the runs (restored afterwards); ``None`` keeps them.
     """
 
@@ -387,8 +389,9 @@ def train_run(
     parts = lt.build_callbacks(capacity=cfg.steps, max_norm=clip_bound)
     tracker = lt.LossTracker(cfg.stop_after_nonfinite)
     callbacks = [*parts.callbacks, tracker]
-    if cfg.progress_bar:
-        callbacks.append(lt.RunProgressBar(f"({key}) {info.name}"))
+    if cfg.progress_bar:  # a bar on a terminal; plain lines in a file or a pipe
+        bar = lt.RunProgressBar if sys.stdout.isatty() else lt.RunProgressLines
+        callbacks.append(bar(f"({key}) {info.name}"))
     with lt.quiet_lightning():
         lt.fit(
             module,
