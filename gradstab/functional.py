@@ -58,6 +58,7 @@ from gradstab._common import (
 from gradstab._devices import clip_by_total, combined_stats, in_order, moved_bound
 from gradstab._extension import cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
+from gradstab.agc_units import UnitDim, agc_unit_dims, unit_dims
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -66,6 +67,7 @@ __all__ = [
     "AGCStats",
     "GradStats",
     "adaptive_clip_grad_",
+    "agc_unit_dims",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
@@ -617,12 +619,17 @@ def adaptive_clip_grad_(
     clip_factor: float = 0.01,
     eps: float = 1e-3,
     norm_type: float = 2.0,
+    *,
+    unit_dim: UnitDim = 0,
 ) -> AGCStats:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, NFNets), in place.
 
-    A *unit* is a slice along dim 0 of a parameter with two or more dimensions (an
-    output channel of a convolution, a row of a linear weight); a 0-/1-D parameter is
-    one unit.  For every unit ``i`` of every parameter ``W`` with gradient ``G``::
+    A *unit* is a slice along the unit axis of a parameter with two or more dimensions: dim 0
+    by default (an output channel of a convolution, a row of a ``torch.nn.Linear`` weight);
+    a 0-/1-D parameter is one unit.  Layouts whose output axis is not dim 0 (a transposed
+    convolution's ``[in, out, ...]``, Hugging Face's ``Conv1D`` ``[in, out]``) need
+    ``unit_dim``: :func:`agc_unit_dims` finds them in a module.  For every unit ``i`` of every
+    parameter ``W`` with gradient ``G``::
 
         max_norm_i = clip_factor * max(||W_i||_p, eps)
         G_i <- G_i * max_norm_i / ||G_i||_p     if ||G_i||_p > max_norm_i, else unchanged
@@ -631,6 +638,8 @@ def adaptive_clip_grad_(
     still learn); no epsilon is added to ``||G_i||`` (timm clamps it at ``1e-6``, which
     differs only when ``max_norm_i < 1e-6``).  One fused call reads every parameter and
     gradient once and writes a unit only when it is clipped; nothing is read on the host.
+    (A unit axis other than dim 0 is handed to the kernel as a ``transpose(0, d)`` view,
+    which it processes on a contiguous copy: one more read, and a write back when clipped.)
 
     Non-finite values follow the formula in float64: a unit whose gradient norm or weight
     norm is NaN is left unchanged (the comparison is false); a unit whose gradient holds
@@ -652,6 +661,10 @@ def adaptive_clip_grad_(
             batch size).
         eps: floor of the weight norm, finite and ``>= 0`` (paper and timm: ``1e-3``).
         norm_type: p of the unit-wise p-norms (``> 0``, ``inf`` allowed).
+        unit_dim: the unit axis of the parameters of two or more dimensions: an int for all
+            of them (negative counts from the end), a mapping ``{parameter: dim}`` (e.g. from
+            :func:`agc_unit_dims`; a parameter not in it uses dim 0), or a callable
+            ``parameter -> dim`` (``None``: dim 0).  Ignored for 0-/1-D parameters.
 
     Returns:
         An :class:`AGCStats` with the pre-clip norms and the number of clipped units.
@@ -675,12 +688,18 @@ def adaptive_clip_grad_(
     p = check_norm_type(norm_type, fn)
     params = param_list(parameters, fn)
     with_grad = [q for q in params if q.grad is not None]
+    dims = unit_dims(with_grad, unit_dim, fn)
     if not with_grad:
         empty = torch.zeros((0,))
         zeros = torch.zeros((0,), dtype=torch.int64)
         return AGCStats(empty, zeros, zeros.clone(), torch.tensor(0.0))
-    grads = [q.grad for q in with_grad]
-    weights = [q.detach() for q in with_grad]
+    grads, weights = [], []
+    for q, d in zip(with_grad, dims):
+        g, w = q.grad, q.detach()
+        if d:  # the kernels take dim 0 as the unit axis: a view with the unit axis first
+            g, w = g.transpose(0, d), w.transpose(0, d)
+        grads.append(g)
+        weights.append(w)
     groups = by_device(grads)
     outs = []
     for d, ix in groups:
