@@ -67,7 +67,7 @@ def in_order(
     pieces: list[list[int]] = []  # [group, start, stop]
     for i in range(len(where)):
         k, j = where[i]
-        if pieces and pieces[-1][0] == k and pieces[-1][2] == j:
+        if pieces and pieces[-1][0] == k:  # (then j follows the piece's last position)
             pieces[-1][2] = j + 1
         else:
             pieces.append([k, j, j + 1])

@@ -335,7 +335,9 @@ def _torch_message(norm_type):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm_type", [0.1, 1, 2, 3.5, INF, -1, -INF, 1e-5, 1e16, 123.456])
+@pytest.mark.parametrize(
+    "norm_type", [0.1, 1, 2, 3.5, INF, -1, -INF, 1e-4, 1e-5, 1e15, 1e16, 123.456, 2 / 3]
+)
 def test_nonfinite_message_starts_with_torchs_word_for_word(device, norm_type):
     """Every path (the C++ kernels' eager shortcut and dispatcher path, the PyTorch route of
     ``norm_type <= 0``, get_total_norm) starts its message with torch's exact text, the
