@@ -396,3 +396,32 @@ def test_clip_grad_value_does_not_warn_as_torch_does_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gradstab.clip_grad_value_((q for q in []), 1.0)
+
+
+def test_decomposed_api_and_nonpositive_norms_under_torch_compile():
+    """fullgraph=True: get_total_norm and clip_grads_with_norm_ trace through the ops' fake
+    kernels; norm_type <= 0 traces through the PyTorch measurement."""
+    grads = grads_on("cpu")[:2]
+    params = as_params(grads)
+    eager = [g.clone() for g in grads]
+
+    bound = torch.tensor(0.5, dtype=torch.float64)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step_l2(params, grads):
+        total = gradstab.get_total_norm(grads, 2.0)
+        gradstab.clip_grads_with_norm_(params, bound, total)
+        return total
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step_negative(params, grads):
+        total = gradstab.get_total_norm(grads, -1.0)
+        gradstab.clip_grads_with_norm_(params, bound, total)
+        return total
+
+    for p, step in ((2.0, step_l2), (-1.0, step_negative)):
+        want = gradstab.get_total_norm(eager, p)
+        gradstab.clip_grads_with_norm_(as_params(eager), 0.5, want)
+        got = step(params, [q.grad for q in params])
+        assert_value(got, want, rtol=0)
+        assert_grads_match(grads, [g.double() for g in eager], 0, f"compiled p={p}")
