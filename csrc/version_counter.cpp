@@ -1,11 +1,11 @@
 // Contract: the ADInplaceOrView kernel of every gradstab op that writes its gradients
-// (clip_norm, clip_norm_per_layer, clip_value, normalize_per_layer, adaptive_clip): it runs the
-// op's kernel below ADInplaceOrView, then bumps the version counter of every tensor the schema
-// marks as written (`Tensor(a!)[]`), as PyTorch's own in-place ops do, so autograd notices when a
-// tensor it saved (a gradient kept for double backward) was changed. Nothing is bumped when the
-// kernel raises (the ops change nothing then). Inference tensors have no version counter and are
-// skipped. The eager shortcuts (cpu/fast_path.cpp, cuda/fast_path_cuda.cpp) bump with
-// bump_versions() themselves.
+// (clip_norm, clip_norm_per_layer, clip_value, normalize_per_layer, adaptive_clip,
+// clip_with_norm): it runs the op's kernel below ADInplaceOrView, then bumps the version counter
+// of every tensor the schema marks as written (`Tensor(a!)[]`), as PyTorch's own in-place ops
+// do, so autograd notices when a tensor it saved (a gradient kept for double backward) was
+// changed. Nothing is bumped when the kernel raises (the ops change nothing then). Inference
+// tensors have no version counter and are skipped. The eager shortcuts (cpu/fast_path.cpp,
+// cuda/fast_path_cuda.cpp) bump with bump_versions() themselves.
 #include "version_counter.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -50,7 +50,8 @@ void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 TORCH_LIBRARY_IMPL(gradstab, ADInplaceOrView, m) {
   for (const char* name :
-       {"clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer", "adaptive_clip"}) {
+       {"clip_norm", "clip_norm_per_layer", "clip_value", "normalize_per_layer", "adaptive_clip",
+        "clip_with_norm"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
   }
 }

@@ -8,7 +8,8 @@ otherwise be copied between layers:
   :class:`AGCStats`);
 - argument checks with one wording everywhere (:func:`check_norm_type`, :func:`check_bound`,
   :func:`check_flag`, :func:`check_foreach`, :func:`check_real`, :func:`check_int`);
-- "parameters -> gradients" (:func:`param_list`, :func:`collect_grads`);
+- "parameters -> gradients" (:func:`param_list`, :func:`collect_grads`,
+  :func:`consume_generator`, :func:`by_device`);
 - DTensor detection without importing ``torch.distributed.tensor`` (:func:`is_dtensor`).
 
 Example:
@@ -26,17 +27,21 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from collections.abc import Callable, Iterable
+import types
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "EMPTY_GENERATOR_MESSAGE",
     "EPS",
     "AGCStats",
     "GradStats",
     "TensorOrTensors",
+    "by_device",
     "check_bound",
     "check_flag",
     "check_foreach",
@@ -44,6 +49,7 @@ __all__ = [
     "check_norm_type",
     "check_real",
     "collect_grads",
+    "consume_generator",
     "is_dtensor",
     "param_list",
 ]
@@ -52,6 +58,10 @@ TensorOrTensors = Union[Tensor, Iterable[Tensor]]
 
 #: The epsilon PyTorch adds to the total norm in ``clip_grad_norm_``.
 EPS = 1e-6
+
+#: The warning ``torch.nn.utils.clip_grad_norm_`` gives for a generator that yields nothing (an
+#: exhausted ``model.parameters()``); gradstab's clipping functions give the same one.
+EMPTY_GENERATOR_MESSAGE = "`parameters` is an empty generator, no gradient clipping will occur."
 
 
 class GradStats(NamedTuple):
@@ -115,6 +125,48 @@ def param_list(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
     return params
 
 
+def consume_generator(parameters: TensorOrTensors, stacklevel: int = 3) -> TensorOrTensors:
+    """A generator as a list (consumed once, here); anything else as it is.
+
+    Warns, as ``torch.nn.utils.clip_grad_norm_`` does (same condition: a generator object,
+    ``types.GeneratorType``, that yields nothing; same text), when the generator is empty: an
+    exhausted ``model.parameters()``, or a generator passed a second time.
+
+    Args:
+        parameters: what the caller passed as ``parameters``.
+        stacklevel: passed to ``warnings.warn``; the default points at the caller's caller
+            (the user's call of a public function that calls this).
+    """
+    if isinstance(parameters, types.GeneratorType):
+        params = list(parameters)
+        if not params:
+            warnings.warn(EMPTY_GENERATOR_MESSAGE, stacklevel=stacklevel)
+        return params
+    return parameters
+
+
+def by_device(tensors: Sequence[Tensor]) -> list[tuple[torch.device, list[int]]]:
+    """The positions of ``tensors`` grouped by device, devices in order of first appearance.
+
+    One group (the common case) costs one pass of device comparisons.
+
+    Example:
+        >>> import torch
+        >>> from gradstab._common import by_device
+        >>> by_device([torch.zeros(1), torch.zeros(2)])
+        [(device(type='cpu'), [0, 1])]
+    """
+    if not tensors:
+        return []
+    d0 = tensors[0].device
+    if all(t.device == d0 for t in tensors):
+        return [(d0, list(range(len(tensors))))]
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return list(groups.items())
+
+
 def collect_grads(parameters: TensorOrTensors, fn: str) -> list[Tensor]:
     """The gradients of ``parameters``, ``None`` skipped, in order.
 
@@ -157,23 +209,30 @@ def is_dtensor(t: object) -> bool:
 # ------------------------------------------------------------------------------- arguments
 
 
-def check_norm_type(norm_type: object, fn: str) -> float:
+def check_norm_type(norm_type: object, fn: str, *, nonpositive: bool = False) -> float:
     """``norm_type`` as a float: a positive number or inf (a string such as ``"inf"`` too).
+
+    Args:
+        norm_type: the argument.
+        fn: the public function's name, for the message.
+        nonpositive: also accept 0, negative numbers and ``-inf`` (the p of
+            ``torch.linalg.vector_norm``: 0 counts non-zeros, ``-inf`` is the smallest
+            absolute value), as the functions that take them do.
 
     Raises:
         TypeError: not a real number or a string.
-        ValueError: NaN, zero, negative, or a string that is no number.
+        ValueError: NaN, a string that is no number, or (unless ``nonpositive``) zero or
+            negative.
     """
+    what = "a real number (inf, 0 and negative too)" if nonpositive else "a positive number or inf"
     if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
-        raise TypeError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
+        raise TypeError(f"{fn}: norm_type must be {what}, got {norm_type!r}")
     try:
         p = float(norm_type)
     except ValueError:
-        raise ValueError(
-            f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}"
-        ) from None
-    if math.isnan(p) or p <= 0:
-        raise ValueError(f"{fn}: norm_type must be a positive number or inf, got {norm_type!r}")
+        raise ValueError(f"{fn}: norm_type must be {what}, got {norm_type!r}") from None
+    if math.isnan(p) or (p <= 0 and not nonpositive):
+        raise ValueError(f"{fn}: norm_type must be {what}, got {norm_type!r}")
     return p
 
 

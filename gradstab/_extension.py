@@ -111,8 +111,12 @@ def backend_info() -> dict[str, dict[str, str]]:
     return info
 
 
-def warn_if_fallback(device: torch.device) -> None:
-    """Warn once per device type when the pure-PyTorch kernel serves it."""
+def warn_if_fallback(device: torch.device, stacklevel: int = 3) -> None:
+    """Warn once per device type when the pure-PyTorch kernel serves it.
+
+    ``stacklevel`` is passed to ``warnings.warn``: the default points at the caller of the
+    public function that calls this directly; a helper one level deeper passes 4.
+    """
     kind = device.type
     if kind in _has_kernel_cache:
         return
@@ -132,7 +136,7 @@ def warn_if_fallback(device: torch.device) -> None:
         f"slower pure-PyTorch kernels. Build the extension with `{command}` "
         "(see gradstab.backend_info()).",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 

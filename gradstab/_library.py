@@ -16,6 +16,10 @@ bfloat16, float32 and float64) and return per-tensor statistics of the gradients
 with floating results in float64 if any gradient is float64, float32 otherwise.
 ``adaptive_clip`` (unit-wise AGC) also takes the parameters, read only, and returns
 ``(norms [T], clipped [T] int64, nonfinite [T] int64, total_norm [])``.
+``clip_with_norm`` measures nothing: it scales the gradients by
+``min(1, max_norm / (total_norm + eps))`` for a total norm the caller measured (the second half
+of ``torch.nn.utils.clip_grads_with_norm_``), writes nothing where that coefficient is 1, and
+returns nothing.
 
 Example:
     >>> import torch, gradstab
@@ -55,6 +59,12 @@ SCHEMAS = {
     ),
 }
 
+#: Scale by a given total norm (``gradstab.clip_grads_with_norm_``); ``total_norm`` is a
+#: one-element tensor on the gradients' device (or the CPU), never read on the host elsewhere.
+SCHEMAS["clip_with_norm"] = (
+    "clip_with_norm(Tensor(a!)[] grads, Tensor max_norm, Tensor total_norm, float eps) -> ()"
+)
+
 #: Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021): ``params`` are read only.
 #: Returns the gradients' pre-clip norms [T], the number of clipped units per gradient [T]
 #: (int64), non-finite element counts [T] (int64) and the pre-clip total norm [].
@@ -70,6 +80,7 @@ _REFERENCE = {
     "clip_value": reference.clip_value,
     "normalize_per_layer": reference.normalize_per_layer,
     "adaptive_clip": reference.adaptive_clip,
+    "clip_with_norm": reference.clip_with_norm,
 }
 
 _lib = torch.library.Library("gradstab", "DEF")
@@ -103,7 +114,13 @@ def _fake_adaptive_clip(
     )
 
 
-_FAKE = {"adaptive_clip": _fake_adaptive_clip}
+def _fake_clip_with_norm(
+    grads: list[Tensor], max_norm: Tensor, total_norm: Tensor, eps: float
+) -> None:
+    reference.check_grads(grads)
+
+
+_FAKE = {"adaptive_clip": _fake_adaptive_clip, "clip_with_norm": _fake_clip_with_norm}
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_schema)

@@ -367,12 +367,15 @@ class ZScoreThreshold(AdaptiveThreshold):
     enter the statistics.  Non-finite norms are ignored by the update.
 
     Args:
-        alpha: EMA smoothing factor in ``[0, 1)`` (ZClip: 0.97).
+        alpha: EMA weight of the old statistics, in ``[0, 1)`` (ZClip: 0.97): near 1
+            remembers long (0.97: about 33 steps), smaller follows the latest norms.
         z_thresh: z-score above which a norm is a spike, ``> 0`` (ZClip: 2.5).
         warmup_steps: finite norms collected before the statistics start, ``>= 1`` (ZClip: 25).
         rule: ``"adaptive_scaling"``, ``"mean"`` or ``"threshold"``.  The first two need the
             current norm (:attr:`needs_norm`); ``"threshold"`` clips in one fused pass.
-        max_norm: optional hard cap: the bound never exceeds it, warm-up included.
+        max_norm: optional hard cap: the bound never exceeds it, warm-up included (default:
+            none; ZClip's ``max_grad_norm`` defaults to 1.0, so ZClip's defaults are
+            ``ZScoreThreshold(alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=1.0)``).
         eps: added to sigma in the z-score, ``>= 0`` (ZClip: 1e-6).
         update_on_spike: ``"clipped"`` (update with the target) or ``"skip"``.
 
@@ -527,14 +530,17 @@ class PercentileThreshold(AdaptiveThreshold):
     bound is the percentile of the history *after* adding this step's norm, and only norms
     above it are clipped); ``include_current=False`` uses the history before this step, so the
     bound is known in advance and the clip is one fused pass.  With no history yet (or during
-    ``warmup_steps``), nothing is clipped except by the optional cap ``max_norm``.
+    ``warmup_steps``), nothing is clipped except by the optional cap ``max_norm``: without a
+    cap the first step is never clipped (``include_current=False``: the threshold is inf;
+    ``include_current=True``: a norm is not above the percentile of itself).
 
     Args:
         percentile: in ``[0, 100]`` (AutoClip recommends 10).
         history: ring-buffer length, ``>= 1`` (AutoClip: unbounded; a bounded window also
             follows drifting norms). Memory: ``history`` float64 values per tracked norm.
         include_current: whether this step's norm is part of the history it is judged by.
-        warmup_steps: finite norms to collect before clipping starts (default 0).
+        warmup_steps: finite norms in the history before clipping starts (default 0; at
+            least one is always needed).
         max_norm: optional hard cap: the bound never exceeds it.
 
     Example:

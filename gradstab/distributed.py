@@ -78,6 +78,7 @@ from torch import Tensor
 from gradstab._common import GradStats, check_bound, collect_grads, is_dtensor, param_list
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
+from gradstab.reference import torch_nonfinite_message
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -94,10 +95,13 @@ __all__ = [
     "layout_stats",
     "layout_total",
     "mark_replicated",
+    "nonfinite_message",
     "reduce_stats",
     "reduce_total",
+    "result_dtype",
     "scale_",
     "scale_each_",
+    "total_norm",
 ]
 
 #: Attribute :func:`mark_replicated` sets on a parameter.
@@ -723,7 +727,8 @@ def _coef(bound: Union[float, Tensor], norm: Tensor, eps: float, fn: str) -> Ten
     return torch.clamp(b / (norm + eps), max=1.0)
 
 
-def _result_dtype(lay: ShardLayout) -> torch.dtype:
+def result_dtype(lay: ShardLayout) -> torch.dtype:
+    """float64 if any local tensor is float64, else float32 (the ops' result dtype)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in lay.local) else torch.float32
 
 
@@ -744,7 +749,31 @@ def grad_stats(
     """
     lay = layout(grads, replicated, process_group, fn)
     n, m, c, total = layout_stats(lay, _op_stats(lay, norm_type), norm_type)
-    return GradStats(n, m, c, total.to(_result_dtype(lay)))
+    return GradStats(n, m, c, total.to(result_dtype(lay)))
+
+
+def total_norm(
+    tensors: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    replicated: Sequence[bool] | None = None,
+    process_group: ProcessGroup | None = None,
+    fn: str = "gradstab.get_total_norm",
+) -> tuple[Tensor, Tensor, ShardLayout]:
+    """The global total norm of sharded tensors: one read, one all-reduce per sharding domain.
+
+    Returns:
+        ``(total, nonfinite, layout)``: the float64 0-d total norm (the same on every rank),
+        this rank's per-tensor non-finite counts, and the :class:`ShardLayout`.
+
+    Example:
+        >>> import torch, gradstab
+        >>> gradstab.distributed.total_norm([torch.tensor([3.0, 4.0])])[0]
+        tensor(5., dtype=torch.float64)
+    """
+    lay = layout(tensors, replicated, process_group, fn)
+    norms, _, nonfinite, _ = _op_stats(lay, norm_type)
+    return layout_total(lay, norms, norm_type), nonfinite, lay
 
 
 def clip_grad_norm_(
@@ -766,13 +795,13 @@ def clip_grad_norm_(
         >>> gradstab.distributed.clip_grad_norm_(g, 1.0), g[0]
         (tensor(5.), tensor([0.6000, 0.8000]))
     """
-    lay = layout(grads, replicated, process_group, fn)
-    norms, _, nonfinite, _ = _op_stats(lay, norm_type)
-    total = layout_total(lay, norms, norm_type)
+    total, nonfinite, lay = total_norm(
+        grads, norm_type, replicated=replicated, process_group=process_group, fn=fn
+    )
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # host read: the caller asked
-        raise RuntimeError(_nonfinite_message(norm_type, float(total), nonfinite, lay))
+        raise RuntimeError(nonfinite_message(norm_type, float(total), nonfinite, lay))
     scale_(lay.local, _coef(max_norm, total, eps, fn))
-    return total.to(_result_dtype(lay))
+    return total.to(result_dtype(lay))
 
 
 def clip_grad_norm_per_layer_(
@@ -799,7 +828,9 @@ def clip_grad_norm_per_layer_(
     return norms
 
 
-def _nonfinite_message(p: float, total: float, nonfinite: Tensor, lay: ShardLayout) -> str:
+def nonfinite_message(p: float, total: float, nonfinite: Tensor, lay: ShardLayout) -> str:
+    """The ``error_if_nonfinite=True`` error for sharded gradients: torch's message word for
+    word, then what this rank knows."""
     counts = nonfinite.tolist()
     first = next((i for i, k in enumerate(counts) if k > 0), -1)
     if first >= 0:
@@ -813,10 +844,8 @@ def _nonfinite_message(p: float, total: float, nonfinite: Tensor, lay: ShardLayo
             "overflowed its result dtype)"
         )
     return (
-        f"The total norm of order {p} for gradients from `parameters` (reduced across ranks) is "
-        f"non-finite ({total}), so it cannot be clipped: {where}. No gradient was changed. To "
-        "disable this error and scale the gradients by the non-finite norm anyway, set "
-        "`error_if_nonfinite=False`"
+        f"{torch_nonfinite_message(p)}. gradstab: the total norm (reduced across ranks) is "
+        f"{total}; {where}. No gradient was changed."
     )
 
 

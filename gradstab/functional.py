@@ -6,8 +6,20 @@ call validates its arguments (before touching any gradient), collects the
 gradients of the given parameters (``None`` grads are skipped) and runs one
 ``torch.ops.gradstab`` op over all of them, which reads every gradient once.
 
-Nothing here reads a device value on the host, except
-``clip_grad_norm_(..., error_if_nonfinite=True)``, which must.
+Nothing here reads a device value on the host, except ``error_if_nonfinite=True``, which must
+(and a CPU read of what lives on the CPU, which is free).
+
+``torch.nn.utils``'s decomposed API is here too: :func:`get_total_norm` (one fused read) and
+:func:`clip_grads_with_norm_` (the clip by a given total, which writes nothing when the
+coefficient is 1).
+
+Gradients on several devices (model parallelism in one process) are grouped by device, as
+``torch.nn.utils`` groups them: one op per device, the norms combined in float64 on the first
+gradient's device, each group scaled by the common coefficient.
+
+``norm_type`` 0, negative and ``-inf`` (``torch.linalg.vector_norm``'s meanings) are computed in
+PyTorch (:func:`gradstab.reference.pnorm64`, float64) on every device rather than by the fused
+kernels, which take ``p > 0``; the clip that follows runs on the fused kernels.
 
 Eager calls whose gradients all live on the CPU (or all on one CUDA device) take a shortcut
 into the compiled extension (``gradstab._C.cpu_fast_path`` / ``cuda_fast_path``): it reads
@@ -26,23 +38,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gradstab import distributed
+from gradstab import distributed, reference
 from gradstab._common import (
     EPS,
     AGCStats,
     GradStats,
     TensorOrTensors,
+    by_device,
     check_bound,
     check_flag,
     check_foreach,
     check_norm_type,
     check_real,
     collect_grads,
+    consume_generator,
     is_dtensor,
     param_list,
 )
+from gradstab._devices import clip_by_total, combined_stats, in_order, moved_bound
 from gradstab._extension import cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
+from gradstab.agc_units import UnitDim, agc_unit_dims, unit_dims
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -51,9 +67,12 @@ __all__ = [
     "AGCStats",
     "GradStats",
     "adaptive_clip_grad_",
+    "agc_unit_dims",
     "clip_grad_norm_",
     "clip_grad_norm_per_layer_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "grad_stats",
     "normalize_grad_per_layer_",
 ]
@@ -117,6 +136,37 @@ def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
     return torch.full((), value, dtype=torch.float64, device=device)
 
 
+_F64 = torch.float64
+
+
+def _positive_only(p: float, fn: str) -> None:
+    """Refuse ``norm_type <= 0`` where gradients are sharded (no reduction across ranks)."""
+    if not p > 0:
+        raise ValueError(
+            f"{fn}: norm_type {p} is not supported for sharded gradients (DTensor or "
+            "process_group=): only p > 0 and inf are reduced across ranks"
+        )
+
+
+def _bound_on(
+    value: float | Tensor, checked: float | Tensor, name: str, fn: str, device: torch.device
+) -> Tensor:
+    """The bound as a 0-d float64 tensor on ``device`` (a tensor bound on another device is
+    refused by :func:`check_bound`)."""
+    return _device_scalar(check_bound(value, name, fn, device), device)
+
+
+def _raise_if_nonfinite(stats: GradStats, grads: list[Tensor], p: float) -> None:
+    """``error_if_nonfinite=True``: torch's error, before any gradient changes (a host read)."""
+    total = stats.total_norm
+    if not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            reference.nonfinite_message(
+                p, float(total), stats.nonfinite.tolist(), [g.shape for g in grads]
+            )
+        )
+
+
 def grad_stats(
     parameters: TensorOrTensors,
     norm_type: float = 2.0,
@@ -128,16 +178,20 @@ def grad_stats(
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is examined;
             ``None`` grads are skipped, so ``T`` counts the parameters with a grad.
-        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        norm_type: p of the p-norm: ``> 0`` or ``inf`` on the fused kernels; 0 (number of
+            non-zero elements), negative p and ``-inf`` (smallest absolute value) as
+            ``torch.linalg.vector_norm`` defines them, computed in PyTorch (float64).
         process_group: the group over which plain gradients are sharded (ZeRO-style
             disjoint parts; see :mod:`gradstab.distributed`), or ``None``.  DTensor gradients
             (FSDP2) need no group: their mesh says it.  Sharded tensors get the statistics
-            of the full tensors; every rank gets the same result.
+            of the full tensors; every rank gets the same result (``norm_type > 0`` only).
 
     Returns:
-        A :class:`GradStats` on the gradients' device, computed without a host sync.
-        Finite gradients never give an infinite norm unless the norm itself exceeds
-        the largest float32 (for float32 results).
+        A :class:`GradStats` on the gradients' device (the first gradient's device when they
+        are on several), computed without a host sync.  Finite gradients never give an
+        infinite norm unless the norm itself exceeds the largest float32 (for float32
+        results).  For ``norm_type=0`` the total is, as in torch, the number of gradients
+        with a non-zero norm.
 
     Example:
         >>> import torch, gradstab
@@ -146,30 +200,160 @@ def grad_stats(
         tensor(5.)
     """
     fn = "gradstab.grad_stats"
-    p = check_norm_type(norm_type, fn)
+    p = check_norm_type(norm_type, fn, nonpositive=True)
     if process_group is not None:
+        _positive_only(p, fn)
         grads, marks = distributed.collect(parameters, fn)
         return distributed.grad_stats(
             grads, p, replicated=marks, process_group=process_group, fn=fn
         )
-    out, parameters = _shortcut(_FAST_STATS, parameters, p, 0.0, False)
-    if out is not None:
-        return GradStats(*out)
+    if p > 0:
+        out, parameters = _shortcut(_FAST_STATS, parameters, p, 0.0, False)
+        if out is not None:
+            return GradStats(*out)
     grads = collect_grads(parameters, fn)
     if not grads:
         empty = torch.zeros((0,))
         return GradStats(
             empty, empty.clone(), torch.zeros((0,), dtype=torch.int64), torch.tensor(0.0)
         )
-    if is_dtensor(grads[0]):
+    if distributed.holds_dtensor(grads):
+        _positive_only(p, fn)
         return distributed.grad_stats(grads, p, fn=fn)
-    warn_if_fallback(grads[0].device)
-    try:
-        return GradStats(*OPS["grad_stats"](grads, p))
-    except (RuntimeError, NotImplementedError):
-        if not distributed.holds_dtensor(grads):
-            raise
-    return distributed.grad_stats(grads, p, fn=fn)
+    return combined_stats(grads, p, by_device(grads))
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    process_group: ProcessGroup | None = None,
+) -> Tensor:
+    """The p-norm of tensors viewed as one vector; a drop-in for ``torch.nn.utils.get_total_norm``.
+
+    One fused read of every tensor (the ``grad_stats`` op), no host sync.  With
+    :func:`clip_grads_with_norm_` it is :func:`clip_grad_norm_` in two steps, for code that
+    needs the norm in between (pipeline stages, FSDP).  Tensors on several devices are
+    grouped by device and their norms combined in float64 on the first tensor's device, as
+    torch does.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (the tensors themselves: pass
+            ``[p.grad for p in params if p.grad is not None]`` for gradients).
+        norm_type: p of the p-norm, as :func:`clip_grad_norm_` takes it (0, negative and
+            ``-inf`` included).
+        error_if_nonfinite: raise ``RuntimeError`` (torch's message) if the norm is NaN or
+            inf (this reads the norm on the host).
+        foreach: accepted for signature compatibility; the fused kernel is always used.
+        process_group: the group plain tensors are sharded over (ZeRO-style disjoint parts;
+            a tensor marked with :func:`gradstab.distributed.mark_replicated` counts once), or
+            ``None``.  DTensors (FSDP2) need no group.  Sharded tensors give the norm of the
+            full tensors, the same on every rank (one all-reduce; ``norm_type > 0`` only).
+
+    Returns:
+        The 0-d total norm, float32 (float64 if any tensor is float64) where torch returns
+        the tensors' dtype; a plain tensor for DTensors too (torch returns a DTensor).
+        Finite tensors never give an infinite norm unless the norm exceeds the result dtype.
+
+    Example:
+        >>> import torch, gradstab
+        >>> gradstab.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    fn = "gradstab.get_total_norm"
+    ts = param_list(tensors, fn)
+    p = check_norm_type(norm_type, fn, nonpositive=True)
+    check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
+    check_foreach(foreach, fn)
+    with torch.no_grad():
+        if process_group is not None or (ts and distributed.holds_dtensor(ts)):
+            _positive_only(p, fn)
+            marks = [distributed.is_replicated(t) for t in ts]
+            total, nonfinite, lay = distributed.total_norm(
+                ts, p, replicated=marks, process_group=process_group, fn=fn
+            )
+            total = total.to(distributed.result_dtype(lay))
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise RuntimeError(distributed.nonfinite_message(p, float(total), nonfinite, lay))
+            return total
+        if not ts:
+            return torch.tensor(0.0)
+        stats = combined_stats(ts, p, by_device(ts))
+        if error_if_nonfinite:
+            _raise_if_nonfinite(stats, ts, p)
+        return stats.total_norm
+
+
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float | Tensor,
+    total_norm: Tensor | float,
+    foreach: bool | None = None,
+) -> None:
+    """Scale gradients by a total norm measured before; a drop-in for
+    ``torch.nn.utils.clip_grads_with_norm_``.
+
+    Every gradient is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``, on the fused
+    kernel (``torch.ops.gradstab.clip_with_norm``), which measures nothing: on the CPU a
+    coefficient of 1 reads and writes nothing.  On CUDA the op has no compiled kernel yet:
+    its pure-PyTorch kernel multiplies every gradient (by 1 too), since skipping would need
+    the coefficient on the host.  Gradients on several devices are scaled by the same
+    coefficient, each device by its own op.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is scaled (``None``
+            grads skipped).  DTensor (FSDP2) gradients: their local shards are scaled (the
+            total is already that of the full model).  Sharded plain gradients
+            (``process_group`` elsewhere): pass this rank's parameters and the global total.
+        max_norm: the largest allowed total norm: a non-negative number, or a 0-d tensor on
+            the gradients' device (then nothing is read on the host).
+        total_norm: the total norm, e.g. from :func:`get_total_norm`: a one-element tensor
+            (any device; a DTensor is made whole with ``full_tensor()``) or a number.  NaN or
+            inf scales by NaN or 0, as torch does.
+        foreach: accepted for signature compatibility; the fused kernel is always used.
+
+    Example:
+        >>> import torch, gradstab
+        >>> w = torch.nn.Parameter(torch.zeros(2)); w.grad = torch.tensor([3.0, 4.0])
+        >>> total = gradstab.get_total_norm([w.grad])
+        >>> gradstab.clip_grads_with_norm_([w], 1.0, total)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    fn = "gradstab.clip_grads_with_norm_"
+    check_foreach(foreach, fn)
+    checked = check_bound(max_norm, "max_norm", fn, None)
+    total = _check_total_norm(total_norm, fn)
+    grads = collect_grads(parameters, fn)
+    if not grads:
+        return
+    if distributed.holds_dtensor(grads):  # elementwise: each rank scales its local shards
+        grads = distributed.layout(grads, fn=fn).local
+    groups = by_device(grads)
+    if len(groups) == 1:
+        d = groups[0][0]
+        bound = _bound_on(max_norm, checked, "max_norm", fn, d)
+        OPS["clip_with_norm"](grads, bound, total.to(d), EPS)
+        return
+    clip_by_total(grads, groups, checked, total)
+
+
+def _check_total_norm(total_norm: object, fn: str) -> Tensor:
+    """``total_norm`` as a 0-d tensor (a DTensor made whole; a number on the CPU)."""
+    if isinstance(total_norm, Tensor):
+        if is_dtensor(total_norm):
+            total_norm = total_norm.full_tensor()
+        if total_norm.numel() != 1 or total_norm.is_complex() or total_norm.dtype == torch.bool:
+            raise ValueError(
+                f"{fn}: total_norm must be a tensor holding one real number, got shape "
+                f"{list(total_norm.shape)} and dtype {total_norm.dtype}"
+            )
+        return total_norm.detach().reshape(())
+    if isinstance(total_norm, bool) or not isinstance(total_norm, (int, float)):
+        raise TypeError(f"{fn}: total_norm must be a tensor or a number, got {total_norm!r}")
+    return torch.tensor(float(total_norm), dtype=_F64)
 
 
 def clip_grad_norm_(
@@ -187,19 +371,27 @@ def clip_grad_norm_(
     not written when that coefficient is 1.  Unlike PyTorch, the norm cannot overflow
     for finite gradients (``[1e30, 1e30]`` in float32 has norm ``1.414e30``, not inf)
     and is returned in float32 (float64 for float64 grads) rather than the grads' dtype.
+    Gradients on several devices are grouped by device (one read per device), their norms
+    combined on the first gradient's device, and each group scaled by the common coefficient,
+    as torch does.  An empty generator (an exhausted ``model.parameters()``) warns as in torch.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
         max_norm: the largest allowed total norm: a non-negative number, or a 0-d
             tensor on the gradients' device (then nothing is read on the host).
-        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        norm_type: p of the p-norm: ``> 0`` or ``inf`` on the fused kernels (one read, and a
+            write only when clipping); 0, negative p and ``-inf`` as torch defines them
+            (``torch.linalg.vector_norm``; for 0 the total is the number of gradients with a
+            non-zero norm), measured in PyTorch in float64, then clipped on the fused kernels.
         error_if_nonfinite: raise ``RuntimeError`` before changing any gradient if the
-            total norm is NaN or inf (this reads the norm on the host).
+            total norm is NaN or inf (this reads the norm on the host).  The message starts
+            with torch's, word for word.
         foreach: accepted for signature compatibility; the fused kernel is always used.
         process_group: the group over which plain gradients are sharded (ZeRO-style
             disjoint parts; see :mod:`gradstab.distributed`), or ``None``.  DTensor gradients
             (FSDP2) need no group.  With sharded gradients the norm is that of the full
-            model (one all-reduce) and every rank scales its shards by the same coefficient.
+            model (one all-reduce) and every rank scales its shards by the same coefficient
+            (``norm_type > 0`` only).
 
     Returns:
         The total norm of the gradients before clipping (0-d tensor).
@@ -213,11 +405,13 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     fn = "gradstab.clip_grad_norm_"
-    p = check_norm_type(norm_type, fn)
+    parameters = consume_generator(parameters)
+    p = check_norm_type(norm_type, fn, nonpositive=True)
     check_flag(error_if_nonfinite, "error_if_nonfinite", fn)
     check_foreach(foreach, fn)
     checked = check_bound(max_norm, "max_norm", fn, None)
     if process_group is not None:
+        _positive_only(p, fn)
         grads, marks = distributed.collect(parameters, fn)
         return distributed.clip_grad_norm_(
             grads,
@@ -229,27 +423,49 @@ def clip_grad_norm_(
             process_group=process_group,
             fn=fn,
         )
-    out, parameters = _shortcut(_FAST_CLIP_NORM, parameters, p, checked, error_if_nonfinite)
-    if out is not None:
-        return out[3]
+    if p > 0:
+        out, parameters = _shortcut(_FAST_CLIP_NORM, parameters, p, checked, error_if_nonfinite)
+        if out is not None:
+            return out[3]
     grads = collect_grads(parameters, fn)
     if not grads:
         return torch.tensor(0.0)
-    if is_dtensor(grads[0]):
+    if distributed.holds_dtensor(grads):
+        _positive_only(p, fn)
         return distributed.clip_grad_norm_(
             grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
         )
-    device = grads[0].device
-    bound = _device_scalar(check_bound(max_norm, "max_norm", fn, device), device)
-    warn_if_fallback(device)
-    try:
+    groups = by_device(grads)
+    if len(groups) == 1 and p > 0:
+        device = groups[0][0]
+        bound = _bound_on(max_norm, checked, "max_norm", fn, device)
+        warn_if_fallback(device)
         return OPS["clip_norm"](grads, bound, p, EPS, error_if_nonfinite)[3]
-    except (RuntimeError, NotImplementedError):
-        if not distributed.holds_dtensor(grads):
-            raise
-    return distributed.clip_grad_norm_(
-        grads, max_norm, p, eps=EPS, error_if_nonfinite=error_if_nonfinite, fn=fn
-    )
+    # Several devices, or norm_type <= 0: measure (one read per device), then clip by the total.
+    if len(groups) == 1:
+        check_bound(max_norm, "max_norm", fn, groups[0][0])  # a bound on another device: refused
+    stats = combined_stats(grads, p, groups)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(stats, grads, p)
+    clip_by_total(grads, groups, checked, stats.total_norm)
+    return stats.total_norm
+
+
+def _per_layer(fn: str, op: str, grads: list[Tensor], bound: float | Tensor, p: float) -> Tensor:
+    """``clip_norm_per_layer`` / ``normalize_per_layer`` once per device; norms in input order."""
+    name = "target_norm" if op == "normalize_per_layer" else "max_norm"
+    checked = check_bound(bound, name, fn, None)
+    groups = by_device(grads)
+    outs = []
+    for d, ix in groups:
+        gs = [grads[i] for i in ix] if len(groups) > 1 else grads
+        b = _bound_on(bound, checked, name, fn, d) if len(groups) == 1 else moved_bound(checked, d)
+        if p > 0:
+            warn_if_fallback(d, stacklevel=4)  # for the caller of the public function
+            outs.append(OPS[op](gs, b, p, EPS)[0])
+        else:
+            outs.append(getattr(reference, op)(gs, b, p, EPS, nonpositive=True)[0])
+    return in_order(outs, groups, grads[0].device, reference.result_dtype(grads))
 
 
 def clip_grad_norm_per_layer_(
@@ -267,11 +483,12 @@ def clip_grad_norm_per_layer_(
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
         max_norm: the largest allowed norm per gradient (number or 0-d device tensor).
-        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        norm_type: p of the p-norm: ``> 0`` or ``inf`` on the fused kernels; 0, negative
+            and ``-inf`` as :func:`grad_stats` takes them (measured in PyTorch).
         process_group: the group over which plain gradients are sharded (ZeRO-style; every
             rank passes its part of the same tensors in the same order; see
             :mod:`gradstab.distributed`), or ``None``.  A sharded tensor is clipped by the
-            norm of the full tensor.
+            norm of the full tensor (``norm_type > 0`` only).
 
     Returns:
         ``[T]`` per-gradient norms before clipping.
@@ -286,30 +503,26 @@ def clip_grad_norm_per_layer_(
         tensor([0.5000])
     """
     fn = "gradstab.clip_grad_norm_per_layer_"
-    p = check_norm_type(norm_type, fn)
+    parameters = consume_generator(parameters)
+    p = check_norm_type(norm_type, fn, nonpositive=True)
     checked = check_bound(max_norm, "max_norm", fn, None)
     if process_group is not None:
+        _positive_only(p, fn)
         grads, marks = distributed.collect(parameters, fn)
         return distributed.clip_grad_norm_per_layer_(
             grads, max_norm, p, replicated=marks, eps=EPS, process_group=process_group, fn=fn
         )
-    out, parameters = _shortcut(_FAST_CLIP_LAYER, parameters, p, checked, False)
-    if out is not None:
-        return out[0]
+    if p > 0:
+        out, parameters = _shortcut(_FAST_CLIP_LAYER, parameters, p, checked, False)
+        if out is not None:
+            return out[0]
     grads = collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
-    if is_dtensor(grads[0]):
+    if distributed.holds_dtensor(grads):
+        _positive_only(p, fn)
         return distributed.clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
-    device = grads[0].device
-    bound = _device_scalar(check_bound(max_norm, "max_norm", fn, device), device)
-    warn_if_fallback(device)
-    try:
-        return OPS["clip_norm_per_layer"](grads, bound, p, EPS)[0]
-    except (RuntimeError, NotImplementedError):
-        if not distributed.holds_dtensor(grads):
-            raise
-    return distributed.clip_grad_norm_per_layer_(grads, max_norm, p, eps=EPS, fn=fn)
+    return _per_layer(fn, "clip_norm_per_layer", grads, max_norm, p)
 
 
 def normalize_grad_per_layer_(
@@ -326,7 +539,8 @@ def normalize_grad_per_layer_(
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is rescaled.
         target_norm: the norm every gradient gets (non-negative number or 0-d device tensor).
-        norm_type: p of the p-norm (``> 0``, ``inf`` allowed).
+        norm_type: p of the p-norm: ``> 0`` or ``inf`` on the fused kernels; 0, negative
+            and ``-inf`` as :func:`grad_stats` takes them (measured in PyTorch).
 
     Returns:
         ``[T]`` per-gradient norms before rescaling.
@@ -341,18 +555,17 @@ def normalize_grad_per_layer_(
         (tensor([0.6000, 0.8000]), tensor([0.9990]))
     """
     fn = "gradstab.normalize_grad_per_layer_"
-    p = check_norm_type(norm_type, fn)
+    parameters = consume_generator(parameters)
+    p = check_norm_type(norm_type, fn, nonpositive=True)
     checked = check_bound(target_norm, "target_norm", fn, None)
-    out, parameters = _shortcut(_FAST_NORMALIZE, parameters, p, checked, False)
-    if out is not None:
-        return out[0]
+    if p > 0:
+        out, parameters = _shortcut(_FAST_NORMALIZE, parameters, p, checked, False)
+        if out is not None:
+            return out[0]
     grads = collect_grads(parameters, fn)
     if not grads:
         return torch.zeros((0,))
-    device = grads[0].device
-    bound = _device_scalar(check_bound(target_norm, "target_norm", fn, device), device)
-    warn_if_fallback(device)
-    return OPS["normalize_per_layer"](grads, bound, p, EPS)[0]
+    return _per_layer(fn, "normalize_per_layer", grads, target_norm, p)
 
 
 def clip_grad_value_(
@@ -362,7 +575,8 @@ def clip_grad_value_(
 
     A drop-in for ``torch.nn.utils.clip_grad_value_``: NaNs stay NaN, and blocks of a
     gradient with nothing beyond the bound are not written.  DTensor (FSDP2) gradients are
-    clamped shard by shard, with no communication.
+    clamped shard by shard, with no communication.  Gradients on several devices are
+    clamped by one op per device.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
@@ -386,17 +600,18 @@ def clip_grad_value_(
     grads = collect_grads(parameters, fn)
     if not grads:
         return
-    if is_dtensor(grads[0]):  # elementwise: each rank clamps its local shards
+    if distributed.holds_dtensor(grads):  # elementwise: each rank clamps its local shards
         grads = distributed.layout(grads, fn=fn).local
-    device = grads[0].device
-    bound = _device_scalar(check_bound(clip_value, "clip_value", fn, device), device)
-    warn_if_fallback(device)
-    try:
-        OPS["clip_value"](grads, bound, 2.0)
-    except (RuntimeError, NotImplementedError):
-        if not distributed.holds_dtensor(grads):
-            raise
-        OPS["clip_value"](distributed.layout(grads, fn=fn).local, bound, 2.0)
+    groups = by_device(grads)
+    for d, ix in groups:
+        gs = [grads[i] for i in ix] if len(groups) > 1 else grads
+        bound = (
+            _bound_on(clip_value, checked, "clip_value", fn, d)
+            if len(groups) == 1
+            else moved_bound(checked, d)
+        )
+        warn_if_fallback(d)
+        OPS["clip_value"](gs, bound, 2.0)
 
 
 def adaptive_clip_grad_(
@@ -404,12 +619,17 @@ def adaptive_clip_grad_(
     clip_factor: float = 0.01,
     eps: float = 1e-3,
     norm_type: float = 2.0,
+    *,
+    unit_dim: UnitDim = 0,
 ) -> AGCStats:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, NFNets), in place.
 
-    A *unit* is a slice along dim 0 of a parameter with two or more dimensions (an
-    output channel of a convolution, a row of a linear weight); a 0-/1-D parameter is
-    one unit.  For every unit ``i`` of every parameter ``W`` with gradient ``G``::
+    A *unit* is a slice along the unit axis of a parameter with two or more dimensions: dim 0
+    by default (an output channel of a convolution, a row of a ``torch.nn.Linear`` weight);
+    a 0-/1-D parameter is one unit.  Layouts whose output axis is not dim 0 (a transposed
+    convolution's ``[in, out, ...]``, Hugging Face's ``Conv1D`` ``[in, out]``) need
+    ``unit_dim``: :func:`agc_unit_dims` finds them in a module.  For every unit ``i`` of every
+    parameter ``W`` with gradient ``G``::
 
         max_norm_i = clip_factor * max(||W_i||_p, eps)
         G_i <- G_i * max_norm_i / ||G_i||_p     if ||G_i||_p > max_norm_i, else unchanged
@@ -418,6 +638,8 @@ def adaptive_clip_grad_(
     still learn); no epsilon is added to ``||G_i||`` (timm clamps it at ``1e-6``, which
     differs only when ``max_norm_i < 1e-6``).  One fused call reads every parameter and
     gradient once and writes a unit only when it is clipped; nothing is read on the host.
+    (A unit axis other than dim 0 is handed to the kernel as a ``transpose(0, d)`` view,
+    which it processes on a contiguous copy: one more read, and a write back when clipped.)
 
     Non-finite values follow the formula in float64: a unit whose gradient norm or weight
     norm is NaN is left unchanged (the comparison is false); a unit whose gradient holds
@@ -429,6 +651,7 @@ def adaptive_clip_grad_(
     scaled twice).  A gradient whose own elements share memory (an expanded view) cannot be
     written in place: if one of its units must be clipped (on CUDA: always, as that is not
     known without a host sync), ``ValueError`` is raised before any gradient is changed.
+    Gradients on several devices are clipped by one op per device.
 
     Args:
         parameters: a tensor or an iterable of tensors; those whose ``.grad`` is ``None``
@@ -438,6 +661,10 @@ def adaptive_clip_grad_(
             batch size).
         eps: floor of the weight norm, finite and ``>= 0`` (paper and timm: ``1e-3``).
         norm_type: p of the unit-wise p-norms (``> 0``, ``inf`` allowed).
+        unit_dim: the unit axis of the parameters of two or more dimensions: an int for all
+            of them (negative counts from the end), a mapping ``{parameter: dim}`` (e.g. from
+            :func:`agc_unit_dims`; a parameter not in it uses dim 0), or a callable
+            ``parameter -> dim`` (``None``: dim 0).  Ignored for 0-/1-D parameters.
 
     Returns:
         An :class:`AGCStats` with the pre-clip norms and the number of clipped units.
@@ -453,18 +680,41 @@ def adaptive_clip_grad_(
                 [1.0000e-05, 0.0000e+00]])
     """
     fn = "gradstab.adaptive_clip_grad_"
+    parameters = consume_generator(parameters)
     lam = check_real(clip_factor, "clip_factor", fn, "a positive number", lambda v: v > 0)
     floor = check_real(
         eps, "eps", fn, "a finite number >= 0", lambda v: v >= 0 and math.isfinite(v)
     )
     p = check_norm_type(norm_type, fn)
     params = param_list(parameters, fn)
-    pairs = [(q.grad, q.detach()) for q in params if q.grad is not None]
-    if not pairs:
+    with_grad = [q for q in params if q.grad is not None]
+    dims = unit_dims(with_grad, unit_dim, fn)
+    if not with_grad:
         empty = torch.zeros((0,))
         zeros = torch.zeros((0,), dtype=torch.int64)
         return AGCStats(empty, zeros, zeros.clone(), torch.tensor(0.0))
-    grads = [g for g, _ in pairs]
-    weights = [w for _, w in pairs]
-    warn_if_fallback(grads[0].device)
-    return AGCStats(*OPS["adaptive_clip"](grads, weights, lam, floor, p))
+    grads, weights = [], []
+    for q, d in zip(with_grad, dims):
+        g, w = q.grad, q.detach()
+        if d:  # the kernels take dim 0 as the unit axis: a view with the unit axis first
+            g, w = g.transpose(0, d), w.transpose(0, d)
+        grads.append(g)
+        weights.append(w)
+    groups = by_device(grads)
+    outs = []
+    for d, ix in groups:
+        warn_if_fallback(d)
+        gs = [grads[i] for i in ix] if len(groups) > 1 else grads
+        ws = [weights[i] for i in ix] if len(groups) > 1 else weights
+        outs.append(OPS["adaptive_clip"](gs, ws, lam, floor, p))
+    if len(outs) == 1:
+        return AGCStats(*outs[0])
+    d0 = grads[0].device
+    rd = reference.result_dtype(grads)
+    norms = in_order([o[0] for o in outs], groups, d0, _F64)
+    return AGCStats(
+        norms.to(rd),
+        in_order([o[1] for o in outs], groups, d0, torch.int64),
+        in_order([o[2] for o in outs], groups, d0, torch.int64),
+        reference.pnorm64(norms, p).to(rd),
+    )

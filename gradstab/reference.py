@@ -10,6 +10,10 @@ the gradient, the p-norm is taken overflow- and underflow-safe as
 ``m * ||g / m||_p`` with ``m = max|g|``, and results are rounded once to the
 result dtype (float64 if any gradient is float64, float32 otherwise).
 
+The ops take ``norm_type > 0`` (or inf), on every kernel.  The statistics functions here also
+take 0, negative p and ``-inf`` when called with ``nonpositive=True`` (see :func:`pnorm64`):
+that is how :mod:`gradstab.functional` computes those norms, on every device, in PyTorch.
+
 Clipping arithmetic matches the C++ kernel: float32 and float64 gradients are
 multiplied by the float64 coefficient and rounded once; float16 and bfloat16
 gradients are multiplied in float32 (PyTorch's ``opmath``).  On CPU a tensor
@@ -43,8 +47,10 @@ __all__ = [
     "clip_norm",
     "clip_norm_per_layer",
     "clip_value",
+    "clip_with_norm",
     "grad_stats",
     "normalize_per_layer",
+    "pnorm64",
     "result_dtype",
     "unit_view",
 ]
@@ -74,7 +80,9 @@ def check_grads(grads: list[Tensor]) -> None:
             )
 
 
-def _check_norm_type(norm_type: float) -> None:
+def _check_norm_type(norm_type: float, nonpositive: bool = False) -> None:
+    if nonpositive and not math.isnan(norm_type):
+        return
     if not norm_type > 0:
         raise ValueError(f"gradstab: norm_type must be a positive number or inf, got {norm_type}")
 
@@ -108,9 +116,51 @@ def _robust_pnorm(x: Tensor, m: Tensor, norm_type: float) -> Tensor:
     return scale * torch.linalg.vector_norm(x / scale, norm_type)
 
 
-def _stats64(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def pnorm64(x: Tensor, norm_type: float) -> Tensor:
+    """``torch.linalg.vector_norm(x, norm_type)`` of a float64 tensor, for any p, in float64
+    and without spurious overflow or underflow.
+
+    - ``p > 0``: ``m * ||x / m||_p`` with ``m = max|x|``; ``inf``: ``max|x|``; 0 if ``x`` is
+      zero-size.
+    - ``p = 0``: the number of non-zero elements (a NaN counts), as torch.
+    - ``p < 0``: ``m * ||x / m||_p`` with ``m = min|x|`` (every ratio is >= 1, so the powers
+      cannot overflow); ``-inf``: ``min|x|``.  A zero element gives 0 (as torch).  A zero-size
+      ``x`` gives inf (no element to bound the minimum: the limit, and what a zero-size
+      tensor contributes to a total, nothing) where torch raises.
+
+    NaN propagates, except for ``p = 0``.  The total norm of a list of tensors is this
+    function of their norms, for every p: for ``p = 0`` that is torch's answer, the number of
+    tensors with a non-zero norm (not the number of non-zero elements).
+
+    Example:
+        >>> import math, torch
+        >>> from gradstab.reference import pnorm64
+        >>> x = torch.tensor([0.0, 3.0, -4.0], dtype=torch.float64)
+        >>> [float(pnorm64(x, p)) for p in (2.0, 0.0, -math.inf, math.inf)]
+        [5.0, 2.0, 0.0, 4.0]
+    """
+    x = x.reshape(-1)
+    if norm_type == 0:
+        return (x != 0).sum().to(torch.float64)
+    if x.numel() == 0:
+        empty = 0.0 if norm_type > 0 else math.inf
+        return torch.full((), empty, dtype=torch.float64, device=x.device)
+    a = x.abs()
+    if norm_type > 0:
+        return _robust_pnorm(a, a.amax(), norm_type)  # amax, amin: NaN-propagating
+    m = a.amin()
+    if math.isinf(norm_type):
+        return m
+    usable = (m > 0) & torch.isfinite(m)
+    scale = torch.where(usable, m, torch.ones_like(m))
+    return scale * torch.linalg.vector_norm(a / scale, norm_type)
+
+
+def _stats64(
+    grads: list[Tensor], norm_type: float, nonpositive: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-tensor norms, max-abs (float64), non-finite counts (int64) and the float64 total."""
-    _check_norm_type(norm_type)
+    _check_norm_type(norm_type, nonpositive)
     check_grads(grads)
     if not grads:
         z = torch.zeros((0,), dtype=torch.float64)
@@ -119,20 +169,15 @@ def _stats64(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor, Ten
     norms, maxabs, nonfinite = [], [], []
     for g in grads:
         x = g.detach().reshape(-1).to(torch.float64)
+        norms.append(pnorm64(x, norm_type))
         if x.numel() == 0:
-            zero = torch.zeros((), dtype=torch.float64, device=device)
-            norms.append(zero)
-            maxabs.append(zero)
+            maxabs.append(torch.zeros((), dtype=torch.float64, device=device))
             nonfinite.append(torch.zeros((), dtype=torch.int64, device=device))
             continue
-        m = x.abs().amax()  # NaN-propagating, like the kernels
-        maxabs.append(m)
+        maxabs.append(x.abs().amax())  # NaN-propagating, like the kernels
         nonfinite.append((~torch.isfinite(x)).sum())
-        norms.append(_robust_pnorm(x, m, norm_type))
     norms64 = torch.stack(norms)
-    maxabs64 = torch.stack(maxabs)
-    total = _robust_pnorm(norms64, norms64.amax(), norm_type)
-    return norms64, maxabs64, torch.stack(nonfinite), total
+    return norms64, torch.stack(maxabs), torch.stack(nonfinite), pnorm64(norms64, norm_type)
 
 
 def _finish(grads: list[Tensor], stats: tuple[Tensor, Tensor, Tensor, Tensor]):
@@ -177,8 +222,20 @@ def _check_writable(grads: list[Tensor], todo: list[bool], what: str) -> None:
             )
 
 
+def torch_nonfinite_message(norm_type: float) -> str:
+    """The error ``torch.nn.utils.clip_grad_norm_(..., error_if_nonfinite=True)`` raises, word for
+    word (``norm_type`` as Python prints a float: ``2.0``, ``inf``); gradstab's messages start
+    with it, so code matching torch's message matches gradstab's."""
+    return (
+        f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+        "non-finite, so it cannot be clipped. To disable this error and scale the gradients by "
+        "the non-finite norm anyway, set `error_if_nonfinite=False`"
+    )
+
+
 def nonfinite_message(norm_type: float, total: float, nonfinite: list[int], shapes: list) -> str:
-    """The error raised by ``clip_norm(..., error_if_nonfinite=True)`` (shared wording)."""
+    """The error raised by ``clip_norm(..., error_if_nonfinite=True)``: torch's message, then
+    what gradstab knows (the C++ kernels build the same text, csrc/common/messages.h)."""
     first = next(i for i, n in enumerate(nonfinite) if n > 0) if any(nonfinite) else -1
     where = (
         f"{sum(nonfinite)} non-finite value(s), the first in gradient {first} of {len(nonfinite)} "
@@ -187,24 +244,31 @@ def nonfinite_message(norm_type: float, total: float, nonfinite: list[int], shap
         else "no non-finite gradient value (the norm overflowed its result dtype)"
     )
     return (
-        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite "
-        f"({total}), so it cannot be clipped: {where}. No gradient was changed. To disable this "
-        "error and scale the gradients by the non-finite norm anyway, set "
-        "`error_if_nonfinite=False`"
+        f"{torch_nonfinite_message(norm_type)}. gradstab: the total norm is {total}; {where}. "
+        "No gradient was changed."
     )
 
 
-def grad_stats(grads: list[Tensor], norm_type: float):
-    """Reference for ``gradstab::grad_stats``: (norms, max_abs, nonfinite, total_norm)."""
-    return _finish(grads, _stats64(grads, norm_type))
+def grad_stats(grads: list[Tensor], norm_type: float, *, nonpositive: bool = False):
+    """Reference for ``gradstab::grad_stats``: (norms, max_abs, nonfinite, total_norm).
+
+    ``nonpositive=True`` also takes ``norm_type <= 0`` (:func:`pnorm64`); the op does not.
+    """
+    return _finish(grads, _stats64(grads, norm_type, nonpositive))
 
 
 def clip_norm(
-    grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float, error_if_nonfinite: bool
+    grads: list[Tensor],
+    max_norm: Tensor,
+    norm_type: float,
+    eps: float,
+    error_if_nonfinite: bool,
+    *,
+    nonpositive: bool = False,
 ):
     """Reference for ``gradstab::clip_norm``: global-norm clip in place, returns pre-clip stats."""
     _read_bound(max_norm, "max_norm")
-    stats = _stats64(grads, norm_type)
+    stats = _stats64(grads, norm_type, nonpositive)
     total = stats[3]
     # host sync: the caller asked. The norm as returned: inf also where it exceeds float32.
     reported = total.to(result_dtype(grads))
@@ -222,10 +286,17 @@ def clip_norm(
     return _finish(grads, stats)
 
 
-def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float, eps: float):
+def clip_norm_per_layer(
+    grads: list[Tensor],
+    max_norm: Tensor,
+    norm_type: float,
+    eps: float,
+    *,
+    nonpositive: bool = False,
+):
     """Reference for ``gradstab::clip_norm_per_layer``: each grad by its own coefficient."""
     _read_bound(max_norm, "max_norm")
-    stats = _stats64(grads, norm_type)
+    stats = _stats64(grads, norm_type, nonpositive)
     coefs = torch.clamp(max_norm.to(torch.float64) / (stats[0] + eps), max=1.0).unbind(0)
     todo = [_needs_scaling(g, c) for g, c in zip(grads, coefs)]
     _check_writable(grads, todo, "scaled")
@@ -234,15 +305,51 @@ def clip_norm_per_layer(grads: list[Tensor], max_norm: Tensor, norm_type: float,
     return _finish(grads, stats)
 
 
-def normalize_per_layer(grads: list[Tensor], target_norm: Tensor, norm_type: float, eps: float):
+def normalize_per_layer(
+    grads: list[Tensor],
+    target_norm: Tensor,
+    norm_type: float,
+    eps: float,
+    *,
+    nonpositive: bool = False,
+):
     """Reference for ``gradstab::normalize_per_layer``: grad i times target / (norm_i + eps)."""
     _read_bound(target_norm, "target_norm")
-    stats = _stats64(grads, norm_type)
+    stats = _stats64(grads, norm_type, nonpositive)
     coefs = (target_norm.to(torch.float64) / (stats[0] + eps)).unbind(0)
     _check_writable(grads, [_needs_scaling(g, c) for g, c in zip(grads, coefs)], "scaled")
     for g, c in zip(grads, coefs):
         _scale_(g, c)
     return _finish(grads, stats)
+
+
+def clip_with_norm(grads: list[Tensor], max_norm: Tensor, total_norm: Tensor, eps: float) -> None:
+    """Reference for ``gradstab::clip_with_norm``: scale every grad by
+    ``min(1, max_norm / (total_norm + eps))``, the total norm given (nothing is measured).
+
+    ``total_norm`` is a one-element tensor on the gradients' device or the CPU, any value (a
+    NaN or inf total scales by NaN or 0, as PyTorch does).  On CPU a coefficient of 1 writes
+    nothing; on other devices the (value-preserving) multiply by 1 happens, since reading the
+    coefficient would need a host sync.
+    """
+    _read_bound(max_norm, "max_norm")
+    check_grads(grads)
+    if total_norm.numel() != 1:
+        raise ValueError(
+            "gradstab: total_norm must be a tensor with one element, got shape "
+            f"{list(total_norm.shape)}"
+        )
+    if not grads:
+        return
+    device = grads[0].device
+    for name, t in (("max_norm", max_norm), ("total_norm", total_norm)):
+        if t.device != device and t.device.type != "cpu":
+            raise ValueError(f"gradstab: {name} is on {t.device} but the gradients are on {device}")
+    total = total_norm.reshape(()).to(device=device, dtype=torch.float64)
+    coef = torch.clamp(max_norm.reshape(()).to(device, torch.float64) / (total + eps), max=1.0)
+    _check_writable(grads, [_needs_scaling(g, coef) for g in grads], "scaled")
+    for g in grads:
+        _scale_(g, coef)
 
 
 def clip_value(grads: list[Tensor], clip_value: Tensor, norm_type: float):

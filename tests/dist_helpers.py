@@ -235,6 +235,20 @@ def _zero_check_all(ck: Checks, rank: int, seed: int, dtypes: list[torch.dtype],
             want = _local_part(g, cuts, i) * coef
             ck.close(f"{tag} clipped grad {i}", prm.grad, want, 2 * rtol_of(prm.grad.dtype))
 
+        # the decomposed API: get_total_norm (replicated tensors marked themselves), then
+        # clip_grads_with_norm_ by that global total (no group needed)
+        full, params, cuts, reps = _zero_setup(rank, seed, dtypes, scale)
+        for prm in reps:
+            gradstab.distributed.mark_replicated(prm.grad)
+        t = gradstab.get_total_norm([prm.grad for prm in params], p, process_group=group)
+        ck.close(f"{tag} get_total_norm", t, tot64, rtol_of(rd))
+        ck.true(f"{tag} get_total_norm dtype {t.dtype}", t.dtype == rd)
+        ck.same_on_all_ranks(f"{tag} get_total_norm", t)
+        gradstab.clip_grads_with_norm_(params, max_norm, t)
+        for i, (prm, g) in enumerate(zip(params, full)):
+            want = _local_part(g, cuts, i) * coef
+            ck.close(f"{tag} clip by total, grad {i}", prm.grad, want, 2 * rtol_of(prm.grad.dtype))
+
         full, params, cuts, _ = _zero_setup(rank, seed, dtypes, scale)
         before = [prm.grad.clone() for prm in params]
         total = gradstab.clip_grad_norm_(params, float(tot64) * 2 + 1, p, process_group=group)
@@ -441,6 +455,25 @@ def scenario_fsdp2(rank: int) -> None:
             if with_torch:
                 want = c.grad.full_tensor()
                 ck.close(f"{tag} clipped grad {i} vs torch", got, want, 2e-6, 1e-12)
+
+        # the decomposed API on DTensor grads: gradstab's total is a plain tensor, the same on
+        # every rank; clip_grads_with_norm_ scales the local shards (a DTensor total is made
+        # whole: torch's get_total_norm returns one)
+        model = _fsdp_mlp(rank)
+        params = list(model.parameters())
+        t = gradstab.get_total_norm([q.grad for q in params], p)
+        ck.close(f"{tag} get_total_norm", t, tot64, 1e-6)
+        ck.true(f"{tag} get_total_norm is plain", not isinstance(t, DTensor))
+        ck.same_on_all_ranks(f"{tag} get_total_norm", t)
+        total_arg = t
+        if with_torch:
+            total_arg = torch.nn.utils.get_total_norm([q.grad for q in params], p)
+            ck.true(f"{tag} torch's total is a DTensor", isinstance(total_arg, DTensor))
+        gradstab.clip_grads_with_norm_(params, max_norm, total_arg)
+        for i, (q, f) in enumerate(zip(params, full)):
+            ck.true(f"{tag} clip by total, grad {i} still a DTensor", isinstance(q.grad, DTensor))
+            got = q.grad.full_tensor()
+            ck.close(f"{tag} clip by total, grad {i}", got, f.double() * coef, 2e-6, 1e-12)
 
         model = _fsdp_mlp(rank)
         params = list(model.parameters())

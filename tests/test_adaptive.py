@@ -8,9 +8,11 @@ spikes and non-finite norms.
 from __future__ import annotations
 
 import collections
+import inspect
 import io
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -553,3 +555,147 @@ def test_bench_adaptive_modes_stay_healthy_and_report_against_fixed(mode):
     assert len(ours) == 1 and ours[0].floor_fraction > 0
     text = cuda_summary(rows)
     assert f"many-small/fp32/{mode}" in text and "target >= 0.952x fixed threshold" in text
+
+
+# -------------------------------------------------------------- ZClip's defaults, the docs --
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "adaptive.md"
+
+
+class ZClipModel:
+    """ZClip's published algorithm (github.com/bluorion-com/ZClip, ``ZClip.step``), restated
+    in float64 for ``mode="zscore"``, ``clip_option="adaptive_scaling"``,
+    ``skip_update_on_spike=False``, ``clip_factor=1.0``: its defaults.
+
+    Warm-up: collect ``warmup_steps`` norms (clipping to ``max_grad_norm`` meanwhile, by
+    ``torch.nn.utils.clip_grad_norm_``), then mean and population variance.  After: a spike
+    ``z = (g - mu) / (sigma + eps) > z_thresh`` gets the bound ``mu + z_thresh * sigma /
+    (z / z_thresh)``; the gradients are clipped to ``min(bound or g, max_grad_norm)`` when
+    the norm exceeds it (coefficient ``bound / (g + 1e-6)``); the EMA takes the bound (a spike)
+    or the norm.
+    """
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, eps=1e-6, warmup_steps=25):
+        self.alpha, self.z, self.cap, self.eps = alpha, z_thresh, max_grad_norm, eps
+        self.warmup = warmup_steps
+        self.buffer: list[float] = []
+        self.mean = self.var = None
+
+    def step(self, params) -> float:
+        total = math.sqrt(sum(float(q.grad.double().square().sum()) for q in params))
+        if self.mean is None:
+            self.buffer.append(total)
+            if len(self.buffer) >= self.warmup:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+            if self.cap is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cap)
+            return total
+        std = math.sqrt(self.var)
+        z = (total - self.mean) / (std + self.eps)
+        clip_val = self.mean + self.z * std / (z / self.z) if z > self.z else None
+        bound = total if clip_val is None else clip_val
+        if self.cap is not None:
+            bound = min(bound, self.cap)
+        if total > bound:
+            for q in params:
+                q.grad.mul_(bound / (total + 1e-6))
+        x = total if clip_val is None else clip_val
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+        self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return total
+
+
+def _zclip_norms():
+    """Norms above the cap in the warm-up, a plateau near 2 with two spikes, then a drift
+    below the cap: every branch of ZClip's step."""
+    rng = random.Random(11)
+    norms = [rng.uniform(1.5, 3.0) for _ in range(25)]
+    norms += [rng.uniform(1.8, 2.2) for _ in range(35)]
+    norms[40], norms[52] = 10.0, 30.0
+    norms += [0.5 - 0.01 * i for i in range(20)]
+    return norms
+
+
+def _docs_zclip_call() -> str:
+    text = DOCS.read_text()
+    after = text[text.index("The ZClip-equivalent call is:") :]
+    return re.search(r"thr = (ZScoreThreshold\([^)]*\))", after).group(1)
+
+
+@pytest.mark.parametrize("source", ["docs", "docstring"])
+def test_the_documented_zclip_call_is_zclip_step_for_step(source):
+    call = (
+        _docs_zclip_call()
+        if source == "docs"
+        else re.search(
+            r"``(ZScoreThreshold\([^`]*max_norm=1\.0\))``",
+            ZScoreThreshold.__init__.__doc__ or ZScoreThreshold.__doc__,
+        ).group(1)
+    )
+    thr = eval(call, {"ZScoreThreshold": ZScoreThreshold})  # the documented text
+    model = ZClipModel()
+    gen = torch.Generator().manual_seed(3)
+    direction = [torch.randn(7, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    unit = math.sqrt(sum(float(d.square().sum()) for d in direction))
+    ours = [torch.nn.Parameter(torch.zeros_like(d)) for d in direction]
+    theirs = [torch.nn.Parameter(torch.zeros_like(d)) for d in direction]
+    clipped = 0
+    for step, n in enumerate(_zclip_norms()):
+        for a, b, d in zip(ours, theirs, direction):
+            a.grad = d * (n / unit)
+            b.grad = d * (n / unit)
+        total = clip_(ours, thr)
+        assert float(total) == pytest.approx(model.step(theirs), rel=1e-12), step
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0, msg=f"step {step}")
+        clipped += not torch.equal(ours[0].grad, direction[0] * (n / unit))
+    assert clipped > 30  # the warm-up cap, the spikes and the plateau above the cap
+    stats = thr.statistics()
+    assert float(stats["mean"]) == pytest.approx(model.mean, rel=1e-12)
+    assert float(stats["std"]) == pytest.approx(math.sqrt(model.var), rel=1e-10)
+
+
+def test_the_defaults_differ_from_zclips_only_by_the_cap_and_the_docs_say_so():
+    thr = ZScoreThreshold()
+    assert (thr.alpha, thr.z_thresh, thr.warmup_steps, thr.max_norm) == (0.97, 2.5, 25, None)
+    assert (thr.rule, thr.eps, thr.update_on_spike) == ("adaptive_scaling", 1e-6, "clipped")
+    text = DOCS.read_text()
+    # no call is called "ZClip's defaults" without ZClip's cap
+    for line in text.splitlines():
+        if "ZScoreThreshold(" in line and "ZClip" in line:
+            assert "max_norm=1.0" in line, line
+    assert _docs_zclip_call() == (
+        "ZScoreThreshold(alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=1.0)"
+    )
+    assert "max_grad_norm=1.0" in text
+
+
+def test_docs_say_what_the_issue_asked():
+    """docs/adaptive.md: the first step of an uncapped PercentileThreshold, warmup_steps,
+    threshold()'s signature, which way alpha weights the EMA (issue 11)."""
+    text = " ".join(DOCS.read_text().split())
+    assert "The first step is never clipped by a `PercentileThreshold` without `max_norm`" in text
+    assert "`warmup_steps` (`ZScoreThreshold`)" in text
+    assert "`warmup_steps` (`PercentileThreshold`, default 0)" in text
+    assert "`thr.threshold(total_norm=None, *, device=None) -> Tensor`" in text
+    assert "`alpha` weights the *old* statistics: `mu <- alpha * mu + (1 - alpha) * x`" in text
+    # ... and each statement holds
+    for include_current in (False, True):
+        thr = PercentileThreshold(include_current=include_current)
+        bound = thr.threshold(t(1e6)) if include_current else thr.threshold()
+        assert float(bound) == INF
+        assert (
+            float(
+                PercentileThreshold(include_current=include_current, max_norm=2.0).threshold(t(1e6))
+            )
+            == 2.0
+        )
+    z = ZScoreThreshold(alpha=0.9, warmup_steps=2)
+    for g in (1.0, 3.0, 2.5):  # warm-up: mean 2, std 1; then 2.5 (z = 0.5, not a spike)
+        z.update(t(g))
+    assert float(z.statistics()["mean"]) == pytest.approx(0.9 * 2.0 + 0.1 * 2.5)
+    sig = inspect.signature(PercentileThreshold.threshold)
+    assert list(sig.parameters) == ["self", "total_norm", "device"]
+    assert sig.parameters["total_norm"].default is None
+    assert sig.parameters["device"].kind is inspect.Parameter.KEYWORD_ONLY

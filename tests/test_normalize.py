@@ -139,8 +139,8 @@ def test_bad_arguments_leave_grads_alone():
     ]:
         with pytest.raises(exc, match="target_norm"):
             gradstab.normalize_grad_per_layer_([p], bad)
-    with pytest.raises(ValueError, match="norm_type"):
-        gradstab.normalize_grad_per_layer_([p], 1.0, norm_type=0)
+    with pytest.raises(ValueError, match="norm_type"):  # (0 and negative p are accepted)
+        gradstab.normalize_grad_per_layer_([p], 1.0, norm_type=float("nan"))
     assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
     assert gradstab.normalize_grad_per_layer_([torch.nn.Parameter(torch.zeros(1))]).numel() == 0
 

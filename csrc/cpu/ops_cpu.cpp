@@ -5,8 +5,10 @@
 // equal element counts; each chunk's partial is its own, so they do not depend on the split),
 // the partials are combined per tensor in chunk order (fixed, deterministic), the coefficients
 // are computed, and a second parallel pass, in reverse chunk order so the most recently read
-// chunks are still in cache, scales only the chunks whose coefficient is not 1. In per-layer mode a tensor that fits in one chunk is scaled right after
-// it is reduced, while it is in cache. Value clipping clamps in the reducing pass itself.
+// chunks are still in cache, scales only the chunks whose coefficient is not 1. In per-layer
+// mode a tensor that fits in one chunk is scaled right after it is reduced, while it is in cache.
+// clip_with_norm reduces nothing: its coefficient comes from the total norm it is given, and at
+// 1 it reads and writes nothing. Value clipping clamps in the reducing pass itself.
 // Every argument is checked before any gradient is touched.
 //
 // Gradients that share memory (the same tensor twice, overlapping views) would race in the
@@ -28,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/messages.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/range_kernels.h"
 
@@ -70,6 +73,30 @@ void check_norm_type(double p) {
                     "gradstab: norm_type must be a positive number or inf, got ", p);
 }
 
+// Every check of a list of gradients, before anything is read or written.
+void check_grad_list(at::TensorList grads) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", grads.size(),
+                      " is undefined");
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ",
+                      grads.size(), " has layout ", g.layout(),
+                      "; only dense (strided) gradients are supported. Convert it with "
+                      "`p.grad = p.grad.to_dense()`");
+    TORCH_CHECK_VALUE(g.device() == grads[0].device(),
+                      "gradstab: all gradients of one call must be on one device, gradient 0 "
+                      "is on ", grads[0].device(), " and gradient ", i, " on ", g.device(),
+                      "; call once per device");
+    auto st = g.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
+                         st == at::kDouble,
+                     "gradstab: gradient ", i, " of ", grads.size(), " has dtype ", st,
+                     "; only float16, bfloat16, float32 and float64 gradients are supported");
+    TORCH_CHECK(g.device().is_cpu(), "gradstab: the CPU kernel got a gradient on ",
+                g.device());
+  }
+}
+
 // Validates every gradient (before anything is written) and builds the item and chunk tables.
 struct Plan {
   std::vector<Item> items;
@@ -80,26 +107,7 @@ struct Plan {
 
   explicit Plan(at::TensorList grads) {
     items.reserve(grads.size());
-    for (size_t i = 0; i < grads.size(); ++i) {
-      const at::Tensor& g = grads[i];
-      TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", grads.size(),
-                        " is undefined");
-      TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ",
-                        grads.size(), " has layout ", g.layout(),
-                        "; only dense (strided) gradients are supported. Convert it with "
-                        "`p.grad = p.grad.to_dense()`");
-      TORCH_CHECK_VALUE(g.device() == grads[0].device(),
-                        "gradstab: all gradients of one call must be on one device, gradient 0 "
-                        "is on ", grads[0].device(), " and gradient ", i, " on ", g.device(),
-                        "; call once per device");
-      auto st = g.scalar_type();
-      TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
-                           st == at::kDouble,
-                       "gradstab: gradient ", i, " of ", grads.size(), " has dtype ", st,
-                       "; only float16, bfloat16, float32 and float64 gradients are supported");
-      TORCH_CHECK(g.device().is_cpu(), "gradstab: the CPU kernel got a gradient on ",
-                  g.device());
-    }
+    check_grad_list(grads);
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
       Item it;
@@ -353,25 +361,28 @@ double read_bound(const at::Tensor& t, const char* name) {
   return v;
 }
 
-std::string nonfinite_message(double p, double total, const Plan& plan,
+std::string nonfinite_message(double p, double total, at::TensorList grads,
                               const std::vector<TensorResult>& res) {
-  std::ostringstream os;
-  os << "The total norm of order " << p << " for gradients from `parameters` is non-finite ("
-     << total << "), so it cannot be clipped: ";
-  int64_t sum = 0, first = -1;
-  for (size_t i = 0; i < res.size(); ++i) {
-    sum += res[i].nonfinite;
-    if (first < 0 && res[i].nonfinite > 0) first = static_cast<int64_t>(i);
-  }
-  if (first >= 0) {
-    os << sum << " non-finite value(s), the first in gradient " << first << " of " << res.size()
-       << " (shape " << plan.items[first].grad->sizes() << ")";
+  std::vector<int64_t> counts;
+  counts.reserve(res.size());
+  for (const auto& r : res) counts.push_back(r.nonfinite);
+  return gradstab::nonfinite_message(p, total, grads, counts);
+}
+
+// Scales every gradient by c (not 1): in parallel, or one at a time in list order when some
+// share memory (an expanded one is refused first).
+void scale_all(const Plan& plan, at::TensorList grads, double c) {
+  const size_t n = plan.items.size();
+  if (plan.shares_memory(grads)) {
+    const std::vector<uint8_t> todo(n, 1);
+    check_writable(plan, todo, "scaled");
+    write_serially(plan, todo, [&](const Item& it, char* data) {
+      scale_range(it.dtype, data, it.numel, c);
+      return true;
+    });
   } else {
-    os << "no non-finite gradient value (the norm overflowed its result dtype)";
+    scale_chunks(plan, std::vector<double>(n, c), std::vector<uint8_t>(n, 0));
   }
-  os << ". No gradient was changed. To disable this error and scale the gradients by the "
-        "non-finite norm anyway, set `error_if_nonfinite=False`";
-  return os.str();
 }
 
 }  // namespace
@@ -399,23 +410,25 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
   Stats stats = make_stats(plan, res, total);
   if (error_if_nonfinite) {  // the norm as returned: inf also where it exceeds float32
     const double reported = std::get<3>(stats).item<double>();
-    TORCH_CHECK(std::isfinite(reported), nonfinite_message(norm_type, reported, plan, res));
+    TORCH_CHECK(std::isfinite(reported), nonfinite_message(norm_type, reported, grads, res));
   }
   const double c = clip_coef(bound, total, eps);
-  if (writes(c)) {
-    const size_t n = plan.items.size();
-    if (plan.shares_memory(grads)) {
-      const std::vector<uint8_t> todo(n, 1);
-      check_writable(plan, todo, "scaled");
-      write_serially(plan, todo, [&](const Item& it, char* data) {
-        scale_range(it.dtype, data, it.numel, c);
-        return true;
-      });
-    } else {
-      scale_chunks(plan, std::vector<double>(n, c), std::vector<uint8_t>(n, 0));
-    }
-  }
+  if (writes(c)) scale_all(plan, grads, c);
   return stats;
+}
+
+void clip_with_norm_cpu(at::TensorList grads, const at::Tensor& max_norm,
+                        const at::Tensor& total_norm, double eps) {
+  check_grad_list(grads);
+  const double bound = read_bound(max_norm, "max_norm");
+  TORCH_CHECK_VALUE(total_norm.numel() == 1, "gradstab: total_norm must be a tensor with one "
+                    "element, got shape ", total_norm.sizes());
+  TORCH_CHECK_VALUE(total_norm.device().is_cpu(), "gradstab: total_norm is on ",
+                    total_norm.device(), " but the gradients are on cpu");
+  const double c = clip_coef(bound, total_norm.item<double>(), eps);
+  if (!writes(c) || grads.empty()) return;  // coefficient 1: nothing is read or written
+  Plan plan(grads);
+  scale_all(plan, grads, c);
 }
 
 namespace {
@@ -543,6 +556,7 @@ TORCH_LIBRARY_IMPL(gradstab, CPU, m) {
   m.impl("clip_norm_per_layer", &clip_norm_per_layer_cpu);
   m.impl("clip_value", &clip_value_cpu);
   m.impl("normalize_per_layer", &normalize_per_layer_cpu);
+  m.impl("clip_with_norm", &clip_with_norm_cpu);
 }
 
 }  // namespace cpu

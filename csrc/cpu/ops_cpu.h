@@ -71,6 +71,10 @@ Stats clip_norm_per_layer_cpu(at::TensorList grads, const at::Tensor& max_norm,
 Stats normalize_per_layer_cpu(at::TensorList grads, const at::Tensor& target_norm,
                               double norm_type, double eps);
 Stats clip_value_cpu(at::TensorList grads, const at::Tensor& clip_value, double norm_type);
+// Scales every gradient by min(1, max_norm / (total_norm + eps)) (both one-element CPU
+// tensors); nothing is read or written when that is 1.
+void clip_with_norm_cpu(at::TensorList grads, const at::Tensor& max_norm,
+                        const at::Tensor& total_norm, double eps);
 
 }  // namespace cpu
 }  // namespace gradstab

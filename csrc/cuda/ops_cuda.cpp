@@ -74,6 +74,7 @@
 #include <sstream>
 #include <vector>
 
+#include "common/messages.h"
 #include "cuda/kernels.cuh"
 #include "cuda/norm_plan.h"
 #include "cuda/table_cache.h"
@@ -330,24 +331,8 @@ BoundArg resolve_bound(const Bound& bound, const char* name, const at::Device& d
 
 std::string nonfinite_message(double p, double total, at::TensorList grads,
                               const at::Tensor& nonfinite_cpu) {
-  std::ostringstream os;
-  os << "The total norm of order " << p << " for gradients from `parameters` is non-finite ("
-     << total << "), so it cannot be clipped: ";
   const int64_t* nf = nonfinite_cpu.const_data_ptr<int64_t>();
-  int64_t sum = 0, first = -1;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    sum += nf[i];
-    if (first < 0 && nf[i] > 0) first = static_cast<int64_t>(i);
-  }
-  if (first >= 0) {
-    os << sum << " non-finite value(s), the first in gradient " << first << " of "
-       << grads.size() << " (shape " << grads[first].sizes() << ")";
-  } else {
-    os << "no non-finite gradient value (the norm overflowed its result dtype)";
-  }
-  os << ". No gradient was changed. To disable this error and scale the gradients by the "
-        "non-finite norm anyway, set `error_if_nonfinite=False`";
-  return os.str();
+  return gradstab::nonfinite_message(p, total, grads, std::vector<int64_t>(nf, nf + grads.size()));
 }
 
 // The norm plan's device: kernels on the CUDA stream, strided gradients' copies with ATen.
