@@ -183,7 +183,7 @@ def _extensions():
             print(f"gradstab: building the CUDA kernels with {toolkit} ({how})", file=sys.stderr)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/common/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp", "-Wno-psabi"]
     # -ffp-contract=off keeps results bit-identical across the ISA clones of the CPU kernel.

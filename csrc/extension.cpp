@@ -1,16 +1,18 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
-// exposes build_info() for gradstab.backend_info() and cpu_fast_path() (csrc/cpu/fast_path.cpp)
+// exposes build_info() for gradstab.backend_info(), OP_CODES (the shortcuts' op codes) and
+// cpu_fast_path() (csrc/cpu/fast_path.cpp)
 // for gradstab.functional (and, in a CUDA build, cuda_fast_path() and test hooks from
-// csrc/cuda/fast_path_cuda.cpp).
+// csrc/cuda/fast_path.cpp).
 #include <torch/extension.h>
 
+#include "common/codes.h"
 #include "cpu/range_kernels.h"
 #ifdef GRADSTAB_WITH_CUDA
-#include "cuda/ops_cuda.h"
+#include "cuda/norm_ops.h"
 namespace gradstab {
 namespace cuda {
-void register_fast_path(pybind11::module& m);  // cuda/fast_path_cuda.cpp
+void register_fast_path(pybind11::module& m);  // cuda/fast_path.cpp
 }  // namespace cuda
 }  // namespace gradstab
 #endif
@@ -36,11 +38,21 @@ pybind11::dict build_info() {
   return d;
 }
 
+// {op name: code} of the eager shortcuts, from the one definition (common/codes.h).
+pybind11::dict op_codes() {
+  pybind11::dict d;
+  for (int32_t code = 0; code < gradstab::kNumOps; ++code) {
+    d[gradstab::op_name(static_cast<gradstab::Op>(code))] = code;
+  }
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradstab compiled kernels (registered with the PyTorch dispatcher on import)";
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
+  m.attr("OP_CODES") = op_codes();
   gradstab::cpu::register_fast_path(m);
 #ifdef GRADSTAB_WITH_CUDA
   gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks

@@ -22,6 +22,9 @@ _C = None
 cpu_fast_path = None
 #: ``gradstab._C.cuda_fast_path``, or None unless the extension was built with CUDA kernels.
 cuda_fast_path = None
+#: ``{op name: code}`` of the two shortcuts, from the extension's one definition
+#: (csrc/common/codes.h); empty without the extension (filled in place when it loads).
+OP_CODES: dict[str, int] = {}
 _load_error: str | None = None
 _warned: set[str] = set()
 #: Device types known to have a compiled kernel.  Only the positive answer is cached: the
@@ -58,6 +61,7 @@ def _import_extension() -> None:
     _C = ext
     cpu_fast_path = getattr(ext, "cpu_fast_path", None)
     cuda_fast_path = getattr(ext, "cuda_fast_path", None)
+    OP_CODES.update(getattr(ext, "OP_CODES", {}))
 
 
 def has_kernel(device_type: str) -> bool:

@@ -137,7 +137,7 @@ WRITING_OPS = tuple(name for name, schema in SCHEMAS.items() if "Tensor(a!)[] gr
 def register_version_bump() -> None:
     """Make every writing op bump the version counters of the gradients it was given.
 
-    The compiled extension does this in C++ (csrc/version_counter.cpp); this Python twin is
+    The compiled extension does this in C++ (csrc/common/version_counter.cpp); this Python twin is
     registered only when the extension is not loaded, so that the pure-PyTorch path follows the
     same rule (its in-place torch ops alone would bump only the gradients they write).
     """

@@ -56,7 +56,7 @@ from gradstab._common import (
     param_list,
 )
 from gradstab._devices import clip_by_total, combined_stats, in_order, moved_bound
-from gradstab._extension import cpu_fast_path, cuda_fast_path, warn_if_fallback
+from gradstab._extension import OP_CODES, cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
 from gradstab.agc_units import UnitDim, agc_unit_dims, unit_dims
 
@@ -77,9 +77,6 @@ __all__ = [
     "normalize_grad_per_layer_",
 ]
 
-#: ``gradstab._C.cpu_fast_path`` op codes.
-_FAST_STATS, _FAST_CLIP_NORM, _FAST_CLIP_LAYER, _FAST_CLIP_VALUE, _FAST_NORMALIZE = 0, 1, 2, 3, 4
-
 
 def _as_sequence(parameters: TensorOrTensors) -> TensorOrTensors:
     """``parameters`` as a list or tuple (a generator is consumed once, here)."""
@@ -94,9 +91,9 @@ def _as_sequence(parameters: TensorOrTensors) -> TensorOrTensors:
 
 
 def _shortcut(
-    op: int, parameters: TensorOrTensors, p: float, bound: Tensor | float, err: bool
+    op: str, parameters: TensorOrTensors, p: float, bound: Tensor | float, err: bool
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor] | None, TensorOrTensors]:
-    """Run ``op`` through the compiled eager shortcut when it applies.
+    """Run the op named ``op`` through the compiled eager shortcut when it applies.
 
     Returns:
         ``(stats, parameters)``: the op's statistics, or ``None`` when no shortcut applies
@@ -107,14 +104,15 @@ def _shortcut(
     if (cpu is None and cuda is None) or torch.compiler.is_compiling():
         return None, parameters
     parameters = _as_sequence(parameters)
+    code = OP_CODES[op]
     if cpu is not None:
         b = _fast_bound(bound)
         if b is not None:
-            out = cpu(op, parameters, p, b, EPS, err)
+            out = cpu(code, parameters, p, b, EPS, err)
             if out is not None:
                 return out, parameters
     if cuda is not None:
-        out = cuda(op, parameters, p, bound, EPS, err)
+        out = cuda(code, parameters, p, bound, EPS, err)
         if out is not None:
             return out, parameters
     return None, parameters
@@ -208,7 +206,7 @@ def grad_stats(
             grads, p, replicated=marks, process_group=process_group, fn=fn
         )
     if p > 0:
-        out, parameters = _shortcut(_FAST_STATS, parameters, p, 0.0, False)
+        out, parameters = _shortcut("grad_stats", parameters, p, 0.0, False)
         if out is not None:
             return GradStats(*out)
     grads = collect_grads(parameters, fn)
@@ -296,10 +294,10 @@ def clip_grads_with_norm_(
     ``torch.nn.utils.clip_grads_with_norm_``.
 
     Every gradient is multiplied by ``min(1, max_norm / (total_norm + 1e-6))``, on the fused
-    kernel (``torch.ops.gradstab.clip_with_norm``), which measures nothing: on the CPU a
-    coefficient of 1 reads and writes nothing.  On CUDA the op has no compiled kernel yet:
-    its pure-PyTorch kernel multiplies every gradient (by 1 too), since skipping would need
-    the coefficient on the host.  Gradients on several devices are scaled by the same
+    kernel (``torch.ops.gradstab.clip_with_norm``), which measures nothing; a coefficient
+    of 1 reads and writes nothing (on CUDA the coefficient stays on the device: no host
+    sync).  Without a compiled kernel, the pure-PyTorch kernel multiplies every gradient
+    (by 1 too).  Gradients on several devices are scaled by the same
     coefficient, each device by its own op.
 
     Args:
@@ -424,7 +422,7 @@ def clip_grad_norm_(
             fn=fn,
         )
     if p > 0:
-        out, parameters = _shortcut(_FAST_CLIP_NORM, parameters, p, checked, error_if_nonfinite)
+        out, parameters = _shortcut("clip_norm", parameters, p, checked, error_if_nonfinite)
         if out is not None:
             return out[3]
     grads = collect_grads(parameters, fn)
@@ -513,7 +511,7 @@ def clip_grad_norm_per_layer_(
             grads, max_norm, p, replicated=marks, eps=EPS, process_group=process_group, fn=fn
         )
     if p > 0:
-        out, parameters = _shortcut(_FAST_CLIP_LAYER, parameters, p, checked, False)
+        out, parameters = _shortcut("clip_norm_per_layer", parameters, p, checked, False)
         if out is not None:
             return out[0]
     grads = collect_grads(parameters, fn)
@@ -559,7 +557,7 @@ def normalize_grad_per_layer_(
     p = check_norm_type(norm_type, fn, nonpositive=True)
     checked = check_bound(target_norm, "target_norm", fn, None)
     if p > 0:
-        out, parameters = _shortcut(_FAST_NORMALIZE, parameters, p, checked, False)
+        out, parameters = _shortcut("normalize_per_layer", parameters, p, checked, False)
         if out is not None:
             return out[0]
     grads = collect_grads(parameters, fn)
@@ -594,7 +592,7 @@ def clip_grad_value_(
     fn = "gradstab.clip_grad_value_"
     check_foreach(foreach, fn)
     checked = check_bound(clip_value, "clip_value", fn, None)
-    out, parameters = _shortcut(_FAST_CLIP_VALUE, parameters, 2.0, checked, False)
+    out, parameters = _shortcut("clip_value", parameters, 2.0, checked, False)
     if out is not None:
         return
     grads = collect_grads(parameters, fn)

@@ -1,10 +1,11 @@
 """Build and call the CPU execution harness of gradstab's CUDA kernels (csrc/testing/cuda_sim).
 
-The harness compiles ``csrc/cuda/kernels.cu`` and ``csrc/cuda/agc_cuda.cu`` unchanged as host
-C++ against stand-in CUDA headers and runs the kernels on a simulated grid (one thread per CUDA
-thread), through the same torch-free launch plans as the real launchers. :func:`load` builds it
-as a PyTorch C++ extension (cached under ``build/cuda_sim/`` in the repository, so reruns only
-relink what changed) and :func:`norm_op` / :func:`agc` run the simulated ops on CPU tensors.
+The harness compiles ``csrc/cuda/norm_kernels.cu`` and ``csrc/cuda/agc_kernels.cu`` unchanged
+as host C++ against stand-in CUDA headers and runs the kernels on a simulated grid (one thread
+per CUDA thread), through the same torch-free launch plans as the real launchers.
+:func:`load` builds it as a PyTorch C++ extension (cached under ``build/cuda_sim/`` in the
+repository, so reruns only relink what changed) and :func:`norm_op` / :func:`agc` run the
+simulated ops on CPU tensors.
 
 Example:
     >>> import torch
@@ -46,6 +47,7 @@ CFLAGS = [
     "-Wno-unknown-pragmas",  # the kernels' #pragma unroll (nvcc's)
 ]
 PLAN_SOURCES = [
+    ROOT / "csrc" / "common" / "overlap.cpp",
     ROOT / "csrc" / "cuda" / "plan_common.cpp",
     ROOT / "csrc" / "cuda" / "norm_plan.cpp",
     ROOT / "csrc" / "cuda" / "agc_plan.cpp",
@@ -281,6 +283,7 @@ def _build_tsan_driver() -> Path:
         raise RuntimeError("no C++ compiler")
     headers = [*SIM_DIR.rglob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cuh")]
     headers += [*(ROOT / "csrc" / "cuda").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cu")]
+    headers += [*(ROOT / "csrc" / "common").glob("*.h")]
     key = _digest([*TSAN_SOURCES, *headers], " ".join(TSAN_FLAGS) + _compiler_version(cxx))
     out = BUILD_DIR / f"tsan-{key}"
     exe = out / "tsan_driver"

@@ -375,6 +375,41 @@ def test_strided_and_expanded_gradients_written_back_only_when_changed(op):
 
 
 @gpu
+@pytest.mark.parametrize("total_on", ["cuda", "cpu"])
+def test_clip_with_norm_scales_by_the_given_total_and_writes_nothing_at_one(total_on):
+    gen = _gen(41)
+    base = _randn((3, 1), torch.float32, gen)
+    grads = [*_clip_list(5), base.expand(3, 50), _randn((400,), torch.bfloat16, gen)[::2]]
+    before = _cpu(grads)
+    total = torch.tensor(8.0, dtype=torch.float64, device=total_on)
+    OPS.clip_with_norm(grads, _bound(1e9), total, EPS)  # coefficient 1: every bit stays
+    assert all(torch.equal(_bits(g), _bits(b)) for g, b in zip(grads, before))
+    OPS.clip_with_norm(grads, _bound(0.5), total, EPS)
+    coef = 0.5 / (8.0 + EPS)
+    for i, (g, b) in enumerate(zip(grads, before)):
+        assert torch.equal(_bits(g), _bits(_scaled(b, coef))), i
+    nan = torch.tensor(float("nan"), device=total_on)
+    OPS.clip_with_norm(grads, _bound(1.0), nan, EPS)  # NaN total: NaN gradients, as PyTorch
+    assert all(bool(g.float().isnan().all()) for g in grads if g.numel())
+
+
+@gpu
+def test_clip_with_norm_matches_torch_clip_grads_with_norm():
+    gen = _gen(42)
+    ours = [torch.nn.Parameter(_randn((s,), torch.float32, gen)) for s in (3, 70_000, 0, 129)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = _randn(a.shape, torch.float32, gen) if a.numel() else torch.zeros(0, device=DEV)
+        b.grad = a.grad.clone()
+    total = torch.nn.utils.get_total_norm([p.grad for p in theirs])
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, total)
+    gradstab.clip_grads_with_norm_(ours, 1.0, total)
+    assert has_kernel("cuda")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+@gpu
 def test_nan_gradients_give_nan_coefficient_and_nan_grads():
     gen = _gen(12)
     grads = [

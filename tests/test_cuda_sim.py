@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/cuda) executed on the CPU: the execution harness of csrc/testing/cuda_sim.
 
-``kernels.cu`` and ``agc_cuda.cu`` are compiled unchanged as host C++ against stand-in CUDA
+``norm_kernels.cu`` and ``agc_kernels.cu`` are compiled unchanged as host C++ against stand-in CUDA
 headers and run on a simulated grid (one thread per CUDA thread, a warp's lanes meeting at every
 shuffle, vote and ``__syncwarp``), through the torch-free plans the real launchers use
 (``norm_plan``, ``agc_plan``). Results are compared with :mod:`gradstab.reference` and float64

@@ -237,3 +237,45 @@ def test_compiled_call_does_not_use_the_shortcut():
     total = clip([p], torch.tensor(1.0, dtype=torch.float64))
     assert float(total) == 5.0
     assert torch.allclose(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]))
+
+
+def test_op_codes_are_the_extensions_one_definition():
+    """functional, the extension and the CUDA harness use the codes of csrc/common/codes.h."""
+    import cuda_sim_harness  # noqa: PLC0415 - a test helper, imported only here
+
+    assert _extension.OP_CODES == {
+        "grad_stats": 0,
+        "clip_norm": 1,
+        "clip_norm_per_layer": 2,
+        "clip_value": 3,
+        "normalize_per_layer": 4,
+    }
+    assert cuda_sim_harness.OP_CODES == _extension.OP_CODES
+    with pytest.raises(ValueError, match="unknown op code 5"):
+        FAST(5, _params(0), 2.0, 1.0, 1e-6, False)
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("gradstab::grad_stats", lambda ps: gradstab.grad_stats(ps)),
+        ("gradstab::clip_norm", lambda ps: gradstab.clip_grad_norm_(ps, 0.5)),
+        ("gradstab::clip_value", lambda ps: gradstab.clip_grad_value_(ps, 0.01)),
+    ],
+)
+def test_shortcut_calls_show_in_the_profiler_under_the_ops_name(name, call, monkeypatch):
+    params = _params(3)
+    seen = []
+    real = functional.cpu_fast_path
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(functional, "cpu_fast_path", spy)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(params)
+    assert seen == [True]  # the shortcut served the call (the dispatcher did not run)
+    names = [e.name for e in prof.events()]
+    assert names.count(name) == 1, sorted(set(names))

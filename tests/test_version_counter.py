@@ -4,7 +4,7 @@ PyTorch's in-place ops bump a tensor's version counter, and autograd uses it to 
 backward through a tensor that was changed after it was saved (a gradient kept for double
 backward, for instance). gradstab's writing ops do the same for every gradient they were given
 (written or not, as their schema marks them all as written): through the dispatcher (an
-ADInplaceOrView kernel, csrc/version_counter.cpp, or its Python twin without the extension),
+ADInplaceOrView kernel, csrc/common/version_counter.cpp, or its Python twin without the extension),
 through the eager shortcut (``functional`` -> ``cpu_fast_path`` / ``cuda_fast_path``), and on
 the pure-PyTorch path (run in a subprocess with ``GRADSTAB_DISABLE_EXT=1``). ``grad_stats``
 reads only and bumps nothing; an op that raises changes nothing and bumps nothing.

@@ -1,7 +1,7 @@
 """Drive the CUDA kernels for compute-sanitizer and Nsight Compute (see run_gpu_checks.sh).
 
 ``python benchmarks/gpu/driver.py sanitize`` calls every op on small inputs that reach every
-code path of csrc/cuda/kernels.cu (all dtypes; aligned, misaligned, strided and zero-size
+code path of csrc/cuda/norm_kernels.cu (all dtypes; aligned, misaligned, strided and zero-size
 gradients; NaN/Inf; float32 squares that overflow and underflow; float64 sums that need the
 max-abs rescue; p = 1, 2, 3, inf; in-pass and deferred value clipping; per-layer clipping;
 error_if_nonfinite; the direct entry point; a one-block grid; gradients sharing memory, written
@@ -69,7 +69,7 @@ def _check(got, want, what: str, rtol: float = 1e-6) -> None:
 
 
 def _agc_inputs(seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(gradients, parameters) reaching every path of csrc/cuda/agc_cuda.cu."""
+    """(gradients, parameters) reaching every path of csrc/cuda/agc_kernels.cu."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
 
     def randn(shape, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

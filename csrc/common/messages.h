@@ -1,5 +1,5 @@
 // Contract: the text of the error clip_norm raises with error_if_nonfinite=True, shared by the
-// CPU kernel (cpu/ops_cpu.cpp) and the CUDA launcher (cuda/ops_cuda.cpp), and by
+// CPU kernel (cpu/norm_ops.cpp) and the CUDA launcher (cuda/norm_ops.cpp), and by
 // gradstab/reference.py (nonfinite_message) in Python: torch.nn.utils.clip_grad_norm_'s message
 // word for word, the norm type printed as Python prints a float ("2.0", "inf", "0.5"), so code
 // matching torch's message matches gradstab's; then what gradstab knows (the total, the first

@@ -1,4 +1,5 @@
-// Contract: per-range gradient kernels for the CPU backend (no ATen, only c10 dtype headers).
+// Contract: per-range gradient kernels for the CPU backend (no ATen, only c10 dtype headers;
+// dtype and norm codes from common/codes.h).
 //
 // reduce_range(dtype, ptr, n, kind, p, clamp): one read of n contiguous elements, returning
 //   sum   = sum of |x|^p (p = 2 for kind kL2 and kLinf, where it only detects non-finite
@@ -24,11 +25,10 @@
 
 #include <cstdint>
 
+#include "common/codes.h"
+
 namespace gradstab {
 namespace cpu {
-
-enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
-enum class NormKind : int { kL2 = 0, kL1 = 1, kLinf = 2, kLp = 3 };
 
 struct Partial {
   double sum = 0.0;

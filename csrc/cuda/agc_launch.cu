@@ -1,10 +1,10 @@
-// Contract: the host side of agc_cuda.cu's launches, compiled by nvcc only: the grid of each
+// Contract: the host side of agc_kernels.cu's launches, compiled by nvcc only: the grid of each
 // kernel (the resident maximum from the occupancy API, fewer blocks when there is less work,
-// capped by the test hook) and the <<<...>>> launches declared in agc_cuda.cuh. Kept out of
-// agc_cuda.cu so that the kernel file compiles unchanged as host C++ in the CPU execution
+// capped by the test hook) and the <<<...>>> launches declared in agc_kernels.cuh. Kept out of
+// agc_kernels.cu so that the kernel file compiles unchanged as host C++ in the CPU execution
 // harness (csrc/testing/cuda_sim), which launches the same kernels on its simulated grid.
-#include "cuda/agc_cuda.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/agc_kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 
 #include <cuda_runtime.h>
 

@@ -1,5 +1,5 @@
-// Contract: the torch-free plan of one call of adaptive_clip's CUDA kernels (agc_cuda.cu), shared
-// by the ATen launcher (agc_ops_cuda.cpp) and the CPU execution harness (csrc/testing/cuda_sim):
+// Contract: the torch-free plan of one call of adaptive_clip's CUDA kernels (agc_kernels.cu),
+// shared by the ATen launcher (agc.cpp) and the CPU execution harness (csrc/testing/cuda_sim):
 //   * build_agc_table: the pair table (AgcPair per (gradient, parameter), in work order) of a
 //     key and its host facts (AgcMeta);
 //   * agc_scratch / agc_params: the scratch layout and the kernels' AgcParams;
@@ -13,8 +13,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "cuda/agc_cuda.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/agc_kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/plan_common.h"
 
 namespace gradstab {
@@ -58,7 +58,7 @@ struct AgcOutputs {
   bool out_double;
 };
 
-// Params of the call over every item; `deferred` when memory is shared (see agc_cuda.cuh).
+// Params of the call over every item; `deferred` when memory is shared (see agc_kernels.cuh).
 AgcParams agc_params(const void* table, const std::vector<int64_t>& meta, int64_t num_pairs,
                      char* scratch, const AgcScratch& layout, int32_t kind, bool deferred,
                      double p, double clip_factor, double eps, const AgcOutputs& out);

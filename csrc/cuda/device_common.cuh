@@ -1,10 +1,11 @@
-// Contract: device building blocks shared by the CUDA kernel files (kernels.cu, agc_cuda.cu):
-// element access for float16/bfloat16/float32/float64, correctly rounded arithmetic that is
-// never contracted into FMAs, fixed-order warp reductions, the walk over a span of elements
-// (scalar head up to the first 16-byte aligned element, 16-byte vectors, scalar tail), the
-// exact double redo of a span's sum, the exact non-finite count, a span's statistics in one
-// read (span_stats_l12 / span_stats_lp), and scaling with the CPU kernel's rounding. Plain CUDA, no torch headers; everything has internal linkage (an
-// anonymous namespace), as when it lived in kernels.cu alone.
+// Contract: device building blocks shared by the CUDA kernel files (norm_kernels.cu,
+// agc_kernels.cu): element access for float16/bfloat16/float32/float64, correctly rounded
+// arithmetic that is never contracted into FMAs, fixed-order warp reductions, the walk over a
+// span of elements (scalar head up to the first 16-byte aligned element, 16-byte vectors,
+// scalar tail), the exact double redo of a span's sum, the exact non-finite count, a span's
+// statistics in one read (span_stats_l12 / span_stats_lp), a norm from its sum (root / power),
+// result stores, and scaling with the CPU kernel's rounding. Plain CUDA, no torch headers;
+// everything has internal linkage (an anonymous namespace), so each kernel file gets its own copy.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,6 +14,8 @@
 
 #include <cfloat>
 #include <cstdint>
+
+#include "common/codes.h"
 
 namespace gradstab {
 namespace cuda {
@@ -23,6 +26,30 @@ constexpr int kUnrollRare = 2;        // the same for the rare passes (less code
 constexpr double kTinyUnit = 1e-30;   // float32 unit sums below this are redone in double
 constexpr double kTinySum = 1e-280;   // double sums below this may have lost terms to underflow
 constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ double nan64() { return __longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ double inf64() { return __longlong_as_double(0x7ff0000000000000LL); }
+
+// A p-norm from its sum of p-powers `s` of values divided by `scale` (1: not rescaled), and
+// the p-th power of a norm; kind is a NormKind (common/codes.h), np the order for kLp.
+__device__ __forceinline__ double root(double s, double scale, int32_t kind, double np) {
+  if (kind == kL2) return __dmul_rn(scale, sqrt(s));
+  if (kind == kL1) return __dmul_rn(scale, s);
+  return __dmul_rn(scale, pow(s, __ddiv_rn(1.0, np)));
+}
+
+__device__ __forceinline__ double power(double a, int32_t kind, double np) {
+  return kind == kL2 ? __dmul_rn(a, a) : (kind == kL1 ? a : pow(a, np));
+}
+
+// A result into a float64 (dbl) or float32 output array.
+__device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
+  if (dbl) {
+    static_cast<double*>(base)[i] = v;
+  } else {
+    static_cast<float*>(base)[i] = __double2float_rn(v);
+  }
+}
 
 // ------------------------------------------------------------------------ element access --
 
@@ -271,7 +298,7 @@ __device__ __noinline__ void unit_count_nonfinite(T* p, const Span& s, int lane,
   nan = __any_sync(kFull, nan);
   m = warp_max(m);
   *count = static_cast<int32_t>(n);
-  *max_abs = nan ? __longlong_as_double(0x7ff8000000000000LL) : m;
+  *max_abs = nan ? nan64() : m;
 }
 
 // ---------------------------------------------------------------------- span statistics --
@@ -362,7 +389,7 @@ __device__ __forceinline__ SpanStats span_stats_lp(T* p, const Span& s, int lane
   q.sum = warp_sum(acc);
   q.max_free = warp_max(m);
   q.nonfinite = warp_sum(n);
-  q.max_abs = __any_sync(kFull, nan) ? __longlong_as_double(0x7ff8000000000000LL) : q.max_free;
+  q.max_abs = __any_sync(kFull, nan) ? nan64() : q.max_free;
   return q;
 }
 
@@ -401,7 +428,8 @@ __device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double co
   constexpr int V = Traits<T>::V;
   const float cf = __double2float_rn(coef);
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { gstore(p + i, from_float(T{}, __fmul_rn(to_acc(gload(p + i)), cf))); },
+      p, s, lane,
+      [&](int64_t i) { gstore(p + i, from_float(T{}, __fmul_rn(to_acc(gload(p + i)), cf))); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll

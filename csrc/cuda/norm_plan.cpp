@@ -50,7 +50,9 @@ HostTable build_norm_table(const std::vector<KeyItem>& key) {
   }
   std::vector<ByteSpan> spans;
   spans.reserve(T);
-  for (const KeyItem& k : key) spans.push_back(dense_byte_span(k.ptr, k.numel, dtype_size(k.dtype)));
+  for (const KeyItem& k : key) {
+    spans.push_back(dense_byte_span(k.ptr, k.numel, dtype_size(k.dtype)));
+  }
   host.meta[kTotalUnits] = first;
   host.meta[kNumWork] = num_work;
   host.meta[kKeyOverlap] = spans_overlap(std::move(spans), {}) ? 1 : 0;
@@ -59,8 +61,14 @@ HostTable build_norm_table(const std::vector<KeyItem>& key) {
   return host;
 }
 
-int32_t norm_mode(int32_t requested, int32_t kind, bool any_double, bool shared) {
-  if (requested != kClipValue) return requested;
+int32_t norm_mode(Op op, int32_t kind, bool any_double, bool shared) {
+  switch (op) {
+    case Op::kStats: return kStats;
+    case Op::kClipNorm: return kClipNorm;
+    case Op::kClipNormPerLayer: return kClipPerLayer;
+    case Op::kNormalizePerLayer: return kNormalize;
+    case Op::kClipValue: break;
+  }
   // float64 norms and p-norms may be recomputed from the data, and a gradient sharing memory
   // with another may be read by other warps: clamp after the statistics.
   return (any_double || kind == kLp || shared) ? kClipValueDeferred : kClipValue;

@@ -1,5 +1,5 @@
-// Contract: the torch-free plan of one call of the norm ops' CUDA kernels (kernels.cu), shared
-// by the ATen launcher (ops_cuda.cpp) and the CPU execution harness (csrc/testing/cuda_sim):
+// Contract: the torch-free plan of one call of the norm ops' CUDA kernels (norm_kernels.cu), shared
+// by the ATen launcher (norm_ops.cpp) and the CPU execution harness (csrc/testing/cuda_sim):
 //   * build_norm_table: the descriptor table (TensorDesc per gradient, in work order) of a list
 //     of (data pointer, numel, dtype) and its host facts (NormMeta);
 //   * norm_mode: the kernels' mode for a requested op (value clipping deferred where needed);
@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/plan_common.h"
 
 namespace gradstab {
@@ -32,11 +32,10 @@ int32_t align_offset(uint64_t ptr, int32_t dtype);
 // The table of `key` (one item per gradient: working-memory pointer, numel, dtype code).
 HostTable build_norm_table(const std::vector<KeyItem>& key);
 
-// The kernels' Mode for the `requested` one (kStats, kClipNorm, kClipPerLayer, kClipValue or
-// kNormalize): value clipping clamps after the statistics (kClipValueDeferred) where a norm may
+// The kernels' Mode for an op (common/codes.h): value clipping clamps after the statistics (kClipValueDeferred) where a norm may
 // be recomputed from the data (float64 gradients, p not in {1, 2, inf}) or gradients share
 // memory.
-int32_t norm_mode(int32_t requested, int32_t kind, bool any_double, bool shared);
+int32_t norm_mode(Op op, int32_t kind, bool any_double, bool shared);
 
 // Byte offsets in the scratch buffer: counters [0, zeroed) (zeroed by norm_reduce), then the
 // global record, the tensor records and the unit records; `bytes` in all.

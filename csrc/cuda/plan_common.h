@@ -1,9 +1,9 @@
-// Contract: the torch-free host helpers that the CUDA launchers (ops_cuda.cpp, agc_ops_cuda.cpp)
-// and the CPU execution harness of the kernels (csrc/testing/cuda_sim) share, so that what the
-// harness runs is what the GPU gets: the cache key of a work table and what a builder makes of
-// it, the byte span of a strided tensor and the overlap test on such spans, the norm code of a
-// norm type, and the write-back parameters of a strided gradient. Plain C++17: no ATen, no CUDA
-// runtime calls (kernels.cuh only for its POD structs).
+// Contract: the torch-free host helpers that the CUDA launchers (norm_ops.cpp, agc.cpp) and the
+// CPU execution harness of the kernels (csrc/testing/cuda_sim) share, so that what the harness
+// runs is what the GPU gets: the cache key of a work table and what a builder makes of it, and
+// the write-back parameters of a strided gradient (byte spans and the overlap test are in
+// common/overlap.h, norm codes in common/codes.h). Plain C++17: no ATen, no CUDA runtime calls
+// (norm_kernels.cuh only for its POD structs).
 //
 // A caller describes a tensor by its data pointer, sizes and strides in elements (strides >= 0,
 // as PyTorch's) and its element size; nothing here dereferences a pointer.
@@ -13,13 +13,14 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/kernels.cuh"
+#include "common/codes.h"
+#include "common/overlap.h"
+#include "cuda/norm_kernels.cuh"
 
 namespace gradstab {
 namespace cuda {
 
-// The kernels' code (NormKind, kernels.cuh) of a norm type p > 0.
-int32_t norm_kind(double p);
+using ::gradstab::ByteSpan;
 
 // One item of a table's cache key: an address, an element count (or any other integer the
 // table depends on) and a dtype code.
@@ -38,17 +39,6 @@ struct HostTable {
   std::vector<uint8_t> bytes;
   std::vector<int64_t> meta;
 };
-
-// Bytes [lo, hi) a tensor's elements address ({0, 0} for no elements).
-using ByteSpan = std::pair<uint64_t, uint64_t>;
-ByteSpan strided_byte_span(uint64_t ptr, const int64_t* sizes, const int64_t* strides,
-                           int64_t ndim, int64_t elem_size);
-// The span of `numel` contiguous elements from `ptr`.
-ByteSpan dense_byte_span(uint64_t ptr, int64_t numel, int64_t elem_size);
-// Whether a span of `written` overlaps another span of `written` or one of `read` (two read
-// spans may overlap); empty spans are ignored. Conservative for interleaved views such as x[::2]
-// and x[1::2]. Sorted spans: O(n log n), O(n) when each list lies in address order.
-bool spans_overlap(std::vector<ByteSpan> written, std::vector<ByteSpan> read);
 
 // (size, stride) of a tensor's dimensions, outermost first, with size-1 dimensions dropped and
 // neighbours merged where the outer stride is the inner one times the inner size: the same

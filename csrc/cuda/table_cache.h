@@ -1,10 +1,8 @@
-// Contract: the launcher-side helpers the CUDA ops share (ops_cuda.cpp for the norm ops,
-// agc_ops_cuda.cpp for adaptive_clip): the per-process cache of device-resident work tables
-// (implemented in ops_cuda.cpp, where the comment explains why and how it stays correct), the
-// grid cap of the test hook, the strided write-back of a gradient's working copy, the
-// byte span of a tensor, and the kernels' dtype code of a ScalarType. Host code only (ATen and the
-// CUDA runtime API); the torch-free parts (cache keys, overlap test, norm codes) are in
-// plan_common.h.
+// Contract: the launcher-side helpers the CUDA ops share (norm_ops.cpp for the norm ops, agc.cpp
+// for adaptive_clip): the per-process cache of device-resident work tables (table_cache.cpp,
+// whose comment explains why and how it stays correct), the grid cap of the test hook, and the
+// strided write-back of a gradient's working copy. Host code only (ATen and the CUDA runtime
+// API); the torch-free parts are in plan_common.h and common/.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,21 +16,11 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/plan_common.h"
 
 namespace gradstab {
 namespace cuda {
-
-// The kernels' code (kernels.cuh) of a dtype.
-inline int32_t to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return kHalf;
-    case at::kBFloat16: return kBFloat16;
-    case at::kFloat: return kFloat;
-    default: return kDouble;
-  }
-}
 
 // Builds a table on a cache miss (build_norm_table, build_agc_table).
 using TableBuilder = std::function<HostTable(const std::vector<KeyItem>&)>;
@@ -88,9 +76,6 @@ void write_back(const at::Tensor& g, const at::Tensor& copy, const int32_t* flag
 // Refuses (ValueError, before anything is launched) a gradient write_back could only copy with
 // copy_ although its elements share memory (copy_ would throw after other gradients changed).
 void check_writeback(const at::Tensor& g, int64_t index, int64_t count);
-
-// Bytes [lo, hi) a tensor's elements address (strides are >= 0: data_ptr() is the lowest).
-ByteSpan byte_span(const at::Tensor& t);
 
 }  // namespace cuda
 }  // namespace gradstab

@@ -1,10 +1,10 @@
 // Contract: the pytest binding of the CPU execution harness: torch.ops.gradstab_sim.* run
-// gradstab's CUDA kernels on the simulator over real CPU tensors, the way ops_cuda.cpp and
-// agc_ops_cuda.cpp run them on a GPU (same torch-free plans: norm_plan.h, agc_plan.h).
+// gradstab's CUDA kernels on the simulator over real CPU tensors, the way norm_ops.cpp and
+// agc.cpp run them on a GPU (same torch-free plans: norm_plan.h, agc_plan.h).
 //   norm(op, grads, bound, bound_on_device, norm_type, eps, schedule, seed, grid, resident,
 //        max_blocks, reuse_scratch) -> (norms, max_abs, nonfinite, total)
 //     op: 0 grad_stats, 1 clip_norm, 2 clip_norm_per_layer, 3 clip_value, 4 normalize_per_layer
-//     (ops_cuda.h's codes); writes the gradients in place like the real op.
+//     (norm_ops.h's codes); writes the gradients in place like the real op.
 //   agc(grads, params, clip_factor, eps, norm_type, schedule, seed, grid, resident, max_blocks,
 //       reuse_scratch) -> (norms, clipped, nonfinite, total)
 //   last_stats() -> [launches, warps, collectives, loads, stores, vec_loads, vec_stores];
@@ -55,7 +55,8 @@ int32_t dtype_code(const at::Tensor& t, const char* what, size_t i) {
     case at::kBFloat16: return kBFloat16;
     case at::kFloat: return kFloat;
     case at::kDouble: return kDouble;
-    default: TORCH_CHECK_TYPE(false, "gradstab_sim: ", what, " ", i, " has dtype ", t.scalar_type());
+    default:
+      TORCH_CHECK_TYPE(false, "gradstab_sim: ", what, " ", i, " has dtype ", t.scalar_type());
   }
 }
 
@@ -116,12 +117,12 @@ Stats4 sim_norm(int64_t op, at::TensorList grads, double bound, bool bound_on_de
                 double norm_type, double eps, int64_t schedule, int64_t seed, int64_t grid,
                 int64_t resident, int64_t max_blocks, bool reuse_scratch) {
   std::lock_guard<std::mutex> lock(g_mu);
-  TORCH_CHECK_VALUE(op >= 0 && op <= 4, "gradstab_sim: op must be 0-4");
+  TORCH_CHECK_VALUE(op >= 0 && op < kNumOps, "gradstab_sim: op must be an op code of "
+                    "common/codes.h, got ", op);
   TORCH_CHECK_VALUE(norm_type > 0.0, "gradstab_sim: norm_type must be positive");
-  static const int32_t kRequested[] = {kStats, kClipNorm, kClipPerLayer, kClipValue, kNormalize};
-  const int32_t requested = kRequested[op];
+  const Op code = static_cast<Op>(op);
   const int64_t T = static_cast<int64_t>(grads.size());
-  // The memory the kernels work on: the gradient, or a contiguous copy (ops_cuda.cpp's rule).
+  // The memory the kernels work on: the gradient, or a contiguous copy (norm_ops.cpp's rule).
   std::vector<at::Tensor> work(T);
   std::vector<WorkCopy> copies(T);
   std::vector<char> has_copy(T, 0);
@@ -148,7 +149,7 @@ Stats4 sim_norm(int64_t op, at::TensorList grads, double bound, bool bound_on_de
   }
   const HostTable table = build_norm_table(key);
   bool shared = false;
-  if (requested != kStats) {
+  if (code != Op::kStats) {
     shared = table.meta[kKeyOverlap] != 0;
     if (!shared && any_copy) {
       std::vector<ByteSpan> spans;
@@ -157,7 +158,7 @@ Stats4 sim_norm(int64_t op, at::TensorList grads, double bound, bool bound_on_de
     }
   }
   const int32_t kind = norm_kind(norm_type);
-  const int32_t mode = norm_mode(requested, kind, any_double, shared);
+  const int32_t mode = norm_mode(code, kind, any_double, shared);
 
   const auto fopt = at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat);
   at::Tensor norms = at::full({T}, NAN, fopt);
@@ -194,7 +195,7 @@ Stats4 sim_agc(at::TensorList grads, at::TensorList params, double clip_factor, 
   TORCH_CHECK_VALUE(norm_type > 0.0, "gradstab_sim: norm_type must be positive");
   const int64_t T = static_cast<int64_t>(grads.size());
   auto units_of = [](const at::Tensor& t) { return t.dim() <= 1 ? int64_t{1} : t.size(0); };
-  // agc_ops_cuda.cpp's rule: a tensor whose rows are not contiguous blocks gets a working copy.
+  // agc.cpp's rule: a tensor whose rows are not contiguous blocks gets a working copy.
   auto rows_are_blocks = [&](const at::Tensor& t) {
     if (t.numel() == 0) return true;
     if (!t.is_non_overlapping_and_dense()) return false;

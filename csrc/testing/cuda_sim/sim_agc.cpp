@@ -1,8 +1,8 @@
-// Contract: agc_cuda.cu, compiled unchanged as host C++ (GRADSTAB_CUDA_SIM: device_common.cuh's
+// Contract: agc_kernels.cu, compiled unchanged as host C++ (GRADSTAB_CUDA_SIM: device_common.cuh's
 // data accesses are checked), and its two kernels launched on the simulator (sim_kernels.h).
 #include "sim_kernels.h"
 
-#include "cuda/agc_cuda.cu"
+#include "cuda/agc_kernels.cu"
 
 namespace gradstab {
 namespace cuda {

@@ -1,5 +1,5 @@
 // Contract: the device of the torch-free plans (norm_plan.h, agc_plan.h) on the simulator: what
-// ops_cuda.cpp / agc_ops_cuda.cpp do with the CUDA runtime, done with host memory and the
+// norm_ops.cpp / agc.cpp do with the CUDA runtime, done with host memory and the
 // simulated kernels. Used by the pytest binding (binding.cpp) and the ThreadSanitizer driver
 // (tsan_driver.cpp).
 //   * memory: the caller's host memory stands for device memory; `grads` / `params` are the
@@ -11,7 +11,7 @@
 //     copy, write_back runs the write-back kernel (or, beyond its 12 dimensions, copies
 //     unconditionally, as ATen's copy_ does in the launcher).
 //   * grids: Grid::exact > 0 launches exactly that many blocks; otherwise the GPU's persistent
-//     grid for `resident` blocks (persistent_grid in kernels.cuh), capped by max_blocks.
+//     grid for `resident` blocks (persistent_grid in norm_kernels.cuh), capped by max_blocks.
 //   * log(): one line per launch, for tests of the launch sequence.
 // Errors from the simulator propagate as gs_sim::SimError.
 #pragma once

@@ -1,10 +1,10 @@
-// Contract: kernels.cu, compiled unchanged as host C++ (GRADSTAB_CUDA_SIM: device_common.cuh's
+// Contract: norm_kernels.cu, compiled unchanged as host C++ (GRADSTAB_CUDA_SIM: device_common.cuh's
 // data accesses are checked), and its three kernels launched on the simulator (sim_kernels.h).
-// kernels.cu and agc_cuda.cu each define internal helpers with the same names, so they are
+// norm_kernels.cu and agc_kernels.cu each define internal helpers with the same names, so they are
 // compiled in separate translation units (this one and sim_agc.cpp), as by nvcc.
 #include "sim_kernels.h"
 
-#include "cuda/kernels.cu"
+#include "cuda/norm_kernels.cu"
 
 namespace gradstab {
 namespace cuda {

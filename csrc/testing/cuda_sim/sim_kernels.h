@@ -1,17 +1,16 @@
-// Contract: gradstab's CUDA kernels run on the simulator (gs_sim::launch): one function per
-// kernel, taking the kernel's own parameters, a grid, the memory regions it may access and the
-// launch options. sim_kernels.cpp and sim_agc.cpp compile kernels.cu and agc_cuda.cu unchanged
-// (as included files) against the stand-in CUDA headers in include/. Throws gs_sim::SimError.
-// Also the stand-in float16/bfloat16 conversions, for the tests that check them against
-// PyTorch's.
+// Contract: gradstab's CUDA kernels run on the simulator (gs_sim::launch): one function per kernel,
+// taking the kernel's own parameters, a grid, the memory regions it may access and the launch
+// options. sim_kernels.cpp and sim_agc.cpp compile norm_kernels.cu and agc_kernels.cu unchanged (as
+// included files) against the stand-in CUDA headers in include/. Throws gs_sim::SimError. Also the
+// stand-in float16/bfloat16 conversions, for the tests that check them against PyTorch's.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "cuda/agc_cuda.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/agc_kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "gs_sim/runtime.h"
 
 namespace gradstab {

@@ -24,7 +24,8 @@
 #include "gs_sim/runtime.h"
 #include "sim_device.h"
 
-using namespace gradstab::cuda;  // NOLINT: a test driver
+using namespace gradstab;        // NOLINT: a test driver (the shared codes: common/codes.h)
+using namespace gradstab::cuda;  // NOLINT
 
 namespace {
 
@@ -103,7 +104,7 @@ gs_sim::Options concurrent() {
 
 // One norm op over `grads` (one entry per list position; the same Grad twice = shared memory).
 // Returns (norms, total) as float64 (a float64 gradient in the list makes the outputs float64).
-std::pair<std::vector<double>, double> run_norm(int32_t requested, std::vector<Grad*> grads,
+std::pair<std::vector<double>, double> run_norm(Op op, std::vector<Grad*> grads,
                                                 double bound, double p, int grid) {
   const int64_t T = static_cast<int64_t>(grads.size());
   std::vector<KeyItem> key;
@@ -117,9 +118,9 @@ std::pair<std::vector<double>, double> run_norm(int32_t requested, std::vector<G
     any_double = any_double || g->dtype == kDouble;
   }
   const HostTable table = build_norm_table(key);
-  const bool shared = requested != kStats && table.meta[kKeyOverlap] != 0;
+  const bool shared = op != Op::kStats && table.meta[kKeyOverlap] != 0;
   const int32_t kind = norm_kind(p);
-  const int32_t mode = norm_mode(requested, kind, any_double, shared);
+  const int32_t mode = norm_mode(op, kind, any_double, shared);
   const NormScratch layout = norm_scratch(T, table.meta[kTotalUnits]);
   std::vector<uint64_t> scratch(static_cast<size_t>(layout.bytes / 8 + 2), 0xa5a5a5a5a5a5a5a5ull);
   std::vector<double> norms_d(T), max_d(T), total_d(1);
@@ -156,7 +157,7 @@ void check_norm_ops() {
   for (double w : want) total += w * w;
   total = std::sqrt(total);
   for (int grid : {1, 2}) {
-    auto [norms, t] = run_norm(kStats, list, 0.0, 2.0, grid);
+    auto [norms, t] = run_norm(Op::kStats, list, 0.0, 2.0, grid);
     for (size_t i = 0; i < want.size(); ++i) {
       expect(close(norms[i], want[i], 1e-6), "grad_stats norm " + std::to_string(i));
     }
@@ -166,7 +167,7 @@ void check_norm_ops() {
   {
     std::vector<double> before;
     for (int64_t i = 0; i < a.numel; ++i) before.push_back(a.get(i));
-    auto [norms, t] = run_norm(kClipNorm, list, 1.0, 2.0, 1);
+    auto [norms, t] = run_norm(Op::kClipNorm, list, 1.0, 2.0, 1);
     expect(close(t, total, 1e-6), "clip_norm total");
     const double coef = 1.0 / (t + 1e-6);
     for (int64_t i = 0; i < a.numel; i += 97) {
@@ -175,22 +176,22 @@ void check_norm_ops() {
   }
   // per-layer, normalize, value (deferred: a float64 gradient), value in-pass (no float64),
   // and a gradient passed twice (shared memory: per-gradient scale launches)
-  for (int32_t op : {kClipPerLayer, kNormalize, kClipValue}) {
-    auto [norms, t] = run_norm(op, list, 0.5, op == kClipValue ? 2.0 : 3.0, 1);
-    expect(std::isfinite(t), "op " + std::to_string(op) + " total");
+  for (Op op : {Op::kClipNormPerLayer, Op::kNormalizePerLayer, Op::kClipValue}) {
+    auto [norms, t] = run_norm(op, list, 0.5, op == Op::kClipValue ? 2.0 : 3.0, 1);
+    expect(std::isfinite(t), std::string("op ") + op_name(op) + " total");
   }
-  run_norm(kClipValue, {&a, &b, &c}, 0.25, 2.0, 1);
+  run_norm(Op::kClipValue, {&a, &b, &c}, 0.25, 2.0, 1);
   for (int64_t i = 0; i < a.numel; i += 101) expect(std::fabs(a.get(i)) <= 0.25, "clamped");
   {
     const double n = a.norm2();
-    run_norm(kClipPerLayer, {&a, &c, &a}, 0.01, 2.0, 1);
+    run_norm(Op::kClipNormPerLayer, {&a, &c, &a}, 0.01, 2.0, 1);
     const double c = 0.01 / (n + 1e-6);  // both entries scaled by the entry coefficient
     expect(close(a.norm2(), n * c * c, 1e-4), "a gradient twice is scaled twice");
   }
   {
     Grad big = make_grad(kFloat, 500, 0, 1.0, 9);
     for (int64_t i = 0; i < 500; ++i) big.set(i, 3e30);  // float32 lanes overflow: redone
-    auto [norms, t] = run_norm(kStats, {&big, &c}, 0.0, 2.0, 1);
+    auto [norms, t] = run_norm(Op::kStats, {&big, &c}, 0.0, 2.0, 1);
     expect(close(norms[0], 3e30 * std::sqrt(500.0), 1e-6), "float32 overflow redo");
   }
 }

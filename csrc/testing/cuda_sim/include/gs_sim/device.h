@@ -1,5 +1,5 @@
-// Contract: the device side of the CPU execution harness: what the kernel files (kernels.cu,
-// agc_cuda.cu, device_common.cuh) use from CUDA, as host C++ run by gs_sim::launch (runtime.h).
+// Contract: the device side of the CPU execution harness: what the kernel files (norm_kernels.cu,
+// agc_kernels.cu, device_common.cuh) use from CUDA, as host C++ run by gs_sim::launch (runtime.h).
 // Compile kernel code with -ffp-contract=off on x86-64 (SSE arithmetic: IEEE round to nearest,
 // no flush to zero), so that a + b, a * b, a / b and sqrt round exactly as __fadd_rn, __dmul_rn,
 // __ddiv_rn and the device's correctly rounded sqrt do. pow is the host's (glibc), not CUDA's.

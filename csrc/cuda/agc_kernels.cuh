@@ -1,6 +1,6 @@
-// Contract: the interface between the CUDA kernels of adaptive_clip (agc_cuda.cu, plain CUDA, no
+// Contract: the interface between the CUDA kernels of adaptive_clip (agc_kernels.cu, plain CUDA, no
 // torch headers) and their host side (the torch-free plan agc_plan.cpp, the ATen launcher
-// agc_ops_cuda.cpp, the launches in agc_launch.cu, the CPU execution harness csrc/testing/
+// agc.cpp, the launches in agc_launch.cu, the CPU execution harness csrc/testing/
 // cuda_sim): POD structs both sides share bit for bit, the kernels, and the launch functions.
 //
 // AGC (Brock et al. 2021) per row r (a slice along dim 0 of a >= 2-D gradient G and its
@@ -53,7 +53,7 @@ struct AgcPair {
   int64_t per;          // short rows: rows per item; long rows: pieces per row
   int64_t first_piece;  // long rows: slot of row 0's piece 0 (row r, piece c: + r * per + c)
   int64_t first_long;   // long rows: index of row 0's piece counter (row r: + r)
-  int32_t gdtype;       // DType of G (kernels.cuh)
+  int32_t gdtype;       // DType of G (norm_kernels.cuh)
   int32_t wdtype;       // DType of W
   int32_t orig;         // position in the caller's list: indexes every per-pair result
   int32_t is_long;      // row_len > kAgcItemElems
@@ -103,7 +103,7 @@ struct AgcParams {
   int64_t total_items;
   int64_t item_begin;    // the scale kernel's items [item_begin, item_end)
   int64_t item_end;
-  int32_t kind;          // NormKind (kernels.cuh)
+  int32_t kind;          // NormKind (norm_kernels.cuh)
   int32_t deferred;      // see above
   double p;              // norm order
   double clip_factor;
@@ -125,8 +125,8 @@ struct AgcParams {
   int32_t pad;
 };
 
-// The kernels (agc_cuda.cu). Launched by agc_launch.cu on the GPU; the CPU execution harness
-// (csrc/testing/cuda_sim) compiles agc_cuda.cu as host C++ and runs them on a simulated grid.
+// The kernels (agc_kernels.cu). Launched by agc_launch.cu on the GPU; the CPU execution harness
+// (csrc/testing/cuda_sim) compiles agc_kernels.cu as host C++ and runs them on a simulated grid.
 #if defined(__CUDACC__)
 __global__ void agc_reduce_kernel(const __grid_constant__ AgcParams P);
 __global__ void agc_scale_kernel(const __grid_constant__ AgcParams P);

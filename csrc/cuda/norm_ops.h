@@ -1,6 +1,6 @@
-// Contract: the CUDA implementation of the gradstab ops, callable from C++ (ops_cuda.cpp
-// registers it for the CUDA dispatch key; fast_path_cuda.cpp calls it directly). Same
-// semantics as the CPU kernels (ops_cpu.cpp): every argument is checked before any gradient is
+// Contract: the CUDA implementation of the gradstab ops, callable from C++ (norm_ops.cpp
+// registers it for the CUDA dispatch key; fast_path.cpp calls it directly). Same
+// semantics as the CPU kernels (norm_ops.cpp): every argument is checked before any gradient is
 // touched; returns (norms [T], max_abs [T], nonfinite [T] int64, total_norm []) of the gradients
 // as they were on entry, float64 if any gradient is float64, float32 otherwise, on their device.
 #pragma once
@@ -10,19 +10,12 @@
 #include <string>
 #include <tuple>
 
+#include "common/codes.h"
+
 namespace gradstab {
 namespace cuda {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The op codes of cuda_fast_path (and of cpu_fast_path).
-enum class Op : int {
-  kStats = 0,
-  kClipNorm = 1,
-  kClipNormPerLayer = 2,
-  kClipValue = 3,
-  kNormalizePerLayer = 4
-};
 
 // The bound of a clipping op: a one-element tensor (on the CPU, read on the host; or on the
 // gradients' device, never read on the host), or, when `tensor` is null, a host number.

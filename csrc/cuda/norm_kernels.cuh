@@ -1,10 +1,10 @@
-// Contract: the interface between the CUDA kernels (kernels.cu, plain CUDA, no torch headers)
-// and their host side (the torch-free plan norm_plan.cpp, the ATen launcher ops_cuda.cpp, the
-// launches in kernels_launch.cu, and the CPU execution harness csrc/testing/cuda_sim). Mostly
+// Contract: the interface between the CUDA kernels (norm_kernels.cu, plain CUDA, no torch headers)
+// and their host side (the torch-free plan norm_plan.cpp, the ATen launcher norm_ops.cpp, the
+// launches in norm_launch.cu, and the CPU execution harness csrc/testing/cuda_sim). Mostly
 // plain data: POD structs and enums that both sides share bit for bit, the kernels, and the
-// launch functions kernels_launch.cu defines.
+// launch functions norm_launch.cu defines.
 //
-// Work layout (built on the host by the launcher, cached on the device, see ops_cuda.cpp):
+// Work layout (built on the host by the launcher, cached on the device, see norm_ops.cpp):
 //   * every gradient is cut into *units* of kUnitBytes (16 KB: 4096 float32, 8192 float16 or
 //     bfloat16, 2048 float64 elements; the last unit of a tensor may be shorter). A unit is the
 //     work of one warp: 32 lanes x 16-byte vectors x 32 steps.
@@ -41,6 +41,8 @@
 
 #include <cstdint>
 
+#include "common/codes.h"
+
 #include <cuda_runtime_api.h>
 
 #if defined(__CUDACC__)
@@ -52,8 +54,7 @@
 namespace gradstab {
 namespace cuda {
 
-enum DType : int32_t { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
-enum NormKind : int32_t { kL2 = 0, kL1 = 1, kLinf = 2, kLp = 3 };
+// DType and NormKind (the dtype and norm codes) are common/codes.h's, shared with the CPU code.
 // kClipValue: clamp in the reduce pass. kClipValueDeferred: clamp in the scale kernel, after the
 // statistics are final (needed where a tensor's norm may be recomputed from its data: float64
 // gradients and p not in {1, 2, inf}; the recomputation must see the values as they were).
@@ -93,7 +94,7 @@ static_assert(sizeof(TensorDesc) == 48, "TensorDesc layout");
 
 // Per-unit partial (written by the warp that reduced the unit).
 struct UnitRecord {
-  double sum;         // sum of |x|^p over the unit (double; see kernels.cu for the order)
+  double sum;         // sum of |x|^p over the unit (double; see norm_kernels.cu for the order)
   double max_abs;     // max |x|, NaN if the unit holds a NaN
   int32_t nonfinite;  // NaN/Inf elements in the unit
   int32_t clamp;      // value clipping: the unit holds an element beyond the bound
@@ -102,7 +103,7 @@ static_assert(sizeof(UnitRecord) == 24, "UnitRecord layout");
 
 // Per-tensor result, indexed by the tensor's position in the caller's list.
 struct TensorRecord {
-  double sum;   // sum of |x|^p; +inf when the norm had to be computed rescaled (see kernels.cu)
+  double sum;   // sum of |x|^p; +inf when the norm had to be computed rescaled (norm_kernels.cu)
   double norm;
   double max_abs;
   double coef;  // per-layer coefficient (kClipPerLayer, kNormalize)
@@ -182,8 +183,8 @@ inline int writeback_grid(int64_t numel) {
   return static_cast<int>(blocks < 1024 ? (blocks < 1 ? 1 : blocks) : 1024);
 }
 
-// The kernels (kernels.cu). Launched by kernels_launch.cu on the GPU; the CPU execution harness
-// (csrc/testing/cuda_sim) compiles kernels.cu as host C++ and runs them on a simulated grid.
+// The kernels (norm_kernels.cu). Launched by norm_launch.cu on the GPU; the CPU execution harness
+// (csrc/testing/cuda_sim) compiles norm_kernels.cu as host C++ and runs them on a simulated grid.
 #if defined(__CUDACC__)
 __global__ void reduce_kernel(const __grid_constant__ Params P);
 __global__ void scale_kernel(const __grid_constant__ Params P);
@@ -192,11 +193,11 @@ __global__ void writeback_kernel(const __grid_constant__ WritebackParams W);
 
 // Blocks of kThreads threads to launch for `total_units` units on `device`: the resident
 // maximum of the kernel (persistent grid), fewer when there is less work. max_blocks > 0 caps it
-// (a test hook: results must not depend on it). (kernels_launch.cu)
+// (a test hook: results must not depend on it). (norm_launch.cu)
 int reduce_grid(int device, int64_t total_units, int max_blocks);
 int scale_grid(int device, int64_t total_units, int max_blocks);
 
-// Launch on `stream`; return the launch error (cudaSuccess when queued). (kernels_launch.cu)
+// Launch on `stream`; return the launch error (cudaSuccess when queued). (norm_launch.cu)
 cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream);
 cudaError_t launch_scale(const Params& params, int grid, cudaStream_t stream);
 cudaError_t launch_writeback(const WritebackParams& params, cudaStream_t stream);

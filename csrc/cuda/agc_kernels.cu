@@ -1,10 +1,10 @@
 // Contract: the CUDA kernels of adaptive_clip (unit-wise adaptive gradient clipping, Brock et al.
 // 2021), plain CUDA with no torch headers (CI compiles this file with nvcc on a machine without
 // a GPU; the CPU execution harness csrc/testing/cuda_sim compiles it unchanged as host C++ and
-// runs it). The launcher is agc_ops_cuda.cpp (the <<<...>>> launches are in agc_launch.cu); the
+// runs it). The launcher is agc.cpp (the <<<...>>> launches are in agc_launch.cu); the
 // work layout and records are described in
-// agc_cuda.cuh, the device building blocks in device_common.cuh. Same semantics and arithmetic
-// as the CPU kernel (csrc/cpu/agc_cpu.cpp):
+// agc_kernels.cuh, the device building blocks in device_common.cuh. Same semantics and arithmetic
+// as the CPU kernel (csrc/cpu/agc.cpp):
 //
 // agc_reduce_kernel: one launch over every work item of every (G, W) pair (any mix of float16,
 //   bfloat16, float32, float64 in G and W). Per row (or piece of a long row) one warp reads W
@@ -28,9 +28,9 @@
 //   Returns at once when the reduce kernel found nothing for it to write.
 // Scaling rounds as the CPU kernel: float32/float64 multiply by the float64 coefficient and round
 // once, float16/bfloat16 multiply in float32. Rows that are not clipped are never written.
-#include "cuda/agc_cuda.cuh"
+#include "cuda/agc_kernels.cuh"
 #include "cuda/device_common.cuh"
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 
 #include <cuda_runtime.h>
 
@@ -42,8 +42,6 @@ namespace cuda {
 namespace {
 
 
-__device__ __forceinline__ double nan64() { return __longlong_as_double(0x7ff8000000000000LL); }
-__device__ __forceinline__ double inf64() { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // Elements [begin, end) of the array at p: a scalar head up to the first 16-byte aligned
 // element, 16-byte vectors, a scalar tail (scalar throughout if p is not element-aligned).
@@ -156,16 +154,6 @@ __device__ void scale_any(int32_t dtype, uint64_t base, int64_t begin, int64_t e
   }
 }
 
-__device__ __forceinline__ double root(double s, double scale, int32_t kind, double np) {
-  if (kind == kL2) return __dmul_rn(scale, sqrt(s));
-  if (kind == kL1) return __dmul_rn(scale, s);
-  return __dmul_rn(scale, pow(s, __ddiv_rn(1.0, np)));
-}
-
-__device__ __forceinline__ double power(double a, int32_t kind, double np) {
-  return kind == kL2 ? __dmul_rn(a, a) : (kind == kL1 ? a : pow(a, np));
-}
-
 // The p-norm of the row [begin, end) of `base` from its statistics `q`, rescuing an overflowed
 // or underflowed sum (the CPU kernel's finish_norm); *sum_out: the sum of p-powers, +inf where
 // only the norm is valid (rescued), 0 for p = inf.
@@ -199,14 +187,6 @@ __device__ __forceinline__ double agc_coef(double gnorm, double wnorm, double cl
 // Tells the scale kernel it has work (several warps may store the same 1).
 __device__ __forceinline__ void flag_scale(const AgcParams& P) {
   if (load_flag(&P.global->scale) == 0) store_flag(&P.global->scale, 1);
-}
-
-__device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
-  if (dbl) {
-    static_cast<double*>(base)[i] = v;
-  } else {
-    static_cast<float*>(base)[i] = __double2float_rn(v);
-  }
 }
 
 // The p-norm of a vector whose n parts have sums of p-powers sum_of(k) (+inf: only the norm is

@@ -1,10 +1,10 @@
-// Contract: the host side of kernels.cu's launches, compiled by nvcc only: the grid of each
-// kernel (a persistent grid: the resident maximum from the occupancy API, fewer blocks when
-// there is less work, capped by the test hook) and the <<<...>>> launches declared in
-// kernels.cuh. Kept out of kernels.cu so that the kernel file compiles unchanged as host C++ in
-// the CPU execution harness (csrc/testing/cuda_sim), which launches the same kernels on its
-// simulated grid instead.
-#include "cuda/kernels.cuh"
+// Contract: the host side of norm_kernels.cu's launches, compiled by nvcc only: the grid of each
+// kernel (a persistent grid: the resident maximum from the occupancy API, fewer blocks when there
+// is less work, capped by the test hook) and the <<<...>>> launches declared in norm_kernels.cuh.
+// Kept out of norm_kernels.cu so that the kernel file compiles unchanged as host C++ in the CPU
+// execution harness (csrc/testing/cuda_sim), which launches the same kernels on its simulated grid
+// instead.
+#include "cuda/norm_kernels.cuh"
 
 #include <cuda_runtime.h>
 

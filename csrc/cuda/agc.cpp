@@ -1,13 +1,12 @@
 // Contract: the CUDA kernel of gradstab::adaptive_clip (schema in gradstab/_library.py; unit-wise
 // adaptive gradient clipping, AGC), registered for the CUDA dispatch key: the ATen side of
-// agc_cuda.cu (argument checks, working copies, the table cache, outputs and scratch; the table,
-// Params and launch sequence are agc_plan.h's, shared with the CPU execution harness
-// csrc/testing/cuda_sim). Same semantics and results as
-// the CPU kernel (csrc/cpu/agc_cpu.cpp, up to the order of floating-point additions):
-// returns (norms [T], clipped [T] int64, nonfinite [T] int64, total_norm []), the pre-clip
-// p-norm of each gradient, its number of clipped units, its NaN/Inf count and the pre-clip
-// total norm, float64 if any gradient is float64 (float32 otherwise), on the gradients' device.
-// (The file is not called agc_cuda.cpp: its object file would collide with agc_cuda.cu's.)
+// agc_kernels.cu (argument checks, working copies, the table cache, outputs and scratch; the
+// table, Params and launch sequence are agc_plan.h's, shared with the CPU execution harness
+// csrc/testing/cuda_sim). Same semantics and results as the CPU kernel (csrc/cpu/agc.cpp, its
+// mirror, up to the order of floating-point additions): returns (norms [T], clipped [T] int64,
+// nonfinite [T] int64, total_norm []), the pre-clip p-norm of each gradient, its number of
+// clipped units, its NaN/Inf count and the pre-clip total norm, float64 if any gradient is
+// float64 (float32 otherwise), on the gradients' device.
 //
 // Per call, with no host-device synchronisation: check every argument (before anything is
 // written); make a contiguous working copy of a gradient or parameter whose units (slices along
@@ -43,11 +42,11 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/agc_cuda.cuh"
+#include "common/args.h"
+#include "cuda/agc_kernels.cuh"
 #include "cuda/agc_plan.h"
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/table_cache.h"
-#include "adaptive_clip_args.h"
 
 namespace gradstab {
 namespace cuda {

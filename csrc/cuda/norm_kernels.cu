@@ -1,8 +1,9 @@
 // Contract: the fused CUDA kernels of gradstab's norm ops (plain CUDA: no torch headers, so CI
 // compiles this file with nvcc on a machine without a GPU, and the CPU execution harness
 // csrc/testing/cuda_sim compiles it unchanged as host C++ and runs it). The launcher is
-// ops_cuda.cpp (the <<<...>>> launches are in kernels_launch.cu); the shared layout (units, descriptor table, records) is described in kernels.cuh, the device
-// building blocks (element access, warp reductions, spans, scaling) are in device_common.cuh.
+// norm_ops.cpp (the <<<...>>> launches are in norm_launch.cu); the shared layout (units, descriptor
+// table, records) is described in norm_kernels.cuh, the device building blocks (element access,
+// warp reductions, spans, scaling) are in device_common.cuh.
 //
 // reduce_kernel: one launch over every unit of every gradient (any mix of float16, bfloat16,
 //   float32, float64). Per unit (one warp, 16-byte vector loads where the data is 16-byte
@@ -21,17 +22,18 @@
 //     statistics are taken (the bound rounded to the element type, compared in float32 for
 //     16-bit types as PyTorch does, NaN kept), or by the scale kernel for kClipValueDeferred.
 //   The warp finishing a tensor's last unit combines the tensor's unit partials (fixed order),
-//   rescues an overflowed/underflowed float64 (or p-power) sum by recomputing it scaled by the
-//   max |x| (re-reading the tensor, a rare and slow path), and writes the tensor's results and
-//   its per-layer coefficient; the warp finishing the last tensor computes the total norm as the
-//   p-root of the summed p-powers (from the norms, scaled, if a sum is not exact) and the global
-//   coefficient min(1, bound / (total + eps)) (NaN kept). Per-layer modes use each tensor's
-//   min(1, bound / (norm + eps)), or bound / (norm + eps) to normalize to a target norm. Statistics are of the data as it was
-//   on entry. Every reduction has a fixed order: results are bit-identical run to run and do
-//   not depend on the grid size or on which warp ran which unit. They do depend on where each
-//   gradient starts modulo 16 bytes (that decides the split into scalar head, vectors and tail),
-//   so a view starting mid-vector may differ in the last bit from an aligned copy of the same
-//   values. No floating-point atomics; integer counters implement the last-block-done hand-off.
+//   rescues an overflowed/underflowed float64 (or p-power) sum by recomputing it scaled by the max
+//   |x| (re-reading the tensor, a rare and slow path), and writes the tensor's results and its
+//   per-layer coefficient; the warp finishing the last tensor computes the total norm as the p-root
+//   of the summed p-powers (from the norms, scaled, if a sum is not exact) and the global
+//   coefficient min(1, bound / (total + eps)) (NaN kept). Per-layer modes use each tensor's min(1,
+//   bound / (norm + eps)), or bound / (norm + eps) to normalize to a target norm. Statistics are of
+//   the data as it was on entry. Every reduction has a fixed order: results are bit-identical run
+//   to run and do not depend on the grid size or on which warp ran which unit. They do depend on
+//   where each gradient starts modulo 16 bytes (that decides the split into scalar head, vectors
+//   and tail), so a view starting mid-vector may differ in the last bit from an aligned copy of the
+//   same values. No floating-point atomics; integer counters implement the last-block-done
+//   hand-off.
 // writeback_kernel: copies a strided gradient's contiguous working copy back, only if the call
 //   changed that tensor (a device flag).
 // scale_kernel: clipping and normalizing; walks the units in reverse order (the reduce kernel's
@@ -39,7 +41,7 @@
 //   coefficient writes NaN, as PyTorch does): float32/float64 multiply by the float64
 //   coefficient and round once, float16/bfloat16 multiply in float32 and round to nearest even.
 //   Nothing is written when every coefficient is 1.
-#include "cuda/kernels.cuh"
+#include "cuda/norm_kernels.cuh"
 #include "cuda/device_common.cuh"
 
 #include <cuda_bf16.h>
@@ -225,7 +227,8 @@ __device__ __forceinline__ void reduce_unit_any(const Params& P, const TensorDes
 
 // Sum of (|x| / scale)^p over a whole tensor, by one warp: the overflow/underflow rescue.
 template <typename T>
-__device__ __noinline__ double tensor_rescaled_sum(const TensorDesc d, double np, double scale, int lane) {
+__device__ __noinline__ double tensor_rescaled_sum(const TensorDesc d, double np, double scale,
+                                                   int lane) {
   constexpr int V = Traits<T>::V;
   T* p = reinterpret_cast<T*>(d.ptr);
   double acc = 0.0;
@@ -256,30 +259,11 @@ __device__ double rescaled_sum(const TensorDesc& d, double np, double scale, int
 
 // ----------------------------------------------------------------------------- finishing --
 
-__device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // min(1, bound / (norm + eps)), NaN kept (as torch.clamp(max=1) keeps it).
 __device__ __forceinline__ double clip_coef(double bound, double norm, double eps) {
   const double c = __ddiv_rn(bound, __dadd_rn(norm, eps));
   return (c < 1.0 || isnan(c)) ? c : 1.0;
-}
-
-__device__ __forceinline__ void store_out(void* base, int64_t i, double v, bool dbl) {
-  if (dbl) {
-    static_cast<double*>(base)[i] = v;
-  } else {
-    static_cast<float*>(base)[i] = __double2float_rn(v);
-  }
-}
-
-__device__ __forceinline__ double root(double s, double scale, int32_t kind, double np) {
-  if (kind == kL2) return __dmul_rn(scale, sqrt(s));
-  if (kind == kL1) return __dmul_rn(scale, s);
-  return __dmul_rn(scale, pow(s, __ddiv_rn(1.0, np)));
-}
-
-__device__ __forceinline__ double power(double a, int32_t kind, double np) {
-  return kind == kL2 ? __dmul_rn(a, a) : (kind == kL1 ? a : pow(a, np));
 }
 
 __device__ void write_tensor(const Params& P, int32_t orig, const TensorRecord& r) {
@@ -290,7 +274,8 @@ __device__ void write_tensor(const Params& P, int32_t orig, const TensorRecord& 
 }
 
 // One warp: combine the unit partials of a tensor (fixed order), rescue, write its results.
-__device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d, int lane, double bound) {
+__device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d, int lane,
+                                             double bound) {
   const UnitRecord* rec = P.units + d.first_unit;
   const int64_t n = d.num_units;
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, m = 0.0;
@@ -313,7 +298,7 @@ __device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d
   TensorRecord r;
   r.sum = warp_sum(__dadd_rn(__dadd_rn(s0, s1), __dadd_rn(s2, s3)));
   r.nonfinite = warp_sum(count);
-  r.max_abs = __any_sync(kFull, nan) ? quiet_nan() : warp_max(m);
+  r.max_abs = __any_sync(kFull, nan) ? nan64() : warp_max(m);
   if (P.kind == kLinf) {
     r.norm = r.max_abs;
   } else {
@@ -325,7 +310,7 @@ __device__ __noinline__ void finalize_tensor(const Params& P, const TensorDesc d
       r.sum = rescaled_sum(d, P.p, scale, lane);
     }
     r.norm = root(r.sum, scale, P.kind, P.p);
-    if (scale != 1.0) r.sum = __longlong_as_double(0x7ff0000000000000LL);  // only the norm is valid
+    if (scale != 1.0) r.sum = inf64();  // only the norm is valid
   }
   r.coef = P.mode == kNormalize ? __ddiv_rn(bound, __dadd_rn(r.norm, P.eps))
                                  : clip_coef(bound, r.norm, P.eps);
@@ -370,7 +355,7 @@ __device__ __noinline__ void finalize_all(const Params& P, int lane, double boun
   write = __any_sync(kFull, write);
   double total;
   if (nan) {
-    total = quiet_nan();
+    total = nan64();
   } else if (P.kind == kLinf || isinf(m)) {
     total = m;
   } else {
@@ -497,7 +482,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
   }
 }
 
-__global__ void __launch_bounds__(kThreads) writeback_kernel(const __grid_constant__ WritebackParams W) {
+__global__ void __launch_bounds__(kThreads)
+    writeback_kernel(const __grid_constant__ WritebackParams W) {
   const bool go = W.flag32 != nullptr ? *W.flag32 != 0 : *W.flag64 != 0;
   if (!go) return;  // nothing changed: the strided gradient is not written
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;

@@ -25,7 +25,7 @@
 // total norm; floating results in float64 if any gradient is float64, float32 otherwise.
 // Every argument is checked before any gradient is touched.
 //
-// Memory shared between arguments (as ops_cpu.cpp): when a gradient overlaps another gradient
+// Memory shared between arguments (as norm_ops.cpp): when a gradient overlaps another gradient
 // or any parameter (the same tensor twice, overlapping views, a parameter aliasing a gradient),
 // the parallel pass would race, so every unit is first decided from the data as it was on entry
 // (a pure read, in parallel), and the clipped units are then written one gradient at a time, in
@@ -46,8 +46,9 @@
 #include <utility>
 #include <vector>
 
-#include "adaptive_clip_args.h"
-#include "cpu/ops_cpu.h"
+#include "common/args.h"
+#include "common/overlap.h"
+#include "cpu/norm_ops.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
@@ -168,20 +169,11 @@ bool units_are_blocks(const at::Tensor& t, int64_t units, int64_t unit_len) {
   return units == 1 || t.stride(0) == unit_len;
 }
 
-// Bytes [lo, hi) that `t` addresses (strides are >= 0, so data_ptr() is the lowest address).
-std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
-  int64_t extent = 1;
-  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  return {lo, lo + static_cast<uintptr_t>(extent * static_cast<int64_t>(t.element_size()))};
-}
-
 // Whether some gradient overlaps itself, another gradient, or any parameter (parameters are
-// only read: two parameters may share memory). Conservative for interleaved views such as
-// g[::2] and g[1::2], which merely take the serial write path. Sorted spans: O(T log T), and
-// O(T) when the gradients and the parameters each lie in address order (the usual case).
+// only read: two parameters may share memory): common/overlap.h's test, conservative for
+// interleaved views such as g[::2] and g[1::2], which merely take the serial write path.
 bool shares_memory(at::TensorList grads, at::TensorList params, const std::vector<Pair>& pairs) {
-  std::vector<std::pair<uintptr_t, uintptr_t>> gs, ws;
+  std::vector<ByteSpan> gs, ws;
   gs.reserve(grads.size());
   ws.reserve(params.size());
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -190,32 +182,7 @@ bool shares_memory(at::TensorList grads, at::TensorList params, const std::vecto
     gs.push_back(byte_span(grads[i]));
     ws.push_back(byte_span(params[i]));
   }
-  auto sort_spans = [](std::vector<std::pair<uintptr_t, uintptr_t>>& v) {
-    if (std::is_sorted(v.begin(), v.end())) return;
-    std::reverse(v.begin(), v.end());
-    if (!std::is_sorted(v.begin(), v.end())) std::sort(v.begin(), v.end());
-  };
-  sort_spans(gs);
-  sort_spans(ws);
-  for (size_t k = 1; k < gs.size(); ++k) {  // gradient against gradient
-    if (gs[k].first < gs[k - 1].second) return true;
-  }
-  // Gradient against parameter: merge the two sorted lists; a span overlaps an earlier one of
-  // the other kind iff it starts before the largest end seen among those.
-  uintptr_t g_end = 0, w_end = 0;
-  size_t a = 0, b = 0;
-  while (a < gs.size() || b < ws.size()) {
-    if (b == ws.size() || (a < gs.size() && gs[a] < ws[b])) {
-      if (gs[a].first < w_end) return true;
-      g_end = std::max(g_end, gs[a].second);
-      ++a;
-    } else {
-      if (ws[b].first < g_end) return true;
-      w_end = std::max(w_end, ws[b].second);
-      ++b;
-    }
-  }
-  return false;
+  return spans_overlap(std::move(gs), std::move(ws));
 }
 
 AgcStats adaptive_clip_cpu(at::TensorList grads, at::TensorList params, double clip_factor,

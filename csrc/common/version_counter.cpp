@@ -5,8 +5,8 @@
 // do, so autograd notices when a tensor it saved (a gradient kept for double backward) was
 // changed. Nothing is bumped when the kernel raises (the ops change nothing then). Inference
 // tensors have no version counter and are skipped. The eager shortcuts (cpu/fast_path.cpp,
-// cuda/fast_path_cuda.cpp) bump with bump_versions() themselves.
-#include "version_counter.h"
+// cuda/fast_path.cpp) bump with bump_versions() themselves.
+#include "common/version_counter.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>

@@ -30,8 +30,10 @@
 #include <utility>
 #include <vector>
 
+#include "common/args.h"
 #include "common/messages.h"
-#include "cpu/ops_cpu.h"
+#include "common/overlap.h"
+#include "cpu/norm_ops.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
@@ -68,35 +70,6 @@ struct TensorResult {
   int64_t nonfinite;
 };
 
-void check_norm_type(double p) {
-  TORCH_CHECK_VALUE(p > 0.0 && !std::isnan(p),
-                    "gradstab: norm_type must be a positive number or inf, got ", p);
-}
-
-// Every check of a list of gradients, before anything is read or written.
-void check_grad_list(at::TensorList grads) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK_VALUE(g.defined(), "gradstab: gradient ", i, " of ", grads.size(),
-                      " is undefined");
-    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "gradstab: gradient ", i, " of ",
-                      grads.size(), " has layout ", g.layout(),
-                      "; only dense (strided) gradients are supported. Convert it with "
-                      "`p.grad = p.grad.to_dense()`");
-    TORCH_CHECK_VALUE(g.device() == grads[0].device(),
-                      "gradstab: all gradients of one call must be on one device, gradient 0 "
-                      "is on ", grads[0].device(), " and gradient ", i, " on ", g.device(),
-                      "; call once per device");
-    auto st = g.scalar_type();
-    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat ||
-                         st == at::kDouble,
-                     "gradstab: gradient ", i, " of ", grads.size(), " has dtype ", st,
-                     "; only float16, bfloat16, float32 and float64 gradients are supported");
-    TORCH_CHECK(g.device().is_cpu(), "gradstab: the CPU kernel got a gradient on ",
-                g.device());
-  }
-}
-
 // Validates every gradient (before anything is written) and builds the item and chunk tables.
 struct Plan {
   std::vector<Item> items;
@@ -107,7 +80,7 @@ struct Plan {
 
   explicit Plan(at::TensorList grads) {
     items.reserve(grads.size());
-    check_grad_list(grads);
+    check_grads(grads, at::kCPU, "CPU");
     for (size_t i = 0; i < grads.size(); ++i) {
       const at::Tensor& g = grads[i];
       Item it;
@@ -134,44 +107,19 @@ struct Plan {
   }
 
   // Whether a gradient overlaps itself or another one: then the gradients must be written one
-  // at a time, in list order (write_serially), not by the parallel passes. Each gradient spans
-  // [lo, hi) bytes (a dense one exactly numel elements from data_ptr); sorted by lo, a span
-  // starting before the end of an earlier one overlaps it (conservative for interleaved views
-  // such as g[::2] and g[1::2], which merely take the serial path). Gradients usually lie in
-  // increasing or decreasing address order, checked in one pass before sorting.
+  // at a time, in list order (write_serially), not by the parallel passes (common/overlap.h).
   bool shares_memory(at::TensorList grads) const {
-    std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+    std::vector<ByteSpan> spans;
     spans.reserve(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
       if (it.numel == 0) continue;
       if (it.self_overlap) return true;
-      int64_t extent = it.numel;  // elements from the first to the last one addressed
-      uintptr_t lo = reinterpret_cast<uintptr_t>(it.base);
-      if (it.copied) {  // strides >= 0, so data_ptr() is the lowest address
-        const at::Tensor& g = grads[i];
-        extent = 1;
-        for (int64_t d = 0; d < g.dim(); ++d) extent += (g.size(d) - 1) * g.stride(d);
-        lo = reinterpret_cast<uintptr_t>(g.data_ptr());
-      }
-      spans.emplace_back(lo, lo + static_cast<uintptr_t>(extent * it.element_size));
+      spans.push_back(it.copied ? byte_span(grads[i])
+                                : dense_byte_span(reinterpret_cast<uint64_t>(it.base), it.numel,
+                                                  it.element_size));
     }
-    auto disjoint_in_order = [&]() {
-      for (size_t k = 1; k < spans.size(); ++k) {
-        if (spans[k].first < spans[k - 1].second) return false;
-      }
-      return true;
-    };
-    if (disjoint_in_order()) return false;
-    std::reverse(spans.begin(), spans.end());
-    if (disjoint_in_order()) return false;
-    std::sort(spans.begin(), spans.end());
-    uintptr_t end = 0;
-    for (const auto& sp : spans) {
-      if (sp.first < end) return true;
-      end = std::max(end, sp.second);
-    }
-    return false;
+    return spans_overlap(std::move(spans), {});
   }
 
   char* chunk_ptr(const Chunk& c) const {
@@ -419,7 +367,7 @@ Stats clip_norm_cpu(at::TensorList grads, const at::Tensor& max_norm, double nor
 
 void clip_with_norm_cpu(at::TensorList grads, const at::Tensor& max_norm,
                         const at::Tensor& total_norm, double eps) {
-  check_grad_list(grads);
+  check_grads(grads, at::kCPU, "CPU");
   const double bound = read_bound(max_norm, "max_norm");
   TORCH_CHECK_VALUE(total_norm.numel() == 1, "gradstab: total_norm must be a tensor with one "
                     "element, got shape ", total_norm.sizes());

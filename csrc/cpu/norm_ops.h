@@ -1,5 +1,5 @@
 // Contract: the CPU kernels of the gradstab ops (schemas in gradstab/_library.py), callable from
-// C++. ops_cpu.cpp registers them for the CPU dispatch key; fast_path.cpp calls them directly.
+// C++. norm_ops.cpp registers them for the CPU dispatch key; fast_path.cpp calls them directly.
 // Each returns (norms [T], max_abs [T], nonfinite [T] int64, total_norm []) of the gradients as
 // they were on entry (float64 if any gradient is float64, float32 otherwise), checks every
 // argument before touching any gradient, and modifies the gradients in place as the op says.
@@ -8,35 +8,18 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
+#include "common/args.h"
+#include "common/codes.h"
 #include "cpu/range_kernels.h"
 
 namespace gradstab {
 namespace cpu {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The range kernels' codes of a dtype (float16/bfloat16/float32; anything else as float64) and
-// of a norm type.
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kFloat: return DType::kFloat;
-    default: return DType::kDouble;
-  }
-}
-
-inline NormKind norm_kind(double p) {
-  if (std::isinf(p)) return NormKind::kLinf;
-  if (p == 2.0) return NormKind::kL2;
-  if (p == 1.0) return NormKind::kL1;
-  return NormKind::kLp;
-}
 
 // Runs run(begin, end) over the work items [0, n) split into nt contiguous ranges of about
 // equal total size_of(k), one range per thread (nt <= 1: run(0, n) on this thread). Splitting
