@@ -23,6 +23,7 @@ from torch.amp.grad_scaler import OptState
 
 from gradstab import _clipping
 from gradstab.adaptive import AdaptiveThreshold
+from gradstab.agc_units import UnitDim
 from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 from gradstab.diagnosis.plots import plot_history
 from gradstab.optimizer import GradStabOptimizer
@@ -61,6 +62,10 @@ class GradStabCallback(Callback):
         agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
         agc_exclude: parameters ``"agc"`` monitors without clipping: a name prefix, a
             sequence of prefixes (e.g. ``"fc."``), or a callable ``(name, param) -> bool``.
+        agc_unit_dim: the unit axis of ``"agc"``: ``"auto"`` (default: read from the
+            LightningModule's layers by :func:`gradstab.agc_unit_dims`, e.g. dim 1 for
+            ``ConvTranspose`` and Hugging Face ``Conv1D`` weights), an int, a mapping
+            ``{parameter: dim}`` or a callable ``parameter -> dim``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (for ``"layer"`` and ``"normalize"``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``. Skipped and zeroed
@@ -113,6 +118,7 @@ class GradStabCallback(Callback):
         clip_factor: Union[float, Mapping[int, float], None] = None,
         agc_eps: float | None = None,
         agc_exclude: Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None] = None,
+        agc_unit_dim: Union[str, UnitDim] = "auto",
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
@@ -135,6 +141,7 @@ class GradStabCallback(Callback):
             clip_factor=clip_factor,
             agc_eps=agc_eps,
             agc_exclude=agc_exclude,
+            agc_unit_dim=agc_unit_dim if mode == "agc" or agc_unit_dim != "auto" else None,
             norm_type=norm_type,
             group_by=group_by,
             nonfinite=nonfinite,
@@ -305,7 +312,7 @@ class GradStabCallback(Callback):
                     id(p): id(m) for m in pl_module.modules() for p in m.parameters(recurse=False)
                 }
             plan = self._plans[idx] = _clipping.build_plan(
-                self._config, groups, self._names, self._module_of, _OWNER
+                self._config, groups, self._names, self._module_of, _OWNER, module=pl_module
             )
         return plan
 

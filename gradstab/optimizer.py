@@ -21,6 +21,7 @@ import torch
 
 from gradstab import _clipping
 from gradstab.adaptive import AdaptiveThreshold
+from gradstab.agc_units import UnitDim
 from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
 
 __all__ = ["GradStabOptimizer"]
@@ -72,6 +73,10 @@ class GradStabOptimizer(torch.optim.Optimizer):
         agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
         agc_exclude: parameters ``"agc"`` monitors without clipping: name prefix(es) (names
             from ``module``) or a callable ``(name, param) -> bool``.
+        agc_unit_dim: the unit axis of ``"agc"``: ``"auto"`` (default: read from the layers
+            of ``module`` by :func:`gradstab.agc_unit_dims`, e.g. dim 1 for ``ConvTranspose``
+            and Hugging Face ``Conv1D`` weights; dim 0 everywhere without ``module``), an int,
+            a mapping ``{parameter: dim}`` or a callable ``parameter -> dim``.
         norm_type: p of the p-norm (positive, ``inf`` or ``"inf"``).
         group_by: ``"param"`` or ``"module"`` (``"layer"``/``"normalize"``; needs ``module``).
         nonfinite: ``"ignore"``, ``"zero"``, ``"skip"`` or ``"raise"``. Skipped and zeroed
@@ -137,6 +142,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         clip_factor: Union[float, Mapping[int, float]] | None = None,
         agc_eps: float | None = None,
         agc_exclude: Union[str, Sequence[str], Callable[[str, torch.Tensor], bool], None] = None,
+        agc_unit_dim: Union[str, UnitDim] = "auto",
         norm_type: Union[float, str] = 2.0,
         group_by: str = "param",
         nonfinite: str = "ignore",
@@ -173,6 +179,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
             clip_factor=clip_factor,
             agc_eps=agc_eps,
             agc_exclude=agc_exclude,
+            agc_unit_dim=agc_unit_dim if mode == "agc" or agc_unit_dim != "auto" else None,
             norm_type=norm_type,
             group_by=group_by,
             nonfinite=nonfinite,
@@ -377,7 +384,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
                     for m in self._module.modules()
                     for p in m.parameters(recurse=False)
                 }
-            plan = self._plan = _clipping.build_plan(self._config, groups, names, module_of, _OWNER)
+            plan = self._plan = _clipping.build_plan(
+                self._config, groups, names, module_of, _OWNER, module=self._module
+            )
         return plan
 
     @torch.no_grad()

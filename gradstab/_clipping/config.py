@@ -65,6 +65,7 @@ class ClipConfig:
     clip_factor: float | dict[int, float] | None = None
     agc_eps: float = AGC_EPS
     agc_exclude: Exclude = None
+    agc_unit_dim: object = "auto"  # "auto", an int, {param: dim} or param -> dim (agc_units)
     history: int = 0
     history_extras: bool = False
     process_group: Any = None
@@ -202,6 +203,24 @@ def check_log_every(owner: str, value: object, allow_none: bool = True) -> int |
     return value
 
 
+def _check_unit_dim(owner: str, value: object) -> object:
+    """``agc_unit_dim`` as given (``None``: ``"auto"``); the axes are checked per parameter
+    when the plan is built (:func:`gradstab.agc_units.unit_dims`)."""
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, str) or isinstance(value, bool):
+        raise ValueError(
+            f"{owner}: agc_unit_dim must be 'auto', an int, a mapping {{parameter: dim}} or a "
+            f"callable parameter -> dim; got {value!r}"
+        )
+    if isinstance(value, numbers.Integral) or isinstance(value, Mapping) or callable(value):
+        return value
+    raise TypeError(
+        f"{owner}: agc_unit_dim must be 'auto', an int, a mapping {{parameter: dim}} or a "
+        f"callable parameter -> dim; got {value!r}"
+    )
+
+
 def make_config(
     owner: str,
     *,
@@ -217,6 +236,7 @@ def make_config(
     clip_factor: float | Mapping[int, float] | None = None,
     agc_eps: float | None = None,
     agc_exclude: object = None,
+    agc_unit_dim: object = None,
     history: int = 0,
     history_extras: bool = False,
     process_group: Any = None,
@@ -243,6 +263,9 @@ def make_config(
         agc_eps: floor of the weight norm in ``"agc"`` (default 1e-3).
         agc_exclude: parameters ``"agc"`` monitors without clipping: name prefixes, or a
             callable ``(name, param) -> bool``.
+        agc_unit_dim: the unit axis of ``"agc"`` (default ``"auto"``: from the model's layers
+            by :func:`gradstab.agc_unit_dims` where the model is known, else dim 0), an int,
+            a mapping ``{parameter: dim}`` or a callable ``parameter -> dim``.
         history: ring capacity of a gradient history (0: none).
         history_extras: the history also records zero fractions and parameter norms.
         process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``
@@ -264,7 +287,8 @@ def make_config(
     }
     needed = THRESHOLD_OF.get(mode or "")
     if mode is None:
-        for name, value in (*given.items(), ("agc_eps", agc_eps), ("agc_exclude", agc_exclude)):
+        agc_opts = (("agc_eps", agc_eps), ("agc_exclude", agc_exclude))
+        for name, value in (*given.items(), *agc_opts, ("agc_unit_dim", agc_unit_dim)):
             if value is not None:
                 raise ValueError(
                     f"{owner}: mode=None only monitors, so {name}={value!r} would be ignored; "
@@ -286,7 +310,8 @@ def make_config(
                     f"(which uses {needed}); remove it"
                 )
         if mode != "agc":
-            for name, value in (("agc_eps", agc_eps), ("agc_exclude", agc_exclude)):
+            agc_opts = (("agc_eps", agc_eps), ("agc_exclude", agc_exclude))
+            for name, value in (*agc_opts, ("agc_unit_dim", agc_unit_dim)):
                 if value is not None:
                     raise ValueError(
                         f"{owner}: {name}={value!r} is only used with mode='agc'; got mode={mode!r}"
@@ -344,6 +369,7 @@ def make_config(
         clip_factor=checked["clip_factor"],  # type: ignore[arg-type]
         agc_eps=eps,
         agc_exclude=exclude,
+        agc_unit_dim=_check_unit_dim(owner, agc_unit_dim),
         history=history,
         history_extras=history_extras,
         process_group=_check_process_group(owner, process_group),

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gradstab import distributed
+from gradstab.agc_units import agc_unit_dims, unit_dims
 
 if TYPE_CHECKING:
     pass
@@ -42,6 +43,8 @@ class Unit:
     by_device: list[list[tuple[torch.device, list[int], list[str], list[Tensor]]]] = field(
         default_factory=list, repr=False
     )
+    # "agc": id(param) -> its unit axis, where not 0 (agc_unit_dim)
+    unit_dims: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.by_device = []
@@ -111,6 +114,8 @@ def build_plan(
     names: Mapping[int, str],
     module_of: Mapping[int, int] | None,
     owner: str,
+    *,
+    module: torch.nn.Module | None = None,
 ) -> Plan:
     """Split the optimizer's parameters into clipping units.
 
@@ -122,6 +127,7 @@ def build_plan(
         module_of: ``id(param) -> id(owning module)`` for ``group_by="module"``;
             parameters missing from it are a group of their own.
         owner: the class name used in error messages.
+        module: the model, when known: ``agc_unit_dim="auto"`` reads its layers' layouts.
 
     Returns:
         The :class:`Plan`.
@@ -166,6 +172,13 @@ def build_plan(
         )
 
     excluded: tuple[list[Tensor], list[str]] = ([], [])
+    axes: dict[int, int] = {}
+    if cfg.mode == "agc":
+        spec = cfg.agc_unit_dim
+        if spec == "auto":
+            spec = agc_unit_dims(module) if module is not None else 0
+        dims = unit_dims(every, spec, f"{owner} (agc_unit_dim)")  # type: ignore[arg-type]
+        axes = {id(p): d for p, d in zip(every, dims) if d}
 
     def unit(b: Bound | None, ps: list[Tensor], ns: list[str], key: str) -> Unit:
         if cfg.mode == "agc" and b is not None:
@@ -182,7 +195,10 @@ def build_plan(
                 owner_id = module_of.get(id(p)) if module_of is not None else None
                 by_module.setdefault(-1 - i if owner_id is None else owner_id, []).append(i)
             return Unit(b, ps, ns, list(by_module.values()), key, kind, tracks)
-        return Unit(b, ps, ns, [list(range(len(ps)))], key, kind, tracks)
+        out = Unit(b, ps, ns, [list(range(len(ps)))], key, kind, tracks)
+        if kind == "agc":
+            out.unit_dims = {id(p): axes[id(p)] for p in ps if id(p) in axes}
+        return out
 
     if isinstance(bound, dict):
         units = [unit(bound.get(gi), ps, ns, f"group{gi}") for gi, (ps, ns) in enumerate(groups)]
