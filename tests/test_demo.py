@@ -322,7 +322,9 @@ def test_the_table_prescribes_for_a_and_c_and_b_and_d_apply_it(tiny):
     p95 = float(np.percentile(healthy, 95))
     assert p95 <= clip.evidence["threshold"] <= 1.01 * p95
     assert clip.evidence["nonfinite_steps"] == int((~np.isfinite(total)).sum()) > 0
-    assert f"1 clip at {clip.evidence['threshold']:g} + skip" in rows["(c)"]
+    how = "adaptive <= " if clip.evidence["adaptive"] else "at "  # adaptive: few healthy steps
+    assert clip.evidence["adaptive"] == (len(clip.evidence["healthy_steps"]) < 8)
+    assert f"1 clip {how}{clip.evidence['threshold']:g} + skip" in rows["(c)"]
     assert rows["(d)"].endswith("applies (c)'s 1")
     assert d.threshold_min == results.config.max_norm
     sentences = demo.conclusions(results)

@@ -202,8 +202,8 @@ OUTLIERS = (30, 45, 60)
 STEPS = 80
 
 
-def train_with_outliers(max_norm=None, nonfinite="skip"):
-    """A He-initialised ReLU regression net; at OUTLIERS a batch 300x too large arrives."""
+def train_with_outliers(max_norm=None, nonfinite="skip", outliers=OUTLIERS):
+    """A He-initialised ReLU regression net; at ``outliers`` a batch 300x too large arrives."""
     torch.manual_seed(0)
     model = mlp(nn.ReLU, depth=2, width=64, d_in=16, d_out=1)
     for m in model.modules():
@@ -219,7 +219,7 @@ def train_with_outliers(max_norm=None, nonfinite="skip"):
     for s in range(STEPS):
         x = torch.randn(32, 16, generator=gen)
         y = 2 * x[:, :1]
-        if s in OUTLIERS:
+        if s in outliers:
             x = 300 * x
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
@@ -259,6 +259,32 @@ def test_exploding_net_gets_a_threshold_its_clip_rate_and_it_keeps_a_rerun_finit
     model2, _, losses2 = train_with_outliers(max_norm=float(m.group(1)))
     assert all(math.isfinite(v) for v in losses2)
     assert all(bool(torch.isfinite(p).all()) for p in model2.parameters())
+
+
+def test_few_healthy_steps_get_an_adaptive_threshold_capped_at_the_upper_bound():
+    early = (3, *range(10, STEPS, 7))  # 3 healthy steps, then outliers every 7 steps
+    _, h, losses = train_with_outliers(outliers=early)
+    assert not math.isfinite(losses[-1])  # oracle: without clipping the run dies
+    clip = one(gradstab.diagnose(h), "clip")
+    thr = clip.evidence["threshold"]
+    assert clip.evidence["healthy_steps"] == [0, 1, 2] and clip.evidence["adaptive"]
+    want = (
+        "gradstab.GradStabCallback(max_norm=gradstab.PercentileThreshold(10, "
+        f'include_current=False, max_norm={thr:g}), nonfinite="skip")'
+    )
+    assert clip.call == want and "too few to fix a threshold" in clip.remedy
+    cb = eval(clip.call, {"gradstab": gradstab})  # the call is valid code
+    assert isinstance(cb.max_norm, gradstab.PercentileThreshold)
+    assert cb.max_norm.max_norm == thr and cb.nonfinite == "skip"
+    # rerun with it: finite, and it still learns (the fixed upper bound alone keeps the run
+    # finite but lets the outliers' norm through at every one of them)
+    bound = gradstab.PercentileThreshold(10, include_current=False, max_norm=thr)
+    _, _, adaptive = train_with_outliers(max_norm=bound, outliers=early)
+    _, _, fixed = train_with_outliers(max_norm=thr, outliers=early)
+    assert all(math.isfinite(v) for v in adaptive)
+    normal = [i for i in range(40, STEPS) if i not in early]
+    assert np.median([adaptive[i] for i in normal]) < np.median([fixed[i] for i in normal])
+    assert np.median([adaptive[i] for i in normal]) < adaptive[0]
 
 
 def test_steady_growth_gets_lr_decay_and_a_flat_run_with_a_spike_does_not():

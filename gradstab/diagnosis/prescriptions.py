@@ -72,6 +72,8 @@ _INIT_DECADES = 1.0
 _ORTHO_BAND = (0.9, 1.1)
 #: Steady growth: at least this many decades over the window, with at least this r2.
 _GROWTH_DECADES, _GROWTH_R2 = 1.0, 0.5
+#: The percentile of the adaptive threshold prescribed when too few healthy steps fix one.
+ADAPTIVE_PERCENTILE = 10.0
 #: Weight decay: the weights' total norm grew by at least this factor over the healthy steps;
 #: at least this factor per step is too fast for a regulariser: a lower learning rate instead.
 _WEIGHT_GROWTH, _FAST_WEIGHT_GROWTH = 2.0, 1.01
@@ -133,22 +135,36 @@ def _clip_prescription(
         )
     thr = info["threshold"]
     n_h = len(info["healthy_steps"])
-    remedy = (
-        f"clip the total gradient norm at {thr:g}, the {info['percentile']:g}th percentile of "
-        f"the {n_h} healthy step(s)' total norms (median {_g(info['healthy_median'])}); on "
-        f"this history it would have clipped {info['would_clip']} of {info['steps']} steps "
-        f"({100 * info['clip_fraction']:.0f}%)"
+    seen = (
+        f"the {info['percentile']:g}th percentile of the {n_h} healthy step(s)' total norms "
+        f"(median {_g(info['healthy_median'])}); on this history it would have clipped "
+        f"{info['would_clip']} of {info['steps']} steps ({100 * info['clip_fraction']:.0f}%)"
     )
-    if nf:
-        remedy += f" and skipped the {nf} non-finite one(s)"
-    if n_h < th.spike_min_history:
-        remedy += (
-            f"; only {n_h} healthy step(s) before the blow-up: an upper bound, lower it if "
-            "training still diverges"
+    adaptive = n_h < th.spike_min_history
+    if not adaptive:
+        bound = f"{thr:g}"
+        remedy = f"clip the total gradient norm at {thr:g}, {seen}"
+        if nf:
+            remedy += f" and skipped the {nf} non-finite one(s)"
+    else:
+        # Too few healthy steps to fix a threshold: the percentile is only an upper bound, one
+        # that lets a diverging run crawl on at that norm. Adapt it to the run's own norms,
+        # capped at the upper bound, and skip what still goes non-finite.
+        bound = (
+            f"gradstab.PercentileThreshold({ADAPTIVE_PERCENTILE:g}, include_current=False, "
+            f"max_norm={thr:g})"
         )
+        remedy = (
+            f"only {n_h} healthy step(s) before the blow-up, too few to fix a threshold: clip "
+            f"the total gradient norm at an adaptive threshold, the {ADAPTIVE_PERCENTILE:g}th "
+            f"percentile of the norms seen so far, capped at {thr:g} ({seen} at {thr:g}), "
+            "and skip non-finite steps"
+        )
+        skip = True
     remedy += "; in a plain loop: gradstab.GradStabOptimizer(optimizer, max_norm=...)"
-    call = f"gradstab.GradStabCallback(max_norm={thr:g}" + (', nonfinite="skip")' if skip else ")")
+    call = f"gradstab.GradStabCallback(max_norm={bound}" + (', nonfinite="skip")' if skip else ")")
     ev = dict(info)
+    ev["adaptive"] = adaptive
     ev["spike_steps"] = [s.step for s in d.spikes]
     ev["spike_tensors"] = spike_tensors(data, d)
     if ev["spike_tensors"]:

@@ -99,6 +99,9 @@ def prescription_short(p: Prescription) -> str:
         >>> prescription_short(Prescription(1, "exploding", "clip", "", "", "",
         ...                                 {"threshold": 339.0, "nonfinite_steps": 20}))
         'clip at 339 + skip'
+        >>> prescription_short(Prescription(1, "exploding", "clip", "", "", "",
+        ...                                 {"threshold": 339.0, "adaptive": True}))
+        'clip adaptive <= 339 + skip'
     """
     ev = p.evidence
     thr = ev.get("threshold")
@@ -107,7 +110,9 @@ def prescription_short(p: Prescription) -> str:
         norm="BatchNorm" if '"batch"' in p.call else "LayerNorm",
         threshold="-" if thr is None else f"{thr:g}",
     )
-    if p.kind == "clip" and ev.get("nonfinite_steps"):
+    if p.kind == "clip" and ev.get("adaptive"):
+        text = text.replace(" at ", " adaptive <= ")  # a PercentileThreshold capped there
+    if p.kind == "clip" and (ev.get("nonfinite_steps") or ev.get("adaptive")):
         text += " + skip"
     return text
 
