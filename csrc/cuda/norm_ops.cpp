@@ -201,7 +201,7 @@ Stats run_op(Op op, at::TensorList grads, const Bound& bound, double norm_type, 
   BoundArg b;
   if (op != Op::kStats) b = resolve_bound(bound, bound_name, device);
 
-  const Working w = prepare(grads, op != Op::kStats, device, stream, capturing);
+  Working w = prepare(grads, op != Op::kStats, device, stream, capturing);
   const int32_t kind = norm_kind(norm_type);
   const int32_t mode = norm_mode(op, kind, w.any_double, w.shared);
 
