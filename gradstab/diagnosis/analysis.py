@@ -213,8 +213,7 @@ def diagnose(
 
 
 def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
-    s_n, t_n = data.num_steps, len(data.names)
-    names = data.names
+    s_n, names = data.num_steps, data.names
     if s_n == 0:
         return Diagnosis(
             steps=0, first_step=None, last_step=None, metric="norm", layers=[], vanishing=[],
@@ -222,10 +221,71 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
             nonfinite=None, skipped_steps=[], thresholds=th, source=data.source,
         )  # fmt: skip
     norms = data.norms.to(_F64)
-    present = data.present
-    finite = present & torch.isfinite(norms)
+    finite = data.present & torch.isfinite(norms)
+    metric, value, usable = _compared_value(data, th, norms, finite)
+    dev, trends, run_low, run_high = _deviations(data, th, value, usable)
+    need = min(th.sustain_steps, s_n)
+    vanishing_mask = run_low >= need
+    exploding_mask = run_high >= need
+    # the weights' fit unless it is flat and the biases' is not
+    trends.sort(key=lambda t: (t.direction == "flat", t.kind != "weight"))
+    nonfinite_t = data.present & ~torch.isfinite(norms)
+    if data.nonfinite is not None:
+        nonfinite_t |= torch.nan_to_num(data.nonfinite.to(_F64), nan=0.0) > 0
+    dead, status = _dead(data, norms, finite, nonfinite_t)
+    nonfinite = _nonfinite(data, nonfinite_t)
+    if nonfinite is not None and nonfinite.origin is not None:
+        status[names.index(nonfinite.origin)].insert(0, "nonfinite-origin")
+    for i in range(len(names)):
+        if bool(nonfinite_t[:, i].any()) and "nonfinite-origin" not in status[i]:
+            status[i].insert(0, "nonfinite")
+        if bool(vanishing_mask[i]):
+            status[i].append("vanishing")
+        if bool(exploding_mask[i]):
+            status[i].append("exploding")
+    spikes, large = _spikes(data.steps, data.total_norm.to(_F64), th)
+    layers = [
+        _layer_report(
+            data,
+            i,
+            norms=norms,
+            finite=finite,
+            value=value,
+            usable=usable,
+            dev=dev,
+            nonfinite_t=nonfinite_t,
+            status=status[i],
+            runs=(int(run_low[i]), int(run_high[i])),
+        )
+        for i in range(len(names))
+    ]
+    skipped = []
+    if data.skipped is not None:
+        skipped = [data.steps[r] for r in range(s_n) if bool(data.skipped[r])]
+    return Diagnosis(
+        steps=s_n,
+        first_step=data.steps[0],
+        last_step=data.steps[-1],
+        metric=metric,
+        layers=layers,
+        vanishing=[n for i, n in enumerate(names) if bool(vanishing_mask[i])],
+        exploding_layers=[n for i, n in enumerate(names) if bool(exploding_mask[i])],
+        dead=dead,
+        spikes=spikes,
+        large_steps=large,
+        depth_trend=trends[0] if trends else None,
+        nonfinite=nonfinite,
+        skipped_steps=skipped,
+        thresholds=th,
+        source=data.source,
+        depth_trends=trends,
+    )
 
-    # ---- the compared magnitude
+
+def _compared_value(
+    data: HistoryData, th: Thresholds, norms: Tensor, finite: Tensor
+) -> tuple[str, Tensor, Tensor]:
+    """``(metric, value [S, T], usable [S, T])``: the magnitude the layers are compared by."""
     metric = th.metric
     if metric == "auto":
         metric = "rms" if data.shapes is not None else "norm"
@@ -239,7 +299,7 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
     if metric == "rms":
         assert data.shapes is not None
         numel = torch.tensor([float(math.prod(s)) for s in data.shapes], dtype=_F64)
-        n_eff = numel.expand(s_n, t_n)
+        n_eff = numel.expand(data.num_steps, len(data.names))
         if data.zero_fraction is not None:
             zf = data.zero_fraction.to(_F64)
             n_eff = torch.where(torch.isnan(zf), n_eff, n_eff * (1 - zf))
@@ -250,12 +310,21 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
         value = torch.where(pn > 0, norms / pn, torch.nan)
     else:
         value = norms
-    usable = finite & (value > 0) & torch.isfinite(value)
-    logv = torch.where(usable, value.clamp(min=1e-300).log10(), torch.nan)
+    return metric, value, finite & (value > 0) & torch.isfinite(value)
 
-    # ---- groups, per-step deviation from the group median, depth trend per group
-    # Biases are compared with biases: a weight's gradient carries the layer's input
-    # activations (grad_W = delta x^T) and a bias's does not (grad_b = delta).
+
+def _deviations(
+    data: HistoryData, th: Thresholds, value: Tensor, usable: Tensor
+) -> tuple[Tensor, list[DepthTrend], Tensor, Tensor]:
+    """Per-step deviation (decades) from the group median, the depth trends, and per tensor
+    the longest run of steps abnormally low / high: ``(dev, trends, run_low, run_high)``.
+
+    Biases are compared with biases: a weight's gradient carries the layer's input activations
+    (grad_W = delta x^T) and a bias's does not (grad_b = delta).
+    """
+    names = data.names
+    s_n, t_n = data.num_steps, len(names)
+    logv = torch.where(usable, value.clamp(min=1e-300).log10(), torch.nan)
     kinds = ["bias" if n.endswith("bias") else "weight" for n in names]
     dev = torch.full((s_n, t_n), math.nan, dtype=_F64)
     layer_med = torch.nanmedian(logv, dim=0).values
@@ -284,126 +353,96 @@ def _analyse(data: HistoryData, th: Thresholds) -> Diagnosis:
             low[:, cols] = dev[:, cols] <= -th.vanish_decades
         if direction != "vanishing":
             high[:, cols] = dev[:, cols] >= th.explode_decades
-    need = min(th.sustain_steps, s_n)
-    run_low = _longest_run(low)
-    run_high = _longest_run(high)
-    vanishing_mask = run_low >= need
-    exploding_mask = run_high >= need
-    # the weights' fit unless it is flat and the biases' is not
-    trends.sort(key=lambda t: (t.direction == "flat", t.kind != "weight"))
-    depth = trends[0] if trends else None
+    return dev, trends, _longest_run(low), _longest_run(high)
 
-    # ---- dead tensors
+
+def _dead(
+    data: HistoryData, norms: Tensor, finite: Tensor, nonfinite_t: Tensor
+) -> tuple[list[DeadParam], list[list[str]]]:
+    """The dead tensors and units, and each tensor's status list so far ("dead", "no-grad",
+    "dead-units")."""
     nonzero = finite & (norms > 0)
-    nonfinite_t = present & ~torch.isfinite(norms)
-    if data.nonfinite is not None:
-        nonfinite_t |= torch.nan_to_num(data.nonfinite.to(_F64), nan=0.0) > 0
     dead: list[DeadParam] = []
     dead_status: dict[int, str] = {}
-    for i, n in enumerate(names):
+    for i, n in enumerate(data.names):
         if nonzero[:, i].any() or nonfinite_t[:, i].any():
             continue
-        kind = "no-grad" if not present[:, i].any() else "zero"
+        kind = "no-grad" if not data.present[:, i].any() else "zero"
         dead.append(DeadParam(name=n, kind=kind, params=[n]))
         dead_status[i] = "no-grad" if kind == "no-grad" else "dead"
     unit_status: set[int] = set()
     if data.unit_last_nonzero:
         dead += _dead_units(data, dead_status, unit_status)
+    status: list[list[str]] = []
+    for i in range(len(data.names)):
+        st = [dead_status[i]] if i in dead_status else []
+        if i in unit_status:
+            st.append("dead-units")
+        status.append(st)
+    return dead, status
 
-    # ---- non-finite
-    nf_steps_mask = data.nonfinite_step
-    assert nf_steps_mask is not None
-    nf_steps = [data.steps[r] for r in range(s_n) if bool(nf_steps_mask[r])]
-    nonfinite = None
-    origin_idx: int | None = None
+
+def _nonfinite(data: HistoryData, nonfinite_t: Tensor) -> NonfiniteReport | None:
+    """Where the first non-finite gradients were, if any."""
+    names, s_n = data.names, data.num_steps
+    mask = data.nonfinite_step
+    assert mask is not None
+    nf_steps = [data.steps[r] for r in range(s_n) if bool(mask[r])]
     if data.first_nonfinite is not None:
         step0, affected = data.first_nonfinite
-        nonfinite = _nonfinite_report(names, step0, True, affected, nf_steps)
-    elif nf_steps:
-        r0 = next(r for r in range(s_n) if bool(nf_steps_mask[r]))
-        affected = [names[i] for i in range(t_n) if bool(nonfinite_t[r0, i])]
-        nonfinite = _nonfinite_report(names, data.steps[r0], bool(affected), affected, nf_steps)
-    if nonfinite is not None and nonfinite.origin is not None:
-        origin_idx = names.index(nonfinite.origin)
+        return _nonfinite_report(names, step0, True, affected, nf_steps)
+    if nf_steps:
+        r0 = next(r for r in range(s_n) if bool(mask[r]))
+        affected = [names[i] for i in range(len(names)) if bool(nonfinite_t[r0, i])]
+        return _nonfinite_report(names, data.steps[r0], bool(affected), affected, nf_steps)
+    return None
 
-    # ---- spikes and huge norms
-    total = data.total_norm.to(_F64)
-    spikes, large = _spikes(data.steps, total, th)
 
-    # ---- per-layer reports
-    layers: list[LayerReport] = []
-    for i, n in enumerate(names):
-        col_ok = finite[:, i]
-        med_norm = float(norms[col_ok, i].median()) if col_ok.any() else math.nan
-        col_v = usable[:, i]
-        med_metric = float(value[col_v, i].median()) if col_v.any() else math.nan
-        d_col = dev[:, i][~torch.isnan(dev[:, i])]
-        med_dev = float(d_col.median()) if d_col.numel() else math.nan
-        ratio = None
-        if data.param_norms is not None:
-            pn = data.param_norms[:, i].to(_F64)
-            r = torch.where((pn > 0) & col_ok, norms[:, i] / pn, torch.nan)
-            r = r[~torch.isnan(r)]
-            ratio = float(r.median()) if r.numel() else math.nan
-        mx = None
-        if data.max_abs is not None:
-            m = data.max_abs[:, i].to(_F64)
-            m = m[present[:, i] & ~torch.isnan(m)]
-            mx = float(m.max()) if m.numel() else math.nan
-        zfrac = None
-        if data.zero_fraction is not None:
-            z = data.zero_fraction[:, i].to(_F64)
-            z = z[~torch.isnan(z)]
-            zfrac = float(z.median()) if z.numel() else math.nan
-        status = []
-        if origin_idx == i:
-            status.append("nonfinite-origin")
-        elif bool(nonfinite_t[:, i].any()):
-            status.append("nonfinite")
-        if i in dead_status:
-            status.append(dead_status[i])
-        if i in unit_status:
-            status.append("dead-units")
-        if bool(vanishing_mask[i]):
-            status.append("vanishing")
-        if bool(exploding_mask[i]):
-            status.append("exploding")
-        layers.append(
-            LayerReport(
-                index=i,
-                name=n,
-                median_norm=med_norm,
-                median_metric=med_metric,
-                decades_vs_median=med_dev,
-                grad_weight_ratio=ratio,
-                max_abs=mx,
-                zero_fraction=zfrac,
-                nonfinite_steps=int(nonfinite_t[:, i].sum()),
-                vanishing_steps=int(run_low[i]),
-                exploding_steps=int(run_high[i]),
-                status=status,
-            )
-        )
-    skipped = []
-    if data.skipped is not None:
-        skipped = [data.steps[r] for r in range(s_n) if bool(data.skipped[r])]
-    return Diagnosis(
-        steps=s_n,
-        first_step=data.steps[0],
-        last_step=data.steps[-1],
-        metric=metric,
-        layers=layers,
-        vanishing=[n for i, n in enumerate(names) if bool(vanishing_mask[i])],
-        exploding_layers=[n for i, n in enumerate(names) if bool(exploding_mask[i])],
-        dead=dead,
-        spikes=spikes,
-        large_steps=large,
-        depth_trend=depth,
-        nonfinite=nonfinite,
-        skipped_steps=skipped,
-        thresholds=th,
-        source=data.source,
-        depth_trends=trends,
+def _median(x: Tensor) -> float:
+    return float(x.median()) if x.numel() else math.nan
+
+
+def _layer_report(
+    data: HistoryData,
+    i: int,
+    *,
+    norms: Tensor,
+    finite: Tensor,
+    value: Tensor,
+    usable: Tensor,
+    dev: Tensor,
+    nonfinite_t: Tensor,
+    status: list[str],
+    runs: tuple[int, int],
+) -> LayerReport:
+    """Tensor ``i``'s report; ``runs``: its longest abnormally low / high runs of steps."""
+    col_ok = finite[:, i]
+    d_col = dev[:, i][~torch.isnan(dev[:, i])]
+    ratio = mx = zfrac = None
+    if data.param_norms is not None:
+        pn = data.param_norms[:, i].to(_F64)
+        r = torch.where((pn > 0) & col_ok, norms[:, i] / pn, torch.nan)
+        ratio = _median(r[~torch.isnan(r)])
+    if data.max_abs is not None:
+        m = data.max_abs[:, i].to(_F64)
+        m = m[data.present[:, i] & ~torch.isnan(m)]
+        mx = float(m.max()) if m.numel() else math.nan
+    if data.zero_fraction is not None:
+        z = data.zero_fraction[:, i].to(_F64)
+        zfrac = _median(z[~torch.isnan(z)])
+    return LayerReport(
+        index=i,
+        name=data.names[i],
+        median_norm=_median(norms[col_ok, i]),
+        median_metric=_median(value[usable[:, i], i]),
+        decades_vs_median=_median(d_col),
+        grad_weight_ratio=ratio,
+        max_abs=mx,
+        zero_fraction=zfrac,
+        nonfinite_steps=int(nonfinite_t[:, i].sum()),
+        vanishing_steps=runs[0],
+        exploding_steps=runs[1],
+        status=status,
     )
 
 
