@@ -421,36 +421,66 @@ def init_model_(
                     unknown.append(f"{name} ({what})")
         else:
             act, source = global_act, "given"
-        scheme, gain = scheme_and_gain(act)
-        fan_in, fan_out = layer_fans(module)
-        if scheme == "kaiming":
-            fan = fan_in if mode == "fan_in" else fan_out
-            std = gain / math.sqrt(fan) if fan > 0 else 0.0
-        else:
-            std = gain * math.sqrt(2.0 / (fan_in + fan_out)) if fan_in + fan_out > 0 else 0.0
-        w = module.weight
-        with torch.no_grad():
-            if distribution == "normal":
-                w.copy_(random_like(w, "normal", generator) * std)
-            else:
-                w.copy_(random_like(w, "uniform", generator) * (math.sqrt(3.0) * std))
-            if zero_bias and module.bias is not None:
-                module.bias.zero_()
-        record = LayerInit(
-            name=name,
-            type=type(module).__name__,
-            fan_in=fan_in,
-            fan_out=fan_out,
-            scheme=scheme,
-            nonlinearity=activation_name(act),
-            source=source,
-            gain=gain,
-            target_std=std,
-            std=std_of(w),
-        )
+        record = _init_layer(
+            name, module, act, source, mode=mode, distribution=distribution,
+            zero_bias=zero_bias, generator=generator,
+        )  # fmt: skip
         summary.append(record)
         by_name[name] = record
+    _zero_residual_targets(residual, modules, by_name, summary)
+    if unknown:
+        _warn_unknown(unknown, default_act)
+    return summary
 
+
+def _init_layer(
+    name: str,
+    module: nn.Module,
+    act: nn.Module | None,
+    source: str,
+    *,
+    mode: str,
+    distribution: str,
+    zero_bias: bool,
+    generator: torch.Generator | None,
+) -> LayerInit:
+    """Draw one layer's weight for the activation ``act`` that follows it (None: linear)."""
+    scheme, gain = scheme_and_gain(act)
+    fan_in, fan_out = layer_fans(module)
+    if scheme == "kaiming":
+        fan = fan_in if mode == "fan_in" else fan_out
+        std = gain / math.sqrt(fan) if fan > 0 else 0.0
+    else:
+        std = gain * math.sqrt(2.0 / (fan_in + fan_out)) if fan_in + fan_out > 0 else 0.0
+    w = module.weight
+    with torch.no_grad():
+        if distribution == "normal":
+            w.copy_(random_like(w, "normal", generator) * std)
+        else:
+            w.copy_(random_like(w, "uniform", generator) * (math.sqrt(3.0) * std))
+        if zero_bias and module.bias is not None:
+            module.bias.zero_()
+    return LayerInit(
+        name=name,
+        type=type(module).__name__,
+        fan_in=fan_in,
+        fan_out=fan_out,
+        scheme=scheme,
+        nonlinearity=activation_name(act),
+        source=source,
+        gain=gain,
+        target_std=std,
+        std=std_of(w),
+    )
+
+
+def _zero_residual_targets(
+    residual: list[tuple[str, str]],
+    modules: Mapping[str, nn.Module],
+    by_name: dict[str, LayerInit],
+    summary: InitSummary,
+) -> None:
+    """Zero the last layer (or norm scale) of each residual branch, and record it."""
     for _branch, target in residual:
         layer = modules[target]
         with torch.no_grad():
@@ -460,35 +490,34 @@ def init_model_(
         if target in by_name:
             rec = by_name[target]
             rec.scheme, rec.gain, rec.target_std, rec.std = "zero (residual)", 0.0, 0.0, 0.0
-        else:
-            n = float(getattr(layer, "num_features", getattr(layer, "num_channels", math.nan)))
-            summary.append(
-                LayerInit(
-                    name=target,
-                    type=type(layer).__name__,
-                    fan_in=n,
-                    fan_out=n,
-                    scheme="zero (residual)",
-                    nonlinearity="-",
-                    source="-",
-                    gain=0.0,
-                    target_std=0.0,
-                    std=0.0,
-                )
+            continue
+        n = float(getattr(layer, "num_features", getattr(layer, "num_channels", math.nan)))
+        summary.append(
+            LayerInit(
+                name=target,
+                type=type(layer).__name__,
+                fan_in=n,
+                fan_out=n,
+                scheme="zero (residual)",
+                nonlinearity="-",
+                source="-",
+                gain=0.0,
+                target_std=0.0,
+                std=0.0,
             )
+        )
 
-    if unknown:
-        shown = ", ".join(unknown[:20]) + (
-            f", ... ({len(unknown)} in all)" if len(unknown) > 20 else ""
-        )
-        warnings.warn(
-            f"init_model_: cannot tell which activation follows {len(unknown)} layer(s), because "
-            "they are not followed by an activation module in an nn.Sequential (activations "
-            "applied in a custom forward(), such as F.relu, are invisible): "
-            f"{shown}. They were initialised for the default "
-            f"{activation_name(default_act)!r}; pass nonlinearity={{name or type: nonlinearity}} "
-            "to set them.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return summary
+
+def _warn_unknown(unknown: list[str], default_act: nn.Module | None) -> None:
+    more = f", ... ({len(unknown)} in all)" if len(unknown) > 20 else ""
+    shown = ", ".join(unknown[:20]) + more
+    warnings.warn(
+        f"init_model_: cannot tell which activation follows {len(unknown)} layer(s), because "
+        "they are not followed by an activation module in an nn.Sequential (activations "
+        "applied in a custom forward(), such as F.relu, are invisible): "
+        f"{shown}. They were initialised for the default "
+        f"{activation_name(default_act)!r}; pass nonlinearity={{name or type: nonlinearity}} "
+        "to set them.",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -237,6 +237,7 @@ def test_warning_for_unknown_activation_and_default():
         summary = init_model_(net)
     message = str(rec[0].message)
     assert "fc1" in message and "head.2" in message and "F.relu" in message
+    assert rec[0].filename == __file__  # points at the caller of init_model_
     assert "head.0" not in message and "tail.0" not in message
     by_name = {r.name: r for r in summary}
     assert by_name["fc1"].source == "default"
