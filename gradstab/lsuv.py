@@ -190,6 +190,58 @@ def lsuv_(
         >>> all(abs(r.std - 1.0) <= 0.05 for r in report)
         True
     """
+    _check_args(model, target_std, tol, max_iter, batch)
+    layers = _select_layers(model, modules)
+    device = next(model.parameters()).device
+    batch = _to_device(batch, device)
+    training = {m: m.training for m in model.modules()}
+    backup = [
+        (t, t.detach().clone())
+        for m in layers.values()
+        for t in (m.weight, m.bias)
+        if t is not None
+    ]
+    try:
+        model.eval()
+        with torch.no_grad():
+            order = _forward_order(model, batch, layers)  # before anything changes
+            if orthonormal:
+                for m in layers.values():
+                    w = m.weight
+                    if w.numel():
+                        w.copy_(orthogonal(w.shape[0], w[0].numel(), w, generator).view_as(w))
+            if zero_bias:
+                for m in layers.values():
+                    if m.bias is not None:
+                        m.bias.zero_()
+            report = LSUVReport()
+            for name in order:
+                report.append(
+                    _rescale(
+                        model, batch, name, layers[name],
+                        target_std=target_std, tol=tol, max_iter=max_iter,
+                    )
+                )  # fmt: skip
+    except BaseException:
+        with torch.no_grad():  # an error leaves the weights as they were
+            for t, saved in backup:
+                t.copy_(saved)
+        raise
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+    not_converged = [r.name for r in report if not r.converged]
+    if not_converged:
+        warnings.warn(
+            f"lsuv_: the output std of {not_converged} did not come within tol={tol} of "
+            f"target_std={target_std} in max_iter={max_iter} rescalings (see the report)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _check_args(model: nn.Module, target_std: float, tol: float, max_iter: int, batch: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"lsuv_: model must be an nn.Module, got {type(model).__name__}")
     if not (isinstance(target_std, (int, float)) and math.isfinite(target_std) and target_std > 0):
@@ -208,6 +260,9 @@ def lsuv_(
             "(use a few hundred for a stable estimate)"
         )
 
+
+def _select_layers(model: nn.Module, modules: Union[str, Sequence[str], None]) -> dict:
+    """``{name: layer}`` of the layers to initialise (every Linear/Conv by default)."""
     named = dict(model.named_modules())
     if modules is None:
         layers = {n: m for n, m in named.items() if isinstance(m, LAYER_TYPES)}
@@ -224,110 +279,75 @@ def lsuv_(
         raise ValueError("lsuv_: the model has no Linear/Conv/ConvTranspose layer to initialise")
     for n, m in layers.items():
         check_materialised(n, m)
+    return layers
 
-    device = next(model.parameters()).device
-    batch = _to_device(batch, device)
-    training = {m: m.training for m in model.modules()}
-    backup = [
-        (t, t.detach().clone())
-        for m in layers.values()
-        for t in (m.weight, m.bias)
-        if t is not None
-    ]
-    handles: list[Any] = []
+
+def _forward_order(model: nn.Module, batch: Any, layers: dict) -> list[str]:
+    """The layers in the order the forward pass reaches them, each checked to have an output
+    of at least 2 elements on the batch."""
+    order: list[str] = []
+    sizes: dict[str, int] = {}
+
+    def order_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
+            if name not in sizes:
+                order.append(name)
+                sizes[name] = out.numel()
+            else:
+                sizes[name] = min(sizes[name], out.numel())
+
+        return hook
+
+    handles = [m.register_forward_hook(order_hook(n)) for n, m in layers.items()]
     try:
-        model.eval()
-        with torch.no_grad():
-            # forward order (first call) and output sizes, before anything changes
-            order: list[str] = []
-            sizes: dict[str, int] = {}
-
-            def order_hook(name: str) -> Callable[..., None]:
-                def hook(_m: nn.Module, _inp: Any, out: Tensor) -> None:
-                    if name not in sizes:
-                        order.append(name)
-                        sizes[name] = out.numel()
-                    else:
-                        sizes[name] = min(sizes[name], out.numel())
-
-                return hook
-
-            handles = [m.register_forward_hook(order_hook(n)) for n, m in layers.items()]
-            _call(model, batch)
-            for h in handles:
-                h.remove()
-            handles = []
-            missing = [n for n in layers if n not in sizes]
-            if missing:
-                raise ValueError(
-                    f"lsuv_: layer(s) {missing} never receive input when the model runs on the "
-                    "batch, so their output variance cannot be measured; pass "
-                    "modules=[...] without them"
-                )
-            small = [f"{n} ({sizes[n]} elements)" for n in order if sizes[n] < 2]
-            if small:
-                raise ValueError(
-                    f"lsuv_: the batch is too small: the output of {small} has fewer than 2 "
-                    "elements, so it has no std; use a larger batch"
-                )
-
-            if orthonormal:
-                for m in layers.values():
-                    w = m.weight
-                    if w.numel():
-                        w.copy_(orthogonal(w.shape[0], w[0].numel(), w, generator).view_as(w))
-            if zero_bias:
-                for m in layers.values():
-                    if m.bias is not None:
-                        m.bias.zero_()
-
-            report = LSUVReport()
-            not_converged = []
-            for name in order:
-                layer = layers[name]
-                iterations, std = 0, float("nan")
-                converged = False
-                while True:
-                    moments = _Moments()
-                    handle = layer.register_forward_hook(
-                        lambda _m, _i, out, acc=moments: acc.add(out)
-                    )
-                    handles = [handle]
-                    try:
-                        _call(model, batch)
-                    finally:
-                        handle.remove()
-                        handles = []
-                    std = moments.std()
-                    if not math.isfinite(std) or std == 0.0:
-                        raise ValueError(
-                            f"lsuv_: the output of layer '{name}' has std {std} on the batch "
-                            "(its input is constant or not finite), so it cannot be rescaled "
-                            "to a unit variance"
-                        )
-                    converged = abs(std / target_std - 1.0) <= tol
-                    if converged or iterations == max_iter:
-                        break
-                    layer.weight.mul_(target_std / std)
-                    iterations += 1
-                if not converged:
-                    not_converged.append(name)
-                report.append(LSUVRecord(name, type(layer).__name__, iterations, std, converged))
-    except BaseException:
-        with torch.no_grad():  # an error leaves the weights as they were
-            for t, saved in backup:
-                t.copy_(saved)
-        raise
+        _call(model, batch)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in training.items():
-            m.training = flag
-    if not_converged:
-        warnings.warn(
-            f"lsuv_: the output std of {not_converged} did not come within tol={tol} of "
-            f"target_std={target_std} in max_iter={max_iter} rescalings (see the report)",
-            UserWarning,
-            stacklevel=2,
+    missing = [n for n in layers if n not in sizes]
+    if missing:
+        raise ValueError(
+            f"lsuv_: layer(s) {missing} never receive input when the model runs on the "
+            "batch, so their output variance cannot be measured; pass "
+            "modules=[...] without them"
         )
-    return report
+    small = [f"{n} ({sizes[n]} elements)" for n in order if sizes[n] < 2]
+    if small:
+        raise ValueError(
+            f"lsuv_: the batch is too small: the output of {small} has fewer than 2 "
+            "elements, so it has no std; use a larger batch"
+        )
+    return order
+
+
+def _rescale(
+    model: nn.Module,
+    batch: Any,
+    name: str,
+    layer: nn.Module,
+    *,
+    target_std: float,
+    tol: float,
+    max_iter: int,
+) -> LSUVRecord:
+    """Rescale one layer's weight until its output std on the batch is ``target_std``."""
+    iterations = 0
+    while True:
+        moments = _Moments()
+        handle = layer.register_forward_hook(lambda _m, _i, out, acc=moments: acc.add(out))
+        try:
+            _call(model, batch)
+        finally:
+            handle.remove()
+        std = moments.std()
+        if not math.isfinite(std) or std == 0.0:
+            raise ValueError(
+                f"lsuv_: the output of layer '{name}' has std {std} on the batch "
+                "(its input is constant or not finite), so it cannot be rescaled "
+                "to a unit variance"
+            )
+        converged = abs(std / target_std - 1.0) <= tol
+        if converged or iterations == max_iter:
+            return LSUVRecord(name, type(layer).__name__, iterations, std, converged)
+        layer.weight.mul_(target_std / std)
+        iterations += 1
