@@ -1,6 +1,8 @@
 """pytest configuration shared by all gradstab tests.
 
-- Puts ``tests/`` on ``sys.path`` so test files can ``from helpers import ...``.
+- The shared helpers are the package ``tests/gradstab_testing`` (oracles, kernel case
+  tables, the CUDA execution harness, the distributed scenarios, ``DEVICES``): pytest's
+  ``pythonpath = ["tests"]`` (pyproject.toml) makes ``import gradstab_testing`` work.
 - Hypothesis profiles: ``default`` -- what CI and the README's test command run --
   derandomized and with no example database, so a run draws the same examples on every
   machine and a red CI reproduces anywhere, whatever an earlier local run saved; ``explore``
@@ -23,13 +25,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _COMMON = {
     "deadline": None,

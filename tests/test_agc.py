@@ -13,7 +13,9 @@ import sys
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.oracles import (
+    agc_oracle,
+    agc_unit_rows,
     assert_bitwise_equal,
     assert_grads_match,
     assert_ulp_close,
@@ -33,28 +35,6 @@ KERNELS = ["cpp", "reference"] if CPP else ["reference"]
 # conv 4-D, linear 2-D, 1-D, 0-D, zero-size, and units longer than the kernel's 65,536-element
 # work item (split into pieces)
 SHAPES = [(6, 3, 3, 3), (5, 7), (9,), (), (0, 4), (3, 0), (2, 70_001), (140_003,)]
-
-
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    return (
-        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
-    )
-
-
-def oracle(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
-    """(clipped gradient in float64, number of clipped units), unit by unit in float64."""
-    g64 = g.detach().to(torch.float64).clone()
-    rows_g = _unit_rows(g64)
-    rows_w = _unit_rows(w.detach().to(torch.float64))
-    n = 0
-    for i in range(rows_g.shape[0]):
-        gn = float(torch.linalg.vector_norm(rows_g[i], p))
-        wn = float(torch.linalg.vector_norm(rows_w[i], p))
-        max_norm = clip_factor * (eps if wn < eps else wn)  # NaN weight norm stays NaN
-        if gn > max_norm:
-            rows_g[i] *= max_norm / gn
-            n += 1
-    return rows_g.reshape(g.shape), n
 
 
 def run(kernel: str, grads, params, clip_factor=0.01, eps=1e-3, *, p=2.0):
@@ -101,7 +81,7 @@ def make_pairs(shapes, gdtype, wdtype, seed, *, wscale=1.0, gscale=0.02):
 def test_matches_float64_oracle(kernel, gdtype, seed):
     grads, params = make_pairs(SHAPES, gdtype, torch.float32, seed)
     params[1][2].zero_()  # a zero-weight unit: eps floor
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
     norms, clipped, nonfinite, total = run(kernel, grads, params)
     rd = torch.float64 if gdtype == torch.float64 else torch.float32
     assert norms.dtype == rd and total.dtype == rd and clipped.dtype == torch.int64
@@ -109,7 +89,7 @@ def test_matches_float64_oracle(kernel, gdtype, seed):
         assert ulp_close(g, want)
         assert c == n
     assert sum(n for _, n in expected) > 0  # the case really clips
-    assert any(n < _unit_rows(g).shape[0] for g, (_, n) in zip(grads, expected) if g.numel())
+    assert any(n < agc_unit_rows(g).shape[0] for g, (_, n) in zip(grads, expected) if g.numel())
     assert nonfinite.tolist() == [0] * len(grads)
 
 
@@ -129,7 +109,7 @@ def test_stats_are_pre_clip_norms():
 @pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
 def test_other_norm_types(kernel, p):
     grads, params = make_pairs([(4, 5, 2), (6,), (3, 9)], torch.float32, torch.float32, 5)
-    expected = [oracle(g, w, 0.05, 1e-3, p) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.05, 1e-3, p) for g, w in zip(grads, params)]
     _, clipped, _, _ = run(kernel, grads, params, 0.05, 1e-3, p=p)
     for g, (want, n), c in zip(grads, expected, clipped.tolist()):
         assert ulp_close(g, want) and c == n
@@ -143,7 +123,7 @@ def test_mixed_dtypes_params_and_grads_differ(kernel):
     gen = torch.Generator().manual_seed(7)
     grads = [(torch.randn(s, generator=gen) * 0.05).to(d) for s, d in zip(shapes, gdtypes)]
     params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, wdtypes)]
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
     norms, clipped, _, _ = run(kernel, grads, params)
     assert norms.dtype == torch.float64  # one float64 gradient
     for g, (want, n), c in zip(grads, expected, clipped.tolist()):
@@ -173,7 +153,7 @@ def test_non_contiguous(kernel):
     grads = [g for g, _ in pairs]
     params = [w for _, w in pairs]
     storages = [(g.data_ptr(), g.stride()) for g in grads]
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in pairs]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in pairs]
     _, clipped, _, _ = run(kernel, grads, params)
     for g, (want, n), c, (ptr, stride) in zip(grads, expected, clipped.tolist(), storages):
         assert ulp_close(g, want) and c == n
@@ -210,7 +190,7 @@ def test_nonfinite_follow_the_float64_formula(kernel, gdtype):
     )
     w = torch.ones(4, 3)
     w[3, 0] = float("nan")
-    want, n = oracle(g, w, 0.1, 1e-3)
+    want, n = agc_oracle(g, w, 0.1, 1e-3)
     norms, clipped, nonfinite, total = run(kernel, [g], [w], 0.1, 1e-3)
     assert ulp_close(g, want)
     assert torch.equal(torch.isnan(g), torch.isnan(want))
@@ -226,7 +206,7 @@ def test_huge_and_tiny_values(kernel):
     norms, clipped, _, _ = run(kernel, [g], [w], 1e-8, 0.0)
     assert math.isfinite(float(norms[0]))
     torch.testing.assert_close(float(norms[0]), 5e30, rtol=1e-6, atol=0)
-    want, n = oracle(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]), w, 1e-8, 0.0)
+    want, n = agc_oracle(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]), w, 1e-8, 0.0)
     assert ulp_close(g, want) and clipped.tolist() == [n] == [2]
     g64 = torch.tensor([1e200, 1e200], dtype=torch.float64)
     norms, clipped, _, _ = run(kernel, [g64], [torch.tensor([1e300, 0.0], dtype=torch.float64)])
@@ -286,8 +266,8 @@ def test_unclipped_units_are_not_written():
 
 def unit_coefs(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
     """Float64 AGC coefficient of every unit of ``g`` (1 where not clipped), unit by unit."""
-    rows_g = _unit_rows(g.detach().to(torch.float64))
-    rows_w = _unit_rows(w.detach().to(torch.float64))
+    rows_g = agc_unit_rows(g.detach().to(torch.float64))
+    rows_w = agc_unit_rows(w.detach().to(torch.float64))
     coefs = torch.ones(rows_g.shape[0], dtype=torch.float64)
     for i in range(rows_g.shape[0]):
         gn = float(torch.linalg.vector_norm(rows_g[i], p))
@@ -355,7 +335,7 @@ def test_expanded_gradient_refused_before_any_write(kernel, needs_clip):
         for g, b in zip(grads, before):
             assert_bitwise_equal(g, b, "no gradient may change")
     else:
-        expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+        expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
         _, clipped, _, _ = run(kernel, grads, params)
         assert clipped.tolist() == [n for _, n in expected]
         assert clipped[:3].min() > 0 and int(clipped[3]) == 0
@@ -377,7 +357,7 @@ def test_duplicate_gradient_is_clipped_twice_in_list_order(kernel, dtype, num_th
     w = torch.randn(256, 300, generator=gen, dtype=dtype)  # float64: exact coefficients
     other_g = torch.randn(5, 7, generator=gen, dtype=dtype)
     other_w = torch.randn(5, 7, generator=gen)
-    want_other, _ = oracle(other_g, other_w, 0.01, 1e-3)
+    want_other, _ = agc_oracle(other_g, other_w, 0.01, 1e-3)
     want = sequential_oracle(x, [lambda b: b, lambda b: b], [w, w])
     n_clipped = int((unit_coefs(x, w, 0.01, 1e-3) < 1).sum())
     assert 0 < n_clipped < 256
@@ -496,7 +476,7 @@ def test_functional_api_skips_none_and_returns_stats():
     params = [*lin.parameters(), *conv.parameters(), frozen]
     for p in params[:-1]:
         p.grad = torch.randn_like(p)
-    expected = [oracle(p.grad, p, 0.02, 1e-3) for p in params[:-1]]
+    expected = [agc_oracle(p.grad, p, 0.02, 1e-3) for p in params[:-1]]
     stats = gradstab.adaptive_clip_grad_(params, clip_factor=0.02)
     assert isinstance(stats, gradstab.AGCStats)
     assert stats.clipped.tolist() == [n for _, n in expected]

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.oracles import (
     GradSpec,
     as_params,
     assert_bitwise_equal,

@@ -16,21 +16,10 @@ from __future__ import annotations
 
 import math
 
-import kernel_cases
 import pytest
 import torch
-from helpers import (
-    DESIGN_RTOL,
-    assert_bitwise_equal,
-    assert_grads_match,
-    assert_rel_close,
-    assert_stats_match,
-    assert_ulp_close,
-    oracle_stats,
-)
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from kernel_cases import (
+from gradstab_testing import kernel_cases
+from gradstab_testing.kernel_cases import (
     AGC_SHAPES,
     CLIP_OPS,
     CLIP_SPECS,
@@ -41,6 +30,17 @@ from kernel_cases import (
     RTOL64,
     SIZES,
 )
+from gradstab_testing.oracles import (
+    DESIGN_RTOL,
+    assert_bitwise_equal,
+    assert_grads_match,
+    assert_rel_close,
+    assert_stats_match,
+    assert_ulp_close,
+    oracle_stats,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gradstab
 from gradstab import reference

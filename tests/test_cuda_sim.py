@@ -20,14 +20,11 @@ import math
 import os
 import re
 
-import cuda_sim_harness as sim
 import pytest
 import torch
-from cuda_sim_harness import Launch
-from helpers import assert_grads_match, assert_stats_match, assert_ulp_close
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from kernel_cases import (
+from gradstab_testing import cuda_sim_harness as sim
+from gradstab_testing.cuda_sim_harness import Launch
+from gradstab_testing.kernel_cases import (
     AGC_LAYOUTS,
     CLIP_OPS,
     CLIP_SPECS,
@@ -54,6 +51,9 @@ from kernel_cases import (
     scaled,
     units,
 )
+from gradstab_testing.oracles import assert_grads_match, assert_stats_match, assert_ulp_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradstab import reference
 

@@ -19,7 +19,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     GradSpec,
     as_params,
     assert_grads_match,
@@ -33,7 +34,6 @@ import gradstab
 from gradstab import _devices, functional, reference
 from gradstab._library import OPS
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 INF, NAN = math.inf, math.nan
 NONPOSITIVE = [0.0, -0.5, -1.0, -2.0, -3.5, -INF]
 EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."

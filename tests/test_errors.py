@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from helpers import GradSpec, as_params, assert_untouched, make_grads, snapshot
+from gradstab_testing.oracles import GradSpec, as_params, assert_untouched, make_grads, snapshot
 
 import gradstab
 from gradstab import reference

@@ -241,7 +241,7 @@ def test_compiled_call_does_not_use_the_shortcut():
 
 def test_op_codes_are_the_extensions_one_definition():
     """functional, the extension and the CUDA harness use the codes of csrc/common/codes.h."""
-    import cuda_sim_harness  # noqa: PLC0415 - a test helper, imported only here
+    from gradstab_testing import cuda_sim_harness  # noqa: PLC0415 - imported only here
 
     assert _extension.OP_CODES == {
         "grad_stats": 0,
@@ -258,7 +258,7 @@ def test_op_codes_are_the_extensions_one_definition():
 @pytest.mark.parametrize(
     ("name", "call"),
     [
-        ("gradstab::grad_stats", lambda ps: gradstab.grad_stats(ps)),
+        ("gradstab::grad_stats", gradstab.grad_stats),
         ("gradstab::clip_norm", lambda ps: gradstab.clip_grad_norm_(ps, 0.5)),
         ("gradstab::clip_value", lambda ps: gradstab.clip_grad_value_(ps, 0.01)),
     ],

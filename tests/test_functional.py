@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.oracles import (
     FP32_ACCUM_RTOL,
     FP64_RTOL,
     GAP_SENTINEL,

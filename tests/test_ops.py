@@ -23,7 +23,7 @@ import sys
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.oracles import (
     DESIGN_RTOL,
     FP32_ACCUM_RTOL,
     FP64_RTOL,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from helpers import assert_grads_match, assert_ulp_close
+
+from .oracles import assert_grads_match, assert_ulp_close
 
 EPS = 1e-6
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
