@@ -13,6 +13,9 @@
 - ``pytest -ra`` folds the skips of the GPU tests (reason ``needs a CUDA device``, or
   ``needs CUDA``) into one summary line, ``SKIPPED [N] tests/conftest.py: needs a CUDA
   device ...``, instead of one line per test function; other skips are listed as usual.
+- A test parametrised with ``device="cuda"`` (``gradstab_testing.devices.DEVICES``) fails when
+  ``gradstab._C`` has no CUDA kernel, rather than quietly testing the pure-PyTorch fallback on
+  the GPU (``tests/test_cuda.py`` does the same for its own tests).
 - Fixtures: ``cpp_kernel`` skips a test unless the compiled C++ CPU kernel serves CPU;
   ``num_threads`` restores torch's intra-op thread count after a test changes it;
   ``one_thread`` runs a test with one intra-op thread (opt in per module with
@@ -58,6 +61,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         and _GPU_SKIP.match(str(longrepr[2]))
     ):
         report.longrepr = (__file__, None, GPU_SKIP_REASON)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_cases_test_the_cuda_kernel(request: pytest.FixtureRequest) -> None:
+    """Fail a ``device="cuda"`` case when gradstab's build has no CUDA kernel."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cuda":
+        return
+    from gradstab._extension import has_kernel  # noqa: PLC0415
+
+    if not has_kernel("cuda"):
+        pytest.fail(
+            "gradstab._C has no CUDA kernel: build it on this machine with "
+            "`TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .`"
+        )
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@
 headers and run on a simulated grid (one thread per CUDA thread, a warp's lanes meeting at every
 shuffle, vote and ``__syncwarp``), through the torch-free plans the real launchers use
 (``norm_plan``, ``agc_plan``). Results are compared with :mod:`gradstab.reference` and float64
-oracles on the case tables of ``test_cuda.py`` (``kernel_cases``); clipped gradients bit for bit
-where the arithmetic is documented. The harness also checks every gradient/parameter access
+oracles on the kernels' case tables (``gradstab_testing.kernel_cases``, which the op tests
+also run on every device in ``DEVICES``); clipped gradients bit for bit where the arithmetic is
+documented. The harness also checks every gradient/parameter access
 (bounds, alignment, writes only where allowed) and that all 32 lanes reach every collective; a
 ThreadSanitizer run of a torch-free driver checks the inter-warp hand-offs.
 
