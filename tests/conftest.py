@@ -1,6 +1,8 @@
 """pytest configuration shared by all gradstab tests.
 
-- Puts ``tests/`` on ``sys.path`` so test files can ``from helpers import ...``.
+- The shared helpers are the package ``tests/gradstab_testing`` (oracles, kernel case
+  tables, the CUDA execution harness, the distributed scenarios, ``DEVICES``): pytest's
+  ``pythonpath = ["tests"]`` (pyproject.toml) makes ``import gradstab_testing`` work.
 - Hypothesis profiles: ``default`` -- what CI and the README's test command run --
   derandomized and with no example database, so a run draws the same examples on every
   machine and a red CI reproduces anywhere, whatever an earlier local run saved; ``explore``
@@ -11,6 +13,9 @@
 - ``pytest -ra`` folds the skips of the GPU tests (reason ``needs a CUDA device``, or
   ``needs CUDA``) into one summary line, ``SKIPPED [N] tests/conftest.py: needs a CUDA
   device ...``, instead of one line per test function; other skips are listed as usual.
+- A test parametrised with ``device="cuda"`` (``gradstab_testing.devices.DEVICES``) fails when
+  ``gradstab._C`` has no CUDA kernel, rather than quietly testing the pure-PyTorch fallback on
+  the GPU (``tests/test_cuda.py`` does the same for its own tests).
 - Fixtures: ``cpp_kernel`` skips a test unless the compiled C++ CPU kernel serves CPU;
   ``num_threads`` restores torch's intra-op thread count after a test changes it;
   ``one_thread`` runs a test with one intra-op thread (opt in per module with
@@ -23,13 +28,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _COMMON = {
     "deadline": None,
@@ -59,6 +61,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         and _GPU_SKIP.match(str(longrepr[2]))
     ):
         report.longrepr = (__file__, None, GPU_SKIP_REASON)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_cases_test_the_cuda_kernel(request: pytest.FixtureRequest) -> None:
+    """Fail a ``device="cuda"`` case when gradstab's build has no CUDA kernel."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cuda":
+        return
+    from gradstab._extension import has_kernel  # noqa: PLC0415
+
+    if not has_kernel("cuda"):
+        pytest.fail(
+            "gradstab._C has no CUDA kernel: build it on this machine with "
+            "`TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation --no-deps -e .`"
+        )
 
 
 @pytest.fixture

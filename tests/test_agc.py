@@ -1,8 +1,10 @@
 """Unit-wise adaptive gradient clipping (``gradstab.adaptive_clip_grad_``, op ``adaptive_clip``).
 
-The oracle is the paper's rule (Brock et al. 2021, eq. 3) written out unit by unit in float64:
-``max_i = clip_factor * max(||W_i||, eps)``; ``G_i *= max_i / ||G_i||`` iff ``||G_i|| > max_i``.
-Both kernels (C++ on CPU, pure PyTorch) are checked against it and against each other.
+The oracle is the paper's rule (Brock et al. 2021, eq. 3) written out unit by unit in float64
+(``gradstab_testing.oracles.agc_oracle``): ``max_i = clip_factor * max(||W_i||, eps)``;
+``G_i *= max_i / ||G_i||`` iff ``||G_i|| > max_i``. The kernels (C++ on CPU, pure PyTorch) are
+checked against it and against each other; the tests that take a ``device`` run on every
+device in ``DEVICES`` (the CUDA kernel on a GPU).
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import sys
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
+    agc_oracle,
+    agc_unit_rows,
     assert_bitwise_equal,
     assert_grads_match,
+    assert_rel_close,
     assert_ulp_close,
     child_env,
     clone_grads,
@@ -28,37 +35,17 @@ from gradstab._library import OPS
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 CPP = has_kernel("cpu")
-KERNELS = ["cpp", "reference"] if CPP else ["reference"]
+#: "op": the dispatcher (the compiled kernel of the tensors' device: C++ on CPU, CUDA on CUDA);
+#: "reference": the pure-PyTorch kernel, called directly.
+KERNELS = ["op", "reference"] if CPP else ["reference"]
 
 # conv 4-D, linear 2-D, 1-D, 0-D, zero-size, and units longer than the kernel's 65,536-element
 # work item (split into pieces)
 SHAPES = [(6, 3, 3, 3), (5, 7), (9,), (), (0, 4), (3, 0), (2, 70_001), (140_003,)]
 
 
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    return (
-        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
-    )
-
-
-def oracle(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
-    """(clipped gradient in float64, number of clipped units), unit by unit in float64."""
-    g64 = g.detach().to(torch.float64).clone()
-    rows_g = _unit_rows(g64)
-    rows_w = _unit_rows(w.detach().to(torch.float64))
-    n = 0
-    for i in range(rows_g.shape[0]):
-        gn = float(torch.linalg.vector_norm(rows_g[i], p))
-        wn = float(torch.linalg.vector_norm(rows_w[i], p))
-        max_norm = clip_factor * (eps if wn < eps else wn)  # NaN weight norm stays NaN
-        if gn > max_norm:
-            rows_g[i] *= max_norm / gn
-            n += 1
-    return rows_g.reshape(g.shape), n
-
-
 def run(kernel: str, grads, params, clip_factor=0.01, eps=1e-3, *, p=2.0):
-    if kernel == "cpp":
+    if kernel == "op":
         return OPS["adaptive_clip"](grads, params, clip_factor, eps, p)
     return reference.adaptive_clip(grads, params, clip_factor, eps, p)
 
@@ -101,7 +88,7 @@ def make_pairs(shapes, gdtype, wdtype, seed, *, wscale=1.0, gscale=0.02):
 def test_matches_float64_oracle(kernel, gdtype, seed):
     grads, params = make_pairs(SHAPES, gdtype, torch.float32, seed)
     params[1][2].zero_()  # a zero-weight unit: eps floor
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
     norms, clipped, nonfinite, total = run(kernel, grads, params)
     rd = torch.float64 if gdtype == torch.float64 else torch.float32
     assert norms.dtype == rd and total.dtype == rd and clipped.dtype == torch.int64
@@ -109,7 +96,7 @@ def test_matches_float64_oracle(kernel, gdtype, seed):
         assert ulp_close(g, want)
         assert c == n
     assert sum(n for _, n in expected) > 0  # the case really clips
-    assert any(n < _unit_rows(g).shape[0] for g, (_, n) in zip(grads, expected) if g.numel())
+    assert any(n < agc_unit_rows(g).shape[0] for g, (_, n) in zip(grads, expected) if g.numel())
     assert nonfinite.tolist() == [0] * len(grads)
 
 
@@ -129,7 +116,7 @@ def test_stats_are_pre_clip_norms():
 @pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
 def test_other_norm_types(kernel, p):
     grads, params = make_pairs([(4, 5, 2), (6,), (3, 9)], torch.float32, torch.float32, 5)
-    expected = [oracle(g, w, 0.05, 1e-3, p) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.05, 1e-3, p) for g, w in zip(grads, params)]
     _, clipped, _, _ = run(kernel, grads, params, 0.05, 1e-3, p=p)
     for g, (want, n), c in zip(grads, expected, clipped.tolist()):
         assert ulp_close(g, want) and c == n
@@ -143,7 +130,7 @@ def test_mixed_dtypes_params_and_grads_differ(kernel):
     gen = torch.Generator().manual_seed(7)
     grads = [(torch.randn(s, generator=gen) * 0.05).to(d) for s, d in zip(shapes, gdtypes)]
     params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, wdtypes)]
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
     norms, clipped, _, _ = run(kernel, grads, params)
     assert norms.dtype == torch.float64  # one float64 gradient
     for g, (want, n), c in zip(grads, expected, clipped.tolist()):
@@ -173,27 +160,28 @@ def test_non_contiguous(kernel):
     grads = [g for g, _ in pairs]
     params = [w for _, w in pairs]
     storages = [(g.data_ptr(), g.stride()) for g in grads]
-    expected = [oracle(g, w, 0.01, 1e-3) for g, w in pairs]
+    expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in pairs]
     _, clipped, _, _ = run(kernel, grads, params)
     for g, (want, n), c, (ptr, stride) in zip(grads, expected, clipped.tolist(), storages):
         assert ulp_close(g, want) and c == n
         assert (g.data_ptr(), g.stride()) == (ptr, stride)  # written in place
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_zero_weights_use_eps_floor(kernel):
-    g = torch.full((3, 4), 0.5)
-    w = torch.zeros(3, 4)
+def test_zero_weights_use_eps_floor(kernel, device):
+    g = torch.full((3, 4), 0.5, device=device)
+    w = torch.zeros(3, 4, device=device)
     w[1] = 1.0  # norm 2
     _, clipped, _, _ = run(kernel, [g], [w], 0.1, 1e-3)
     assert clipped.tolist() == [3]
-    norms = torch.linalg.vector_norm(g.double(), dim=1)
+    norms = torch.linalg.vector_norm(g.cpu().double(), dim=1)
     torch.testing.assert_close(norms, torch.tensor([1e-4, 0.2, 1e-4], dtype=torch.float64))
     # eps = 0: zero-weight units are clipped to zero; zero gradients stay zero (no 0/0)
-    g = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
-    _, clipped, _, _ = run(kernel, [g], [torch.zeros(2, 2)], 0.1, 0.0)
+    g = torch.tensor([[1.0, 2.0], [0.0, 0.0]], device=device)
+    _, clipped, _, _ = run(kernel, [g], [torch.zeros(2, 2, device=device)], 0.1, 0.0)
     assert clipped.tolist() == [1]
-    assert torch.equal(g, torch.zeros(2, 2))
+    assert torch.equal(g.cpu(), torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -210,7 +198,7 @@ def test_nonfinite_follow_the_float64_formula(kernel, gdtype):
     )
     w = torch.ones(4, 3)
     w[3, 0] = float("nan")
-    want, n = oracle(g, w, 0.1, 1e-3)
+    want, n = agc_oracle(g, w, 0.1, 1e-3)
     norms, clipped, nonfinite, total = run(kernel, [g], [w], 0.1, 1e-3)
     assert ulp_close(g, want)
     assert torch.equal(torch.isnan(g), torch.isnan(want))
@@ -226,7 +214,7 @@ def test_huge_and_tiny_values(kernel):
     norms, clipped, _, _ = run(kernel, [g], [w], 1e-8, 0.0)
     assert math.isfinite(float(norms[0]))
     torch.testing.assert_close(float(norms[0]), 5e30, rtol=1e-6, atol=0)
-    want, n = oracle(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]), w, 1e-8, 0.0)
+    want, n = agc_oracle(torch.tensor([[3e30, 4e30], [3e-30, 4e-30]]), w, 1e-8, 0.0)
     assert ulp_close(g, want) and clipped.tolist() == [n] == [2]
     g64 = torch.tensor([1e200, 1e200], dtype=torch.float64)
     norms, clipped, _, _ = run(kernel, [g64], [torch.tensor([1e300, 0.0], dtype=torch.float64)])
@@ -286,8 +274,8 @@ def test_unclipped_units_are_not_written():
 
 def unit_coefs(g: torch.Tensor, w: torch.Tensor, clip_factor: float, eps: float, p: float = 2.0):
     """Float64 AGC coefficient of every unit of ``g`` (1 where not clipped), unit by unit."""
-    rows_g = _unit_rows(g.detach().to(torch.float64))
-    rows_w = _unit_rows(w.detach().to(torch.float64))
+    rows_g = agc_unit_rows(g.detach().to(torch.float64))
+    rows_w = agc_unit_rows(w.detach().to(torch.float64))
     coefs = torch.ones(rows_g.shape[0], dtype=torch.float64)
     for i in range(rows_g.shape[0]):
         gn = float(torch.linalg.vector_norm(rows_g[i], p))
@@ -355,7 +343,7 @@ def test_expanded_gradient_refused_before_any_write(kernel, needs_clip):
         for g, b in zip(grads, before):
             assert_bitwise_equal(g, b, "no gradient may change")
     else:
-        expected = [oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
+        expected = [agc_oracle(g, w, 0.01, 1e-3) for g, w in zip(grads, params)]
         _, clipped, _, _ = run(kernel, grads, params)
         assert clipped.tolist() == [n for _, n in expected]
         assert clipped[:3].min() > 0 and int(clipped[3]) == 0
@@ -377,7 +365,7 @@ def test_duplicate_gradient_is_clipped_twice_in_list_order(kernel, dtype, num_th
     w = torch.randn(256, 300, generator=gen, dtype=dtype)  # float64: exact coefficients
     other_g = torch.randn(5, 7, generator=gen, dtype=dtype)
     other_w = torch.randn(5, 7, generator=gen)
-    want_other, _ = oracle(other_g, other_w, 0.01, 1e-3)
+    want_other, _ = agc_oracle(other_g, other_w, 0.01, 1e-3)
     want = sequential_oracle(x, [lambda b: b, lambda b: b], [w, w])
     n_clipped = int((unit_coefs(x, w, 0.01, 1e-3) < 1).sum())
     assert 0 < n_clipped < 256
@@ -473,7 +461,7 @@ def test_memory_sharing_agrees_with_reference_and_interleaved_views_are_fine(num
     buf = torch.randn(3, 100_000, generator=gen) * 0.05
     w = torch.randn(3, 50_000, generator=gen)
     a, b = buf.clone(), buf.clone()
-    out_cpp = run("cpp", [a[:, ::2], a[:, 1::2], a[:, ::2]], [w, w, w])
+    out_cpp = run("op", [a[:, ::2], a[:, 1::2], a[:, ::2]], [w, w, w])
     out_ref = run("reference", [b[:, ::2], b[:, 1::2], b[:, ::2]], [w, w, w])
     for x, y in zip(out_cpp, out_ref):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
@@ -496,7 +484,7 @@ def test_functional_api_skips_none_and_returns_stats():
     params = [*lin.parameters(), *conv.parameters(), frozen]
     for p in params[:-1]:
         p.grad = torch.randn_like(p)
-    expected = [oracle(p.grad, p, 0.02, 1e-3) for p in params[:-1]]
+    expected = [agc_oracle(p.grad, p, 0.02, 1e-3) for p in params[:-1]]
     stats = gradstab.adaptive_clip_grad_(params, clip_factor=0.02)
     assert isinstance(stats, gradstab.AGCStats)
     assert stats.clipped.tolist() == [n for _, n in expected]
@@ -660,3 +648,204 @@ def test_bench_agc_mode_smoke():
     assert ("agc", "timm-style loop") in names and ("agc-healthy", "gradstab") in names
     ours = [r for r in rows if r.kind == "gradstab"]
     assert all(r.floor_fraction is not None and r.floor_fraction > 0 for r in ours)
+
+
+# --------------------------- the kernels' AGC case tables (kernel_cases), on every device --
+# Units around the kernels' work items (kernel_cases.AGC_SHAPES), every dtype and layout,
+# against the float64 oracle (kernel_cases.agc_oracle) and the reference kernel on CPU copies.
+
+
+def agc_call(grads, params, clip_factor=0.01, eps=1e-3, p=2.0):
+    return torch.ops.gradstab.adaptive_clip(grads, params, clip_factor, eps, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gdtype", kc.FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "offset", "transposed", "channels_last"])
+def test_agc_matches_float64_oracle_and_reference(device, gdtype, layout):
+    grads, params = kc.agc_pairs(50, gdtype, torch.float32, layout, device=device)
+    params[1][2].zero_()  # a zero-weight unit: the eps floor
+    before = kc.cpu_copies(grads)
+    expected = kc.agc_oracle(grads, params)
+    assert 0 < sum(expected[1]) < sum(kc.units(g).shape[0] for g in grads if g.numel())
+    got = agc_call(grads, params)
+    kc.assert_agc(grads, params, got, expected, f"{gdtype} {layout}")
+    ref_grads = kc.clones(before)
+    ref = reference.adaptive_clip(ref_grads, kc.cpu_copies(params), 0.01, 1e-3, 2.0)
+    kc.assert_agc_stats(got, ref, kc.rtol_of(grads))
+    oracle = kc.oracle_norms(before, 2.0)
+    torch.testing.assert_close(got[0].cpu().double(), oracle, rtol=kc.RTOL32, atol=0)
+    for g, r in zip(grads, ref_grads):
+        if g.dtype != torch.float64:
+            assert_ulp_close(g.cpu(), r.double(), 1, "against the reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("gdtype", "wdtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.bfloat16),
+        (torch.float64, torch.float16),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_agc_mixed_dtypes(device, gdtype, wdtype):
+    grads, params = kc.agc_pairs(51, gdtype, wdtype, device=device)
+    expected = kc.agc_oracle(grads, params)
+    kc.assert_agc(grads, params, agc_call(grads, params), expected, f"{gdtype}/{wdtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_mixed_dtype_list_gives_float64_results(device):
+    g1, w1 = kc.agc_pairs(
+        52, torch.bfloat16, torch.float32, shapes=[(64, 100), (3, 5000)], device=device
+    )
+    g2, w2 = kc.agc_pairs(53, torch.float64, torch.float64, shapes=[(7, 9)], device=device)
+    g3, w3 = kc.agc_pairs(54, torch.float16, torch.bfloat16, shapes=[(200,)], device=device)
+    grads, params = g1 + g2 + g3, w1 + w2 + w3
+    expected = kc.agc_oracle(grads, params)
+    got = agc_call(grads, params)
+    assert got[0].dtype == got[3].dtype == torch.float64
+    kc.assert_agc(grads, params, got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [1.0, 3.0, math.inf])
+def test_agc_other_norm_types(device, p):
+    grads, params = kc.agc_pairs(55, torch.float32, torch.float32, device=device)
+    expected = kc.agc_oracle(grads, params, 0.05, 1e-3, p)
+    got = agc_call(grads, params, 0.05, 1e-3, p)
+    kc.assert_agc(grads, params, got, expected, f"p={p}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_statistics_are_pre_clip(device):
+    grads, params = kc.agc_pairs(56, torch.float32, torch.float32, device=device)
+    before = kc.cpu_copies(grads)
+    norms, _, nonfinite, total = agc_call(grads, params)
+    oracle = kc.oracle_norms(before, 2.0)
+    torch.testing.assert_close(norms.cpu().double(), oracle, rtol=kc.RTOL32, atol=0)
+    torch.testing.assert_close(
+        total.cpu().double(), torch.linalg.vector_norm(oracle), rtol=kc.RTOL32, atol=0
+    )
+    assert nonfinite.tolist() == [0] * len(grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_agc_nonfinite_follow_the_float64_formula(device, gdtype):
+    g = torch.tensor(
+        [
+            [0.5, math.nan, 0.5],  # NaN unit: comparison false, unchanged
+            [0.5, math.inf, -0.5],  # inf unit: coefficient 0 -> 0, NaN (inf * 0), -0
+            [3.0, 4.0, 0.0],  # ordinary unit, clipped
+            [0.1, 0.1, 0.1],  # weight norm NaN: max_norm NaN, unchanged
+        ],
+        dtype=gdtype,
+        device=device,
+    )
+    w = torch.ones(4, 3, device=device)
+    w[3, 0] = math.nan
+    long_g = torch.full((2, 9000), 0.5, dtype=gdtype, device=device)  # the same in long units
+    long_g[0, 8500] = math.inf
+    long_g[1, 3] = math.nan
+    long_w = torch.ones(2, 9000, device=device)
+    grads, params = [g, long_g], [w, long_w]
+    want, counts = kc.agc_oracle(grads, params, 0.1, 1e-3)
+    norms, clipped, nonfinite, total = agc_call(grads, params, 0.1, 1e-3)
+    assert clipped.tolist() == counts == [2, 1]
+    assert nonfinite.tolist() == [2, 2]
+    for a, e in zip(grads, want):
+        assert torch.equal(torch.isnan(a.cpu()), torch.isnan(e))
+        fin = ~torch.isnan(e)
+        assert_ulp_close(a.cpu()[fin], e[fin], 1)
+    assert math.isnan(float(norms[0])) and math.isnan(float(total))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_huge_and_tiny_values(device):
+    g = torch.tensor([[3e30, 4e30], [3e-30, 4e-30]], device=device)  # squares over/underflow fp32
+    w = torch.tensor([[1e38, 1e38], [1e-30, 0.0]], device=device)
+    norms, clipped, _, _ = agc_call([g], [w], 1e-8, 0.0)
+    assert math.isclose(float(norms[0]), 5e30, rel_tol=1e-6)
+    want, counts = kc.agc_oracle([torch.tensor([[3e30, 4e30], [3e-30, 4e-30]])], [w], 1e-8, 0.0)
+    assert clipped.tolist() == counts == [2]
+    assert_ulp_close(g.cpu(), want[0], 1)
+    g64 = torch.full((2, 5000), 1e200, dtype=torch.float64, device=device)  # rescued by max |x|
+    w64 = torch.full((2, 5000), 1e300, dtype=torch.float64, device=device)
+    w64[1] = 1e190
+    norms, clipped, _, total = agc_call([g64], [w64], 0.01, 1e-3)
+    row = 1e200 * math.sqrt(5000)
+    assert math.isclose(float(norms[0]), row * math.sqrt(2), rel_tol=1e-12)
+    assert math.isclose(float(total), row * math.sqrt(2), rel_tol=1e-12)
+    assert clipped.tolist() == [1]
+    assert bool((g64[0] == 1e200).all())
+    coef = 0.01 * 1e190 * math.sqrt(5000) / row
+    assert_rel_close(g64[1].cpu(), torch.full((5000,), 1e200 * coef, dtype=torch.float64), 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_unclipped_units_and_healthy_steps_are_not_written(device):
+    grads, params = kc.agc_pairs(58, torch.float32, torch.float32, "transposed", device=device)
+    # strided: processed on a copy, written back only where a unit changed
+    grads += [kc.randn((1000,), torch.bfloat16, kc.generator(58, device))[::2]]
+    params += [torch.ones(500, device=device)]
+    grads[1][0, 0] = -0.0
+    grads[2][4] = math.nan  # a NaN unit is not clipped: its payload survives
+    before = [kc.bits(g) for g in grads]
+    gaps = kc.bits(grads[-1]._base[1::2])
+    _, clipped, _, _ = agc_call(grads, params, 1e6)  # nothing clipped: nothing written
+    assert clipped.tolist() == [0] * len(grads)
+    assert all(torch.equal(kc.bits(g), b) for g, b in zip(grads, before))
+    # some units clipped: every other unit keeps its bits; the strided gaps are never touched
+    rows = [kc.agc_clipped_rows(g, w) for g, w in zip(grads, params)]
+    assert any(r.any() for r in rows) and any((~r).any() for r in rows)
+    agc_call(grads, params)
+    for g, b, r in zip(grads, before, rows):
+        if g.numel() == 0:
+            continue
+        got_rows = kc.bits(g).reshape(r.shape[0], g.numel() // r.shape[0])
+        want_rows = b.reshape(r.shape[0], g.numel() // r.shape[0])
+        assert torch.equal(got_rows[~r], want_rows[~r])
+    assert torch.equal(kc.bits(grads[-1]._base[1::2]), gaps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_strided_gradients_written_back(device):
+    gen = kc.generator(59, device)
+    base = kc.randn((40, 60), torch.float32, gen, scale=0.5)
+    grads = [base[:, ::2], kc.randn((30, 20), torch.float16, gen).t()]  # both on copies
+    params = [torch.randn(40, 30, device=device), torch.randn(20, 30, device=device)]
+    before = kc.cpu_copies(grads)
+    gaps = kc.bits(base[:, 1::2])
+    expected = kc.agc_oracle(before, params)
+    assert min(expected[1]) > 0
+    kc.assert_agc(grads, params, agc_call(grads, params), expected)
+    assert torch.equal(kc.bits(base[:, 1::2]), gaps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agc_opcheck_and_compile(device):
+    grads, params = kc.agc_pairs(
+        72, torch.float32, torch.float32, shapes=[(4, 3), (5,), (3, 5000)], device=device
+    )
+    torch.library.opcheck(
+        torch.ops.gradstab.adaptive_clip.default, (grads, params, 0.05, 1e-3, 2.0)
+    )
+    ps = []
+    for g, w in zip(*kc.agc_pairs(73, torch.float32, torch.float32, device=device)):
+        q = torch.nn.Parameter(w)
+        q.grad = g
+        ps.append(q)
+    ref = [p.grad.clone() for p in ps]
+    ref_stats = agc_call(ref, [p.detach() for p in ps])
+
+    @torch.compile(fullgraph=True)
+    def step(parameters):
+        return gradstab.adaptive_clip_grad_(parameters, clip_factor=0.01)
+
+    stats = step(ps)
+    assert torch.equal(kc.bits(stats.total_norm), kc.bits(ref_stats[3]))
+    assert all(torch.equal(kc.bits(p.grad), kc.bits(r)) for p, r in zip(ps, ref))

@@ -12,11 +12,10 @@ import math
 
 import pytest
 import torch
-from helpers import assert_grads_match
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import assert_grads_match
 
 import gradstab
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class Conv1D(torch.nn.Module):

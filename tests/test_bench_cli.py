@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import child_env
+from gradstab_testing.oracles import child_env
 
 from gradstab.__main__ import main
 from gradstab.tools import bench

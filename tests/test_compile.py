@@ -13,7 +13,9 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     GradSpec,
     as_params,
     assert_bitwise_equal,
@@ -91,3 +93,22 @@ def test_compiled_negative_max_norm_tensor_is_refused_by_the_kernel():
         compiled(as_params(grads), torch.tensor(-1.0))
     for g, b in zip(grads, before):
         assert_bitwise_equal(g, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fullgraph_clip_is_bit_identical_to_the_op(device):
+    """clip_grad_norm_ under torch.compile(fullgraph=True) on the kernels' clip list: the total
+    and every clipped gradient bit for bit as the eager op's."""
+    # clones: all 16-byte aligned, as any clone of them
+    grads = [g.clone() for g in kc.clip_list(29, device)]
+    params = [kc.as_param(g) for g in grads]
+    ref = kc.clones(grads)
+
+    @torch.compile(fullgraph=True)
+    def step(ps, bound):
+        return gradstab.clip_grad_norm_(ps, bound)
+
+    total = step(params, kc.bound(1.0, device))
+    want = torch.ops.gradstab.clip_norm(ref, kc.bound(1.0, device), 2.0, kc.EPS, False)[3]
+    assert torch.equal(kc.bits(total), kc.bits(want))
+    assert all(torch.equal(kc.bits(p.grad), kc.bits(r)) for p, r in zip(params, ref))

@@ -4,8 +4,9 @@
 headers and run on a simulated grid (one thread per CUDA thread, a warp's lanes meeting at every
 shuffle, vote and ``__syncwarp``), through the torch-free plans the real launchers use
 (``norm_plan``, ``agc_plan``). Results are compared with :mod:`gradstab.reference` and float64
-oracles on the case tables of ``test_cuda.py`` (``kernel_cases``); clipped gradients bit for bit
-where the arithmetic is documented. The harness also checks every gradient/parameter access
+oracles on the kernels' case tables (``gradstab_testing.kernel_cases``, which the op tests
+also run on every device in ``DEVICES``); clipped gradients bit for bit where the arithmetic is
+documented. The harness also checks every gradient/parameter access
 (bounds, alignment, writes only where allowed) and that all 32 lanes reach every collective; a
 ThreadSanitizer run of a torch-free driver checks the inter-warp hand-offs.
 
@@ -20,14 +21,11 @@ import math
 import os
 import re
 
-import cuda_sim_harness as sim
 import pytest
 import torch
-from cuda_sim_harness import Launch
-from helpers import assert_grads_match, assert_stats_match, assert_ulp_close
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from kernel_cases import (
+from gradstab_testing import cuda_sim_harness as sim
+from gradstab_testing.cuda_sim_harness import Launch
+from gradstab_testing.kernel_cases import (
     AGC_LAYOUTS,
     CLIP_OPS,
     CLIP_SPECS,
@@ -54,6 +52,9 @@ from kernel_cases import (
     scaled,
     units,
 )
+from gradstab_testing.oracles import assert_grads_match, assert_stats_match, assert_ulp_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradstab import reference
 

@@ -1,15 +1,14 @@
 """Distributed statistics and clipping (gradstab.distributed), on CPU with gloo and 2 processes.
 
-The multi-process scenarios live in ``tests/dist_helpers.py``; one spawn runs them all (a
-module fixture), and each test below reports one scenario.  In-process tests cover the
-exponent-binned reduction and the single-process routing.
+The multi-process scenarios live in ``tests/gradstab_testing/distributed.py``
+(``FUNCTION_SCENARIOS``); one spawn runs them all (a module fixture), and each test below
+reports one scenario.  In-process tests cover the exponent-binned reduction and the
+single-process routing.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import subprocess
 import sys
 
@@ -22,9 +21,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dist_helpers  # noqa: E402
-from helpers import child_env  # noqa: E402
+from gradstab_testing import distributed as dh  # noqa: E402
+from gradstab_testing.oracles import child_env  # noqa: E402
 
 from gradstab import distributed as gd  # noqa: E402
 
@@ -33,12 +31,12 @@ from gradstab import distributed as gd  # noqa: E402
 
 @pytest.fixture(scope="module")
 def scenario_results():
-    return dist_helpers.run_scenarios(list(dist_helpers.SCENARIOS))
+    return dh.run_scenarios(list(dh.FUNCTION_SCENARIOS))
 
 
-@pytest.mark.parametrize("name", list(dist_helpers.SCENARIOS))
+@pytest.mark.parametrize("name", list(dh.FUNCTION_SCENARIOS))
 def test_two_process_scenario(scenario_results, name):
-    """See the scenario's docstring in tests/dist_helpers.py."""
+    """See the scenario's docstring in tests/gradstab_testing/distributed.py."""
     errors = [e for e in scenario_results[name] if e is not None]
     assert not errors, "\n".join(errors)
 
@@ -50,31 +48,14 @@ def test_lightning_ddp_two_cpu_processes(tmp_path):
     """Lightning strategy="ddp", 2 CPU processes: the norm is identical on both ranks and
     equals one process on the union of the ranks' batches."""
     pytest.importorskip("lightning")
-    env = child_env()
-    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(k, None)
-    env["MASTER_ADDR"] = "127.0.0.1"
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_helpers.py")
-    proc = subprocess.run(
-        [sys.executable, script, "lightning", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = []
-    for r in range(dist_helpers.WORLD):
-        with open(tmp_path / f"lightning_rank{r}.json") as f:
-            runs.append(json.load(f))
-    assert all(run["world_size"] == dist_helpers.WORLD for run in runs)
+    runs = dh.run_lightning("clip", tmp_path)
+    assert all(run["world_size"] == dh.WORLD for run in runs)
     norms = [run["norms"] for run in runs]
-    assert len(norms[0]) == dist_helpers.LIGHTNING_STEPS
+    assert len(norms[0]) == dh.CLIP_STEPS
     assert norms[0] == norms[1], f"norms differ across ranks: {norms}"
-    reference = dist_helpers.lightning_reference()
+    reference = dh.lightning_clip_reference()
     assert norms[0] == pytest.approx(reference, rel=1e-5), (norms[0], reference)
-    assert all(n > dist_helpers.LIGHTNING_MAX_NORM for n in reference)  # the clip did act
+    assert all(n > dh.CLIP_MAX_NORM for n in reference)  # the clip did act
 
 
 # --------------------------------------------------------------------------- in process

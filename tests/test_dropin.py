@@ -19,7 +19,9 @@ import warnings
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     GradSpec,
     as_params,
     assert_grads_match,
@@ -33,7 +35,6 @@ import gradstab
 from gradstab import _devices, functional, reference
 from gradstab._library import OPS
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 INF, NAN = math.inf, math.nan
 NONPOSITIVE = [0.0, -0.5, -1.0, -2.0, -3.5, -INF]
 EMPTY_GENERATOR = "`parameters` is an empty generator, no gradient clipping will occur."
@@ -123,6 +124,25 @@ def test_decomposed_api_is_clip_grad_norm(device, p):
     gradstab.clip_grads_with_norm_(as_params(b), 1.0, total_b)
     assert torch.equal(total_a, total_b)
     assert_grads_match(b, [g.double() for g in a], 1e-15, "decomposed")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_with_norm_matches_torch_clip_grads_with_norm(device):
+    """torch's own total, then gradstab's clip_grads_with_norm_ beside torch's: a zero-size
+    gradient and one of several work units among them."""
+    gen = kc.generator(42, device)
+    ours = [torch.nn.Parameter(kc.randn((s,), torch.float32, gen)) for s in (3, 70_000, 0, 129)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = (
+            kc.randn(a.shape, torch.float32, gen) if a.numel() else torch.zeros(0, device=device)
+        )
+        b.grad = a.grad.clone()
+    total = torch.nn.utils.get_total_norm([p.grad for p in theirs])
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, total)
+    gradstab.clip_grads_with_norm_(ours, 1.0, total)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

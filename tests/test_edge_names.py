@@ -19,12 +19,12 @@ import math
 
 import pytest
 import torch
-from test_agc import oracle as agc_oracle
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import agc_oracle
 from torch import nn
 
 from gradstab import GradStabOptimizer, PercentileThreshold
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EPS = 1e-6
 AGC_EPS = 1e-3
 

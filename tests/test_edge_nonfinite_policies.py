@@ -21,13 +21,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal
-from test_agc import oracle as agc_oracle
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import agc_oracle, assert_bitwise_equal
 from torch import nn
 
 from gradstab import GradStabOptimizer, _clipping
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EPS = 1e-6
 AGC_EPS = 1e-3
 POLICIES = ("ignore", "zero", "skip", "raise")

@@ -22,7 +22,8 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     GAP_SENTINEL,
     GradSpec,
     assert_grads_match,
@@ -38,7 +39,6 @@ from gradstab import reference
 
 OPS = torch.ops.gradstab
 EPS = 1e-6
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

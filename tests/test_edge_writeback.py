@@ -20,8 +20,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     GAP_SENTINEL,
+    agc_oracle,
     as_params,
     assert_grads_match,
     assert_ulp_close,
@@ -29,13 +31,11 @@ from helpers import (
     oracle_clip_value_,
     oracle_stats,
 )
-from test_agc import oracle as agc_oracle
 
 import gradstab
 
 OPS = torch.ops.gradstab
 EPS = 1e-6
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CHUNK = 1 << 16
 WRITE_OPS = (
     "clip_norm",

@@ -11,7 +11,17 @@ import re
 
 import pytest
 import torch
-from helpers import GradSpec, as_params, assert_untouched, make_grads, snapshot
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
+    GradSpec,
+    as_params,
+    assert_rel_close,
+    assert_ulp_close,
+    assert_untouched,
+    make_grads,
+    snapshot,
+)
 
 import gradstab
 from gradstab import reference
@@ -299,3 +309,54 @@ def test_error_if_nonfinite_when_the_float32_norm_overflows():
     total = gradstab.clip_grad_norm_(as_params(with_f64), 1.0, error_if_nonfinite=True)
     assert total.dtype == torch.float64
     assert float(total) == pytest.approx(math.sqrt(5 + 2 * 9e76 + 1))
+
+
+# ------------------------------------------------- error_if_nonfinite in the ops, every device --
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_error_if_nonfinite_raises_before_any_change(device):
+    grads = kc.clip_list(13, device)
+    grads[3][100] = float("inf")
+    before = [kc.bits(g) for g in grads]
+    with pytest.raises(RuntimeError, match=r"non-finite .*the first in gradient 3 of 8"):
+        OPS.clip_norm(grads, kc.bound(1.0, device), 2.0, kc.EPS, True)
+    assert all(torch.equal(kc.bits(g), b) for g, b in zip(grads, before))
+    total = gradstab.clip_grad_norm_(
+        [kc.as_param(g) for g in grads[:3]], 1.0, error_if_nonfinite=True
+    )
+    assert math.isfinite(float(total))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_total_beyond_float32_range_is_inf_and_error_if_nonfinite_raises(device):
+    """A float32 total above FLT_MAX is reported as inf (not an error), and
+    error_if_nonfinite=True must then raise: it used to check the float64 total, which is
+    finite, and so clipped without the error the caller asked for."""
+    vals = [3e38, -3e38, 1e38]
+    g = torch.tensor(vals, device=device)
+    norms, _, nonfinite, total = OPS.grad_stats([g], 2.0)
+    assert math.isinf(float(total)) and math.isinf(float(norms[0]))
+    assert int(nonfinite[0]) == 0
+    before = kc.bits(g)
+    with pytest.raises(RuntimeError, match="overflowed its result dtype"):
+        OPS.clip_norm([g], kc.bound(1.0, device), 2.0, kc.EPS, True)
+    assert torch.equal(kc.bits(g), before)
+    ref = torch.tensor(vals)
+    want = reference.clip_norm([ref], torch.tensor(1.0, dtype=torch.float64), 2.0, kc.EPS, False)
+    got = OPS.clip_norm([g], kc.bound(1.0, device), 2.0, kc.EPS, False)  # scaled by 1 / 4.36e38
+    assert math.isinf(float(got[3])) and math.isinf(float(want[3]))
+    assert_ulp_close(g.cpu(), ref, 1, "scaled by the float64 coefficient")
+    exact = math.sqrt(19) * 1e38
+    assert_rel_close(g.cpu().double().norm(), torch.tensor(1.0, dtype=torch.float64), 1e-6)
+    assert exact > torch.finfo(torch.float32).max
+    # beside a float64 gradient the results are float64: the same total is finite, no error
+    g32 = torch.tensor(vals, device=device)
+    total64 = OPS.clip_norm(
+        [g32, torch.zeros(1, dtype=torch.float64, device=device)],
+        kc.bound(1.0, device),
+        2.0,
+        kc.EPS,
+        True,
+    )[3]
+    assert math.isclose(float(total64), exact, rel_tol=1e-6)

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing.oracles import (
     FP32_ACCUM_RTOL,
     FP64_RTOL,
     GradSpec,
@@ -51,7 +51,7 @@ if mode == "missing":
     sys.modules["gradstab._C"] = None  # makes `from gradstab import _C` raise ImportError
 import torch
 import gradstab
-from helpers import as_params
+from gradstab_testing.oracles import as_params
 
 cases = torch.load(inputs)
 results = {"backend_info": gradstab.backend_info(), "runs": []}

@@ -241,7 +241,7 @@ def test_compiled_call_does_not_use_the_shortcut():
 
 def test_op_codes_are_the_extensions_one_definition():
     """functional, the extension and the CUDA harness use the codes of csrc/common/codes.h."""
-    import cuda_sim_harness  # noqa: PLC0415 - a test helper, imported only here
+    from gradstab_testing import cuda_sim_harness  # noqa: PLC0415 - imported only here
 
     assert _extension.OP_CODES == {
         "grad_stats": 0,

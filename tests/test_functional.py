@@ -12,7 +12,9 @@ import math
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     FP32_ACCUM_RTOL,
     FP64_RTOL,
     GAP_SENTINEL,
@@ -38,6 +40,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradstab
+from gradstab import reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -373,3 +376,18 @@ def test_results_on_the_grads_device_without_reading_it_on_the_host():
     assert gradstab.clip_grad_value_(params, bound) is None
     f64 = as_params([torch.empty(2, device=dev, dtype=torch.float64), grads[1]])
     assert gradstab.grad_stats(f64).total_norm.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_api_on_the_devices_parameters(device):
+    """The public functions on parameters of the device: results on that device, the total
+    against the reference kernel on CPU copies."""
+    grads = kc.clip_list(26, device)
+    params = [kc.as_param(g) for g in grads]
+    before = kc.cpu_copies(grads)
+    total = gradstab.clip_grad_norm_(params, max_norm=1.0)
+    want = reference.grad_stats(before, 2.0)[3]
+    assert total.device.type == device
+    torch.testing.assert_close(total.cpu(), want, rtol=kc.RTOL32, atol=0)
+    stats = gradstab.grad_stats(params)
+    assert stats.norms.device.type == device

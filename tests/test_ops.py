@@ -23,7 +23,9 @@ import sys
 
 import pytest
 import torch
-from helpers import (
+from gradstab_testing import kernel_cases as kc
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import (
     DESIGN_RTOL,
     FP32_ACCUM_RTOL,
     FP64_RTOL,
@@ -42,7 +44,7 @@ from helpers import (
     oracle_stats,
     result_dtype,
 )
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gradstab  # defines the ops
@@ -61,28 +63,32 @@ def f64(x: float) -> torch.Tensor:
 
 
 def run_op(name: str, grads, norm_type: float, bound: float, impl: str = "op"):
-    """Run op ``name`` (via the dispatcher, or ``impl="reference"``) on ``grads`` in place."""
+    """Run op ``name`` (via the dispatcher, or ``impl="reference"``) on ``grads`` in place; the
+    bound is a float64 tensor on the gradients' device."""
     fns = {
         "op": {
             "grad_stats": OPS.grad_stats,
             "clip_norm": OPS.clip_norm,
             "clip_norm_per_layer": OPS.clip_norm_per_layer,
             "clip_value": OPS.clip_value,
+            "normalize_per_layer": OPS.normalize_per_layer,
         },
         "reference": {
             "grad_stats": reference.grad_stats,
             "clip_norm": reference.clip_norm,
             "clip_norm_per_layer": reference.clip_norm_per_layer,
             "clip_value": reference.clip_value,
+            "normalize_per_layer": reference.normalize_per_layer,
         },
     }[impl]
     if name == "grad_stats":
         return fns[name](grads, norm_type)
+    b = f64(bound).to(grads[0].device if grads else "cpu")
     if name == "clip_norm":
-        return fns[name](grads, f64(bound), norm_type, EPS, False)
-    if name == "clip_norm_per_layer":
-        return fns[name](grads, f64(bound), norm_type, EPS)
-    return fns[name](grads, f64(bound), norm_type)
+        return fns[name](grads, b, norm_type, EPS, False)
+    if name in ("clip_norm_per_layer", "normalize_per_layer"):
+        return fns[name](grads, b, norm_type, EPS)
+    return fns[name](grads, b, norm_type)
 
 
 OP_NAMES = ("grad_stats", "clip_norm", "clip_norm_per_layer", "clip_value")
@@ -151,16 +157,26 @@ def test_no_overflow_or_underflow(dtype, values, norm, n_repeat):
             assert_rel_close(norm2, hand, DESIGN_RTOL, "hand value")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("p", [1.0, 2.0])
-@pytest.mark.parametrize("n", [64, 2048, 4096 + 64 + 5])
-def test_float32_accumulation_within_design_bound(dtype, p, n):
-    """Constant-valued blocks: the float32 lanes' worst case stays within 1e-6 (DESIGN)."""
+@pytest.mark.parametrize("n", [64, 2048, 4096 + 64 + 5, 300_007])
+def test_float32_accumulation_within_design_bound(device, dtype, p, n):
+    """Constant-valued data, the float32 lanes' (partial sums') worst case: within 1e-6
+    (DESIGN) of float64, reported in float32 and, beside a float64 gradient, in float64;
+    aligned and one element into its storage (not 16-byte aligned)."""
     for v in (1.8972415924072266, 1.5936895608901978, 1.0 + 3 * 2.0**-23, 0.1, 3.3):
-        g = torch.full((n,), v, dtype=dtype)
-        norm = OPS.grad_stats([g], p)[0][0].double()
-        exact = torch.linalg.vector_norm(g.double(), p)
-        assert abs(float(norm - exact)) <= DESIGN_RTOL * float(exact), (v, float(norm - exact))
+        for layout in ("contiguous", "offset"):
+            g = torch.full((n + 1,), v, dtype=dtype, device=device)
+            g = g[1:] if layout == "offset" else g[:n]
+            norm = OPS.grad_stats([g], p)[0][0].double().cpu()
+            exact = torch.linalg.vector_norm(g.cpu().double(), p)
+            err = float(norm - exact)
+            assert abs(err) <= DESIGN_RTOL * float(exact), (v, layout, err)
+            norms, _, _, total = OPS.grad_stats([g, g[:7].double()], p)  # float64 results
+            exact = oracle_stats([g.cpu(), g[:7].cpu().double()], p)
+            assert_rel_close(norms[0].cpu(), exact.norms[0], DESIGN_RTOL, f"{v} {layout}")
+            assert_rel_close(total.cpu(), exact.total_norm, DESIGN_RTOL, f"{v} {layout}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -440,27 +456,45 @@ def test_duplicate_grad_is_processed_twice_in_order_like_pytorch(op, n, num_thre
         assert_bitwise_equal(again, g_cpp, f"{op} rerun")
 
 
-@pytest.mark.parametrize("op", ["clip_norm", "clip_norm_per_layer", "clip_value"])
-def test_overlapping_views_match_reference(op):
-    def views():
-        buf = torch.linspace(-5, 5, 130_000, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", kc.CLIP_OPS)
+def test_overlapping_views_match_reference(device, op):
+    """Overlapping dense views, a strided view across them (processed on a copy, re-read
+    before its turn) and a transposed slice: the reference kernel on the same views of a CPU
+    copy of the buffer is the oracle (entry statistics, writes in list order)."""
+
+    def views(buf):
         return [buf[:70_000], buf[60_000:], buf[::3], buf.view(1000, 130).t()[2:50:5]]
 
-    g_cpp, g_ref = views(), views()
-    out_cpp = run_op(op, g_cpp, 2.0, 0.5)
-    out_ref = run_op(op, g_ref, 2.0, 0.5, impl="reference")
-    assert_stats_match(out_cpp, out_ref, g_cpp, op)
+    buf = torch.linspace(-5, 5, 130_000, dtype=torch.float32, device=device)
+    buf_ref = buf.cpu().clone()
+    g, g_ref = views(buf), views(buf_ref)
+    got = run_op(op, g, 2.0, 0.5)
+    want = run_op(op, g_ref, 2.0, 0.5, impl="reference")
+    assert_stats_match(tuple(t.cpu() for t in got), want, g_ref, op)
     # an element lies in up to 4 of the views: up to 4 roundings, each may differ by one ulp
-    assert_ulp_close(g_cpp[0]._base, g_ref[0]._base, 4, f"{op}: shared buffer")
+    assert_ulp_close(buf.cpu(), buf_ref, 4, f"{op}: shared buffer")
 
 
-def test_interleaved_non_overlapping_views_are_fine():
-    buf = torch.arange(1.0, 200_001.0)
-    evens, odds = buf[::2], buf[1::2]
-    ref = buf.clone()
-    run_op("clip_norm", [evens, odds], 2.0, 1.0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_interleaved_views_and_same_storage_disjoint_views_are_fine(device):
+    """Interleaved views of one buffer (no element shared, written conservatively one at a
+    time) clip as the whole buffer does, against the reference and the op itself; adjacent
+    views of one storage clip bit for bit as separate tensors."""
+    buf = torch.arange(1.0, 200_001.0, device=device)
+    whole, ref = buf.clone(), buf.cpu().clone()
+    run_op("clip_norm", [buf[::2], buf[1::2]], 2.0, 1.0)  # conservative path
     run_op("clip_norm", [ref], 2.0, 1.0, impl="reference")
-    assert_ulp_close(buf, ref, 1)
+    run_op("clip_norm", [whole], 2.0, 1.0)
+    assert_ulp_close(buf.cpu(), ref, 1, "against the reference on the whole buffer")
+    assert_ulp_close(buf.cpu(), whole.cpu().double(), 1, "against the op on the whole buffer")
+    a = torch.arange(1.0, 20_001.0, device=device)
+    b = a.clone()
+    run_op("clip_norm_per_layer", [a[:10_000], a[10_000:]], 2.0, 1.0)  # adjacent
+    run_op("clip_norm_per_layer", [b[:10_000].clone(), b[10_000:].clone()], 2.0, 1.0)
+    c = b.clone()
+    run_op("clip_norm_per_layer", [c[:10_000], c[10_000:]], 2.0, 1.0)
+    assert_bitwise_equal(a.cpu(), c.cpu(), "adjacent views")
 
 
 # ----------------------------------------------------------------------------- opcheck --
@@ -580,3 +614,293 @@ def test_healthy_step_writes_nothing_to_read_only_memory(tmp_path):
         f"exit status {proc.returncode} (-11: a write hit protected memory)\n"
         f"{proc.stdout}\n{proc.stderr}"
     )
+
+
+# ------------------------------- the kernels' case tables (kernel_cases), on every device --
+# Sizes around the vector and work-unit boundaries, every dtype and layout of the kernels'
+# case tables (gradstab_testing.kernel_cases, shared with test_cuda_sim.py); statistics
+# against the reference kernel on CPU copies and float64 norms, clipped gradients bit for
+# bit against the documented arithmetic (kernel_cases.scaled) where the coefficient is exact.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", kc.FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", kc.LAYOUTS)
+def test_grad_stats_matches_reference_and_float64(device, dtype, layout):
+    gen = kc.generator(1, device)
+    grads = [kc.make_grad(n, dtype, layout, gen) for n in kc.SIZES]
+    got = OPS.grad_stats(grads, 2.0)
+    want = reference.grad_stats(kc.cpu_copies(grads), 2.0)
+    rtol = kc.RTOL64 if dtype == torch.float64 else kc.RTOL32
+    kc.assert_stats(got, want, rtol)
+    oracle = kc.oracle_norms(grads, 2.0)
+    torch.testing.assert_close(got[0].cpu().double(), oracle, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 0.5, math.inf])
+def test_norm_types_on_a_mixed_dtype_list(device, p):
+    gen = kc.generator(2, device)
+    grads = [
+        kc.make_grad(n, dtype, layout, gen, scale=0.01 * (i + 1))
+        for i, (n, dtype, layout) in enumerate(kc.MIXED_SPECS)
+    ]
+    got = OPS.grad_stats(grads, p)
+    want = reference.grad_stats(kc.cpu_copies(grads), p)
+    # p not in {1, 2, inf}: |x|^p by pow per element, in double.
+    kc.assert_stats(got, want, kc.RTOL32 if p in (1.0, 2.0, math.inf) else 2e-6)
+    torch.testing.assert_close(got[0].cpu().double(), kc.oracle_norms(grads, p), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_in_the_list_gives_float64_results(device):
+    gen = kc.generator(3, device)
+    grads = [
+        kc.make_grad(5000, torch.bfloat16, "contiguous", gen),
+        kc.make_grad(3, torch.float64, "offset", gen),
+    ]
+    got = OPS.grad_stats(grads, 2.0)
+    assert all(t.dtype == torch.float64 for t in (got[0], got[1], got[3]))
+    assert got[2].dtype == torch.int64
+    kc.assert_stats(got, reference.grad_stats(kc.cpu_copies(grads), 2.0), kc.RTOL32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_list_with_device_bound(device):
+    norms, max_abs, nonfinite, total = OPS.clip_norm([], kc.bound(1.0, device), 2.0, EPS, False)
+    assert norms.numel() == max_abs.numel() == nonfinite.numel() == 0
+    assert float(total) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_norm_neither_overflows_nor_underflows(device):
+    big = torch.full((5000,), 3e30, device=device)  # squares overflow float32
+    tiny = torch.full((7000,), 1e-30, device=device)  # squares underflow float32
+    huge = torch.full((3,), 3e38, device=device)  # the norm itself exceeds float32: inf
+    norms, _, nonfinite, _ = OPS.grad_stats([big, tiny, huge], 2.0)
+    norms = norms.cpu().double()
+    assert math.isclose(norms[0], 3e30 * math.sqrt(5000), rel_tol=1e-6)
+    assert math.isclose(norms[1], 1e-30 * math.sqrt(7000), rel_tol=1e-6)
+    assert math.isinf(norms[2]) and int(nonfinite.sum()) == 0
+    pair = torch.tensor([1e30, 1e30], device=device)
+    assert math.isclose(float(OPS.grad_stats([pair], 2.0)[3]), 1.4142135e30, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_overflow_and_underflow_are_rescued(device):
+    gen = kc.generator(5, device)
+    grads = [
+        torch.full((5000,), 1e200, dtype=torch.float64, device=device),
+        torch.full((3000,), 1e-200, dtype=torch.float64, device=device),
+        kc.make_grad(4097, torch.float32, "contiguous", gen),
+    ]
+    got = OPS.grad_stats(grads, 2.0)
+    kc.assert_stats(got, reference.grad_stats(kc.cpu_copies(grads), 2.0), kc.RTOL32)
+    assert math.isclose(float(got[0][0]), 1e200 * math.sqrt(5000), rel_tol=1e-12)
+    assert math.isclose(float(got[0][1]), 1e-200 * math.sqrt(3000), rel_tol=1e-12)
+    # a p-norm whose p-powers overflow double is rescued the same way
+    x = torch.full((1000,), 1e10, device=device)
+    assert math.isclose(float(OPS.grad_stats([x], 40.0)[3]), 1e10 * 1000 ** (1 / 40), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", kc.FLOAT_DTYPES)
+def test_nonfinite_counts_and_nan_max(device, dtype):
+    gen = kc.generator(6, device)
+    a = kc.make_grad(70000, dtype, "offset", gen)
+    idx = torch.randint(0, 70000, (37,), generator=torch.Generator().manual_seed(6))
+    a[idx[:20]] = float("nan")
+    a[idx[20:30]] = float("inf")
+    a[idx[30:]] = -float("inf")
+    b = kc.make_grad(9000, dtype, "contiguous", gen)
+    b[8999] = float("inf")
+    c = kc.make_grad(100, dtype, "contiguous", gen)
+    grads = [a, b, c]
+    got = OPS.grad_stats(grads, 2.0)
+    want = reference.grad_stats(kc.cpu_copies(grads), 2.0)
+    kc.assert_stats(got, want, kc.RTOL64 if dtype == torch.float64 else kc.RTOL32)
+    n_nonfinite = int((~torch.isfinite(a.cpu())).sum())
+    assert got[2].tolist() == [n_nonfinite, 1, 0]
+    assert math.isnan(float(got[1][0])) and math.isinf(float(got[1][1]))
+    assert math.isnan(float(got[3]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_norm", [1e9, 10.0, 0.0])
+def test_clip_norm_bit_exact(device, max_norm):
+    grads = kc.clip_list(7, device)
+    before = kc.cpu_copies(grads)
+    got = OPS.clip_norm(grads, kc.bound(max_norm, device), 2.0, EPS, False)
+    kc.assert_stats(got, reference.grad_stats(before, 2.0), kc.RTOL32)
+    total = float(got[3])  # float64: the kernel's own total, exactly
+    coef = min(1.0, max_norm / (total + EPS))
+    for g, b in zip(grads, before):
+        want = b if coef >= 1.0 else kc.scaled(b, coef)
+        assert torch.equal(kc.bits(g), kc.bits(want)), (g.dtype, g.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_norm_float32_results_match_reference(device):
+    gen = kc.generator(8, device)
+    grads = [
+        kc.make_grad(n, d, "contiguous", gen) for n in (9000, 70001) for d in kc.FLOAT_DTYPES[:3]
+    ]
+    ref = kc.cpu_copies(grads)
+    got = OPS.clip_norm(grads, kc.bound(3.0, device), 2.0, EPS, False)
+    want = reference.clip_norm(ref, torch.tensor(3.0, dtype=torch.float64), 2.0, EPS, False)
+    kc.assert_stats(got, want, kc.RTOL32)
+    for g, r in zip(grads, ref):
+        ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 4e-7}[g.dtype]
+        torch.testing.assert_close(g.cpu(), r, rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_norm_per_layer_bit_exact(device):
+    grads = kc.clip_list(9, device, scale=0.05)
+    before = kc.cpu_copies(grads)
+    got = OPS.clip_norm_per_layer(grads, kc.bound(2.0, device), 2.0, EPS)
+    kc.assert_stats(got, reference.grad_stats(before, 2.0), kc.RTOL32)
+    for g, b, norm in zip(grads, before, got[0].tolist()):
+        coef = min(1.0, 2.0 / (norm + EPS))
+        want = b if coef >= 1.0 else kc.scaled(b, coef)
+        assert torch.equal(kc.bits(g), kc.bits(want)), (g.dtype, g.shape)
+    assert any(n > 2.0 for n in got[0].tolist()) and any(0 < n < 2.0 for n in got[0].tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_normalize_per_layer_bit_exact(device):
+    grads = kc.clip_list(33, device)
+    before = kc.cpu_copies(grads)
+    got = OPS.normalize_per_layer(grads, kc.bound(0.7, device), 2.0, EPS)
+    kc.assert_stats(got, reference.grad_stats(before, 2.0), kc.RTOL32)
+    for g, b, norm in zip(grads, before, got[0].tolist()):
+        coef = 0.7 / (norm + EPS)  # up or down: no min(1, .)
+        want = b if coef == 1.0 else kc.scaled(b, coef)
+        assert torch.equal(kc.bits(g), kc.bits(want)), (g.dtype, g.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_healthy_clip_leaves_every_bit_alone(device):
+    grads = kc.clip_list(11, device)
+    grads[2][0] = -0.0
+    before = [kc.bits(g) for g in grads]
+    OPS.clip_norm(grads, kc.bound(1e30, device), 2.0, EPS, False)
+    OPS.clip_norm_per_layer(grads, kc.bound(1e30, device), 2.0, EPS)
+    OPS.clip_value(grads, kc.bound(1e30, device), 2.0)
+    assert all(torch.equal(kc.bits(g), b) for g, b in zip(grads, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_gradients_give_nan_coefficient_and_nan_grads(device):
+    gen = kc.generator(12, device)
+    grads = [
+        kc.make_grad(5000, torch.float32, "contiguous", gen),
+        kc.make_grad(10, torch.bfloat16, "offset", gen),
+    ]
+    grads[0][3] = float("nan")
+    OPS.clip_norm(grads, kc.bound(1.0, device), 2.0, EPS, False)
+    assert all(bool(torch.isnan(g).all()) for g in grads)  # as torch.nn.utils.clip_grad_norm_
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_gradient_beyond_12_dims_is_written_back(device):
+    base = kc.randn((2,) * 13 + (3,), torch.float32, kc.generator(43, device), scale=2.0)
+    g = base[..., ::2]  # 14 dimensions, strided, no overlap: copied back with copy_
+    before = g.cpu().clone()
+    f64 = torch.zeros(1, dtype=torch.float64, device=device)  # float64 results: the exact total
+    got = OPS.clip_norm([g, f64], kc.bound(0.5, device), 2.0, EPS, False)
+    coef = min(1.0, 0.5 / (float(got[3]) + EPS))
+    assert torch.equal(kc.bits(g), kc.bits(kc.scaled(before, coef)))
+    assert torch.equal(kc.bits(base[..., 1]), kc.bits(base.cpu()[..., 1]))  # gaps untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_value_returns_statistics_of_the_gradients_on_entry(device):
+    """Infs are counted (and max-abs is inf) before the clamp replaces them; a float64 norm
+    that needs the max-abs rescue, and a p-norm, are computed from the unclamped values."""
+    fused = torch.tensor([math.inf, 1.0, -math.inf, 0.5], device=device)  # float32, p = 2: fused
+    norms, max_abs, nonfinite, total = OPS.clip_value([fused], kc.bound(1.0, device), 2.0)
+    assert nonfinite.tolist() == [2] and math.isinf(float(max_abs[0]))
+    assert math.isinf(float(norms[0])) and math.isinf(float(total))
+    assert fused.tolist() == [1.0, 1.0, -1.0, 0.5]
+    g64 = torch.full((3000,), 1e200, dtype=torch.float64, device=device)  # deferred clamp
+    before = kc.cpu_copies([g64])
+    norms, max_abs, _, _ = OPS.clip_value([g64], kc.bound(1.0, device), 2.0)
+    assert math.isclose(float(norms[0]), 1e200 * math.sqrt(3000), rel_tol=1e-12)
+    assert float(max_abs[0]) == 1e200 and bool((g64 == 1.0).all())
+    kc.assert_stats(
+        (norms, max_abs, torch.zeros(1, dtype=torch.int64), norms[0]),
+        (*reference.grad_stats(before, 2.0)[:3], reference.grad_stats(before, 2.0)[0][0]),
+        kc.RTOL64,
+    )
+    big = torch.full((1000,), 1e10, device=device)  # |x|^40 overflows double: rescued
+    got = OPS.clip_value(
+        [big, torch.tensor([math.inf], device=device)], kc.bound(1.0, device), 40.0
+    )
+    assert math.isclose(float(got[0][0]), 1e10 * 1000 ** (1 / 40), rel_tol=1e-6)
+    assert got[2].tolist() == [0, 1] and bool((big == 1.0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_on_the_kernel_cases(device):
+    gen = kc.generator(28, device)
+    grads = [
+        kc.make_grad(5000, torch.float32, "contiguous", gen),
+        kc.make_grad(33, torch.bfloat16, "offset", gen),
+    ]
+    torch.library.opcheck(OPS.grad_stats.default, (grads, 2.0))
+    torch.library.opcheck(OPS.clip_norm.default, (grads, kc.bound(0.5, device), 2.0, EPS, False))
+    torch.library.opcheck(OPS.clip_norm_per_layer.default, (grads, kc.bound(0.5, device), 2.0, EPS))
+    torch.library.opcheck(OPS.clip_value.default, (grads, kc.bound(0.5, device), 2.0))
+    torch.library.opcheck(OPS.normalize_per_layer.default, (grads, kc.bound(0.5, device), 2.0, EPS))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_float64", [False, True])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_clip_value_bit_exact_and_prior_stats(device, with_float64, p):
+    grads = kc.clip_list(10, device)
+    if not with_float64:
+        grads = grads[:-1]
+    grads[0][5] = float("nan")
+    grads[1][7] = float("inf")
+    before = kc.cpu_copies(grads)
+    got = OPS.clip_value(grads, kc.bound(1.5, device), p)
+    # statistics of the gradients as they were (the float64 / p-norm path clamps afterwards)
+    kc.assert_stats(got, reference.grad_stats(before, p), 2e-6)
+    ref = kc.clones(before)
+    reference.clip_value(ref, torch.tensor(1.5, dtype=torch.float64), p)
+    for g, b, r in zip(grads, before, ref):
+        vt = torch.tensor(1.5, dtype=torch.float64).to(b.dtype)
+        assert torch.equal(kc.bits(g), kc.bits(torch.clamp(b, min=-vt, max=vt)))  # NaN kept
+        assert torch.equal(kc.bits(g), kc.bits(r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(
+        st.tuples(
+            st.integers(0, 20_000),
+            st.sampled_from(kc.FLOAT_DTYPES),
+            st.sampled_from(["contiguous", "offset", "offset3", "strided", "transposed"]),
+            st.sampled_from([1e-3, 1.0, 1e3]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    p=st.sampled_from([1.0, 2.0, math.inf]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_lists_match_reference(device, specs, p, seed):
+    gen = kc.generator(seed, device)
+    grads = [kc.make_grad(n, d, layout, gen, scale) for n, d, layout, scale in specs]
+    rtol = kc.rtol_of(grads)
+    kc.assert_stats(OPS.grad_stats(grads, p), reference.grad_stats(kc.cpu_copies(grads), p), rtol)
+    before = kc.cpu_copies(grads)
+    got = OPS.clip_norm_per_layer(grads, kc.bound(1.0, device), p, EPS)
+    kc.assert_stats(got, reference.grad_stats(before, p), rtol)
+    if kc.result_dtype(grads) == torch.float64:
+        for g, b, norm in zip(grads, before, got[0].tolist()):
+            coef = min(1.0, 1.0 / (norm + EPS))
+            assert torch.equal(kc.bits(g), kc.bits(b if coef >= 1.0 else kc.scaled(b, coef)))

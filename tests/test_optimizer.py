@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import child_env
+from gradstab_testing.oracles import child_env
 from torch import nn
 
 from gradstab import GradStabOptimizer, reference

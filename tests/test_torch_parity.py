@@ -27,11 +27,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gradstab_testing.devices import DEVICES
 from torch import nn
 
 import gradstab
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 INF, NAN = math.inf, math.nan
 
 APIS = {

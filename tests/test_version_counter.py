@@ -18,12 +18,12 @@ import sys
 
 import pytest
 import torch
-from helpers import child_env
+from gradstab_testing.devices import DEVICES
+from gradstab_testing.oracles import child_env
 
 import gradstab
 
 OPS = torch.ops.gradstab
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EPS = 1e-6
 
 

@@ -1,6 +1,8 @@
-"""Case tables and oracles shared by the CUDA kernels' tests on a GPU (``test_cuda.py``) and on the
-CPU execution harness (``test_cuda_sim.py``): the same sizes, dtypes, layouts, clip lists and AGC
-shapes, built on any device, and the float64 oracles they are checked against.
+"""Case tables and oracles of the kernels' tests: the same sizes (around the vector and work-unit
+boundaries), dtypes, layouts, clip lists and AGC shapes, built on any device, and the float64
+oracles they are checked against. Shared by the device-parametrised op tests (``test_ops.py``,
+``test_agc.py``, ...: every device in ``DEVICES``), the GPU-only tests (``test_cuda.py``) and the
+CUDA kernels on the CPU execution harness (``test_cuda_sim.py``).
 
 Example:
     >>> import torch
@@ -14,7 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
-from helpers import assert_grads_match, assert_ulp_close
+
+from .oracles import assert_grads_match, assert_ulp_close
 
 EPS = 1e-6
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,6 +112,34 @@ def make_grad(
 def make_list(specs, gen: torch.Generator, scale: float = 1.0) -> list[torch.Tensor]:
     """Gradients of ``(numel, dtype, layout)`` specs, in order, all scaled by ``scale``."""
     return [make_grad(n, d, layout, gen, scale) for n, d, layout in specs]
+
+
+def generator(seed: int, device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (each device draws its own values)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def bound(value: float, device) -> torch.Tensor:
+    """``value`` as the ops' bound argument: a float64 0-d tensor on ``device``."""
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def clip_list(seed: int, device, scale: float = 1.0) -> list[torch.Tensor]:
+    """:data:`CLIP_SPECS` on ``device``: every dtype and layout, plus a float64 gradient
+    (float64 results: the coefficient is known exactly)."""
+    return make_list(CLIP_SPECS, generator(seed, device), scale)
+
+
+def clones(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``g.clone()`` of each (dense tensors keep their strides, strided views become dense)."""
+    return [g.clone() for g in grads]
+
+
+def as_param(g: torch.Tensor) -> torch.nn.Parameter:
+    """A parameter (uninitialised, like ``g``) whose ``.grad`` is ``g`` itself."""
+    p = torch.nn.Parameter(torch.empty_like(g))
+    p.grad = g
+    return p
 
 
 def agc_place(x: torch.Tensor, dtype: torch.dtype, layout: str, device) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Shared test helpers: random gradients, float64 oracles and ulp comparisons.
 
-Reusable by every test file (``from helpers import ...``; ``tests/conftest.py`` puts this
-directory on ``sys.path``):
+Reusable by every test file (``from gradstab_testing.oracles import ...``; pytest puts
+``tests/`` on ``sys.path``, ``pythonpath`` in pyproject.toml):
 
 - :class:`GradSpec`, :func:`grad_specs`, :func:`make_grad`, :func:`make_grads`: hypothesis
   strategies for lists of random gradients of any dtype (float16, bfloat16, float32,
@@ -9,15 +9,16 @@ directory on ``sys.path``):
   channels_last), magnitude (subnormal to near the dtype's maximum) and NaN/Inf content.
 - :func:`as_params`: parameters holding given gradients (``None`` allowed).
 - :func:`oracle_stats`, :func:`oracle_clip_norm_`, :func:`oracle_clip_value_`: independent
-  float64 oracles built on ``torch.linalg.vector_norm`` and ``torch.nn.utils``.
+  float64 oracles built on ``torch.linalg.vector_norm`` and ``torch.nn.utils``;
+  :func:`agc_oracle`: adaptive gradient clipping (the paper's rule) unit by unit in float64.
 - :func:`assert_ulp_close`, :func:`ulp_distance`, :func:`assert_bitwise_equal`,
   :func:`snapshot`: comparisons that treat NaN, infinities and signed zeros exactly.
 - :func:`child_env`: the environment of a child Python process that imports the same gradstab
-  as the tests (the source tree, or an installed copy) and these helpers.
+  as the tests (the source tree, or an installed copy) and this package.
 
 Example:
     >>> import torch
-    >>> from helpers import GradSpec, make_grad, oracle_stats
+    >>> from gradstab_testing.oracles import GradSpec, make_grad, oracle_stats
     >>> g = make_grad(GradSpec((3, 4), torch.float32, "transposed", scale_exp=2, seed=1))
     >>> g.is_contiguous(), oracle_stats([g], 2.0).total_norm.dtype
     (False, torch.float64)
@@ -38,15 +39,16 @@ from torch import Tensor
 import gradstab
 
 #: The directory gradstab was imported from (the repository, or site-packages for an installed
-#: copy), and this one: what a child process needs on its path.
+#: copy), and ``tests/``, which holds this package: what a child process needs on its path.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(gradstab.__file__)))
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child_env(**extra: str) -> dict[str, str]:
     """``os.environ`` plus ``extra``, with ``PYTHONPATH`` leading to the gradstab this process
-    imported and to the test helpers. Run the child outside the repository (``cwd``), or as a
-    script, so that a source tree in its working directory cannot shadow an installed copy."""
+    imported and to ``tests/`` (so the child can ``import gradstab_testing``). Run the child
+    outside the repository (``cwd``), or as a script, so that a source tree in its working
+    directory cannot shadow an installed copy."""
     env = {**os.environ, **extra}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (PACKAGE_PARENT, TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p
@@ -339,6 +341,35 @@ def oracle_clip_value_(grads: Sequence[Tensor], clip_value: float) -> list[Tenso
     if params:  # (PyTorch fails on an empty list)
         torch.nn.utils.clip_grad_value_(params, clip_value, foreach=False)
     return [p.grad for p in params]
+
+
+def agc_unit_rows(t: Tensor) -> Tensor:
+    """``t`` viewed as AGC units: one row per slice along dim 0, one row for 0-/1-D tensors."""
+    return (
+        t.reshape(1, t.numel()) if t.dim() <= 1 else t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    )
+
+
+def agc_oracle(g: Tensor, w: Tensor, clip_factor: float, eps: float, p: float = 2.0):
+    """Adaptive gradient clipping of one gradient, unit by unit in float64 (Brock et al. 2021,
+    eq. 3): ``max_i = clip_factor * max(||W_i||, eps)``; ``G_i *= max_i / ||G_i||`` iff
+    ``||G_i|| > max_i``; norms from ``torch.linalg.vector_norm``.
+
+    Returns:
+        (the clipped gradient in float64, the number of clipped units).
+    """
+    g64 = g.detach().to(torch.float64).clone()
+    rows_g = agc_unit_rows(g64)
+    rows_w = agc_unit_rows(w.detach().to(torch.float64))
+    n = 0
+    for i in range(rows_g.shape[0]):
+        gn = float(torch.linalg.vector_norm(rows_g[i], p))
+        wn = float(torch.linalg.vector_norm(rows_w[i], p))
+        max_norm = clip_factor * (eps if wn < eps else wn)  # NaN weight norm stays NaN
+        if gn > max_norm:
+            rows_g[i] *= max_norm / gn
+            n += 1
+    return rows_g.reshape(g.shape), n
 
 
 # ---------------------------------------------------------------------------- comparisons --

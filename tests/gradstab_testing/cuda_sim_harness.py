@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/gradstab_testing/ is two down
 SIM_DIR = ROOT / "csrc" / "testing" / "cuda_sim"
 BUILD_DIR = ROOT / "build" / "cuda_sim"
 #: Flags of every translation unit: -ffp-contract=off keeps a * b + c two roundings, as the

@@ -1,20 +1,30 @@
-"""Multi-process helpers for tests/test_distributed.py (CPU, gloo, 2 processes).
+"""Multi-process helpers for the distributed tests (CPU, gloo, 2 processes):
+tests/test_distributed.py (``gradstab.distributed``, the functions and ops on sharded gradients)
+and tests/test_callback_distributed.py (``GradStabOptimizer`` / ``GradStabCallback``).
 
 Two uses:
 
 * :func:`run_scenarios` spawns ``WORLD`` processes (``torch.multiprocessing``, start method
   ``spawn``) that join one gloo group through a ``FileStore`` and run the named scenarios of
-  :data:`SCENARIOS` in order.  A scenario collects failed checks instead of asserting, so a
-  failure on one rank does not leave the other waiting in a collective; every rank writes
-  ``{scenario: None or error text}`` to a JSON file that the parent reads.
-* ``python tests/dist_helpers.py lightning OUT_DIR`` trains a tiny model with Lightning
-  (``strategy="ddp"``, 2 CPU processes; Lightning starts rank 1 by re-running this command)
-  and writes, per rank, the norms ``gradstab.clip_grad_norm_`` returned in
-  ``on_before_optimizer_step``.  :func:`lightning_reference` replays the same steps in one
-  process on the union of both ranks' batches.
+  :data:`SCENARIOS` in order: :data:`FUNCTION_SCENARIOS` (ZeRO-style flat shards with
+  ``process_group=``, FSDP2 ``fully_shard``, hand-made DTensors, the reduction API) and
+  :data:`WRAPPER_SCENARIOS` (``GradStabOptimizer`` on FSDP2 and on ZeRO-style shards, each
+  against a single-process run of the same wrapper on the full model).  A scenario collects
+  failed checks (:class:`Checks`) instead of asserting, so a failure on one rank does not leave
+  the other waiting in a collective; every rank writes ``{scenario: None or error text}`` to a
+  JSON file that the parent reads.
+* :func:`run_lightning` runs ``python -m gradstab_testing.distributed lightning KIND OUT_DIR``,
+  which trains a tiny model with Lightning (``strategy="ddp"``, 2 CPU processes; Lightning
+  starts rank 1 by re-running the command) and writes one JSON file per rank: for ``clip``,
+  the norms ``gradstab.clip_grad_norm_`` returned in ``on_before_optimizer_step``; for
+  ``callback``, the metrics of every step of ``GradStabCallback``, its counters and the
+  adaptive threshold's state.  :func:`lightning_clip_reference` and
+  :func:`lightning_callback_reference` replay the same steps in one process on the union of
+  both ranks' batches.
 
 Every oracle is computed in float64 with PyTorch's own functions on the full gradients
-(which each rank rebuilds from the same seed, or gathers with ``DTensor.full_tensor()``).
+(which each rank rebuilds from the same seed, or gathers with ``DTensor.full_tensor()``), or is
+a single-process run on the full model.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import datetime
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +45,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 import gradstab
+from gradstab import GradStabOptimizer
+from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
 
 WORLD = 2
 EPS = 1e-6
@@ -389,7 +402,8 @@ def _mlp() -> torch.nn.Module:
     )
 
 
-def _fsdp_mlp(rank: int):
+def _fsdp_model() -> torch.nn.Module:
+    """:func:`_mlp` under FSDP2 ``fully_shard`` (each Linear, then the whole) on all ranks."""
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
@@ -398,7 +412,13 @@ def _fsdp_mlp(rank: int):
     for i in (0, 2, 4):
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(11))  # same batch on all ranks
+    return model
+
+
+def _fsdp_mlp(rank: int) -> torch.nn.Module:
+    """:func:`_fsdp_model` with the gradients of one batch (the same on all ranks)."""
+    model = _fsdp_model()
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(11))
     model(x).pow(2).sum().backward()
     return model
 
@@ -653,7 +673,202 @@ def scenario_reduce_api(rank: int) -> None:
     ck.done()
 
 
-SCENARIOS: dict[str, Callable[[int], None]] = {
+# --------------------------------------------------------------- GradStabOptimizer, FSDP2
+
+#: Steps of the wrapper scenarios; the loss of step 2 is multiplied by :data:`SPIKE`, a
+#: gradient spike every option of :data:`FSDP_OPTIONS` clips.
+WRAPPER_STEPS = 4
+SPIKE = 30.0
+
+
+def _batches() -> list[Tensor]:
+    gen = torch.Generator().manual_seed(21)
+    return [torch.randn(8, 5, generator=gen) for _ in range(WRAPPER_STEPS)]
+
+
+FSDP_OPTIONS = {
+    "norm": {"max_norm": 0.5},
+    "layer": {"mode": "layer", "max_norm": 0.3},
+    "layer-module": {"mode": "layer", "max_norm": 0.3, "group_by": "module"},
+    "normalize": {"mode": "normalize", "target_norm": 2.0},  # some scaled up, some down
+    "value": {"mode": "value", "clip_value": 0.05},
+    "zscore": {"max_norm": ZScoreThreshold(warmup_steps=2, rule="mean")},
+    "percentile-layer": {
+        "mode": "layer",
+        "max_norm": PercentileThreshold(50.0, 8, include_current=False),
+    },
+}
+
+
+def _run_wrapper(model: torch.nn.Module, kw: dict) -> tuple:
+    """WRAPPER_STEPS steps of SGD wrapped in GradStabOptimizer; the metrics of every step."""
+    opt = GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        module=model,
+        log_every_n_steps=1,
+        log_per_layer=True,
+        history=WRAPPER_STEPS,
+        **kw,
+    )
+    metrics = []
+    for s, x in enumerate(_batches()):
+        opt.zero_grad()
+        (model(x).pow(2).sum() * (SPIKE if s == 2 else 1.0)).backward()
+        opt.step()
+        metrics.append(dict(opt.last_metrics))
+    return opt, metrics
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _compare_metrics(ck: Checks, tag: str, got: list[dict], want: list[dict]) -> None:
+    ck.true(f"{tag}: metric keys differ", [sorted(m) for m in got] == [sorted(m) for m in want])
+    for s, (g, w) in enumerate(zip(got, want)):
+        for k in w:
+            if k not in g:
+                continue
+            a, b = g[k], w[k]
+            ok = (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-5)
+            ck.true(f"{tag} step {s} {k}: {a} != single process {b}", ok)
+    flat = torch.tensor([v for m in got for _, v in sorted(m.items())], dtype=torch.float64)
+    ck.same_on_all_ranks(f"{tag} metrics", flat)
+
+
+def scenario_fsdp2_wrapper(rank: int) -> None:
+    """GradStabOptimizer on FSDP2 equals GradStabOptimizer in one process on the full model:
+    clipped parameters, every logged metric, counters, adaptive threshold state; identical on
+    both ranks; the history on rank 0 only."""
+    ck = Checks(rank)
+    for name, kw in FSDP_OPTIONS.items():
+        ref_opt, ref_metrics = _run_wrapper(_mlp(), kw)
+        ref_params = [p.detach() for p in ref_opt.optimizer.param_groups[0]["params"]]
+        model = _fsdp_model()  # Linear(3, 1): rank 1's shard of its weight is empty
+        opt, metrics = _run_wrapper(model, kw)
+        ck.true(f"{name}: the plan is sharded", opt._current_plan().sharded)
+        for i, (p, r) in enumerate(zip(model.parameters(), ref_params)):
+            ck.close(
+                f"{name}: param {i} after {WRAPPER_STEPS} steps", _full(p.detach()), r, 1e-5, 1e-7
+            )
+        _compare_metrics(ck, name, metrics, ref_metrics)
+        ck.true(
+            f"{name}: counters {opt.counters()} != {ref_opt.counters()}",
+            opt.counters() == ref_opt.counters(),
+        )
+        ck.true(f"{name}: the spike step was clipped", metrics[2]["grad/clip_coef"] < 1.0)
+        thr = opt.state_dict()["gradstab"].get("thresholds", {})
+        ref_thr = ref_opt.state_dict()["gradstab"].get("thresholds", {})
+        ck.true(f"{name}: threshold keys", sorted(thr) == sorted(ref_thr))
+        for key in thr:
+            for k, t in thr[key]["state"].items():
+                ck.close(f"{name}: threshold state {k}", t, ref_thr[key]["state"][k], 1e-5)
+                ck.same_on_all_ranks(f"{name}: threshold state {k}", t)
+        ck.true(
+            f"{name}: history on rank 0 only",
+            (opt.history is not None) == (rank == 0)
+            and (rank != 0 or len(opt.history) == WRAPPER_STEPS),
+        )
+        if rank == 0:
+            data, ref_data = opt.history.data(), ref_opt.history.data()
+            ck.close(f"{name}: history norms", data.norms, ref_data.norms, 1e-5)
+            ck.close(f"{name}: history max_abs", data.max_abs, ref_data.max_abs, 1e-5)
+    ck.done()
+
+
+def scenario_fsdp2_nonfinite(rank: int) -> None:
+    """A NaN in one rank's shard only: both ranks see the step as non-finite and skip it
+    (parameters unchanged everywhere), or raise the same error."""
+    ck = Checks(rank)
+    model = _fsdp_model()
+    before: list[Tensor] = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            before.append(torch.cat([_full(p.detach()).reshape(-1) for p in model.parameters()]))
+            return super().step(closure)
+
+    opt = GradStabOptimizer(
+        Spy(model.parameters(), lr=0.1), max_norm=0.5, nonfinite="skip", module=model
+    )
+    for s, x in enumerate(_batches()[:3]):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        if s == 1 and rank == 1:
+            local = model[0].weight.grad.to_local()
+            local.view(-1)[0] = math.nan
+        opt.step()
+    counts = opt.counters()
+    ck.true(f"counters {counts}", counts["nonfinite_steps"] == 1 and counts["skipped_steps"] == 1)
+    ck.true(f"the wrapped step ran {len(before)} times, not 2", len(before) == 2)
+    ck.same_on_all_ranks("counters", torch.tensor(list(counts.values()), dtype=torch.float64))
+
+    model = _fsdp_model()
+    opt = GradStabOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), max_norm=0.5, nonfinite="raise", module=model
+    )
+    opt.zero_grad()
+    model(_batches()[0]).pow(2).sum().backward()
+    if rank == 1:
+        model[2].weight.grad.to_local().view(-1)[-1] = math.inf
+    try:
+        opt.step()
+        ck.true("nonfinite='raise' did not raise", False)
+    except RuntimeError as exc:
+        ck.true(f"error names 2.weight: {exc}", "'2.weight'" in str(exc))
+    ck.done()
+
+
+# ------------------------------------------------------ GradStabOptimizer, ZeRO-style shards
+
+
+def scenario_zero_process_group(rank: int) -> None:
+    """Flat shards with process_group=: each rank holds a disjoint part of every tensor; a
+    replicated (marked) tensor counts once.  Clipped shards equal the clipped full tensors."""
+    ck = Checks(rank)
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen)]
+    rep = torch.randn(4, generator=gen)  # the same on every rank
+    for mode, bound, group in (("norm", 1.0, dist.group.WORLD), ("layer", 0.8, "world")):
+        shards = [torch.nn.Parameter(t.reshape(-1)[rank::WORLD].clone()) for t in full]
+        for s, t in zip(shards, full):
+            s.grad = t.reshape(-1)[rank::WORLD].clone()
+        r = torch.nn.Parameter(torch.zeros(4))
+        r.grad = rep.clone()
+        gradstab.distributed.mark_replicated(r)
+        opt = GradStabOptimizer(
+            torch.optim.SGD([*shards, r], lr=1.0),
+            mode=mode,
+            max_norm=bound,
+            process_group=group,
+            log_every_n_steps=1,
+            log_per_layer=True,
+        )
+        opt.clip()
+        ck.true(f"{mode}: the plan is sharded", opt._current_plan().sharded)
+        everything = [*full, rep]
+        norms = torch.stack([t.double().norm() for t in everything])
+        total = norms.norm()
+        if mode == "norm":
+            coefs = torch.clamp(bound / (total + 1e-6), max=1.0).expand(3)
+        else:
+            coefs = torch.clamp(bound / (norms + 1e-6), max=1.0)
+        for i, (s, t) in enumerate(zip(shards, full)):
+            want = t.reshape(-1)[rank::WORLD].double() * coefs[i]
+            ck.close(f"{mode}: shard {i}", s.grad, want, 2e-6, 1e-12)
+        ck.close(f"{mode}: replicated", r.grad, rep.double() * coefs[2], 2e-6, 1e-12)
+        m = opt.last_metrics
+        ck.close(f"{mode}: total", torch.tensor(m["grad_2.0_norm_total"]), total, 1e-6)
+        for i, name in enumerate(("param_groups.0.0", "param_groups.0.1", "param_groups.0.2")):
+            ck.close(
+                f"{mode}: norm {name}", torch.tensor(m[f"grad_2.0_norm/{name}"]), norms[i], 1e-6
+            )
+        ck.same_on_all_ranks(f"{mode}: metrics", torch.tensor(sorted(m.values())))
+    ck.done()
+
+
+#: The scenarios of tests/test_distributed.py: gradstab's functions on sharded gradients.
+FUNCTION_SCENARIOS: dict[str, Callable[[int], None]] = {
     "zero_shards": scenario_zero_shards,
     "zero_overflow": scenario_zero_overflow,
     "zero_nonfinite": scenario_zero_nonfinite,
@@ -662,19 +877,37 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "dtensor_mixed": scenario_dtensor_mixed,
     "reduce_api": scenario_reduce_api,
 }
+#: The scenarios of tests/test_callback_distributed.py: GradStabOptimizer on sharded models.
+WRAPPER_SCENARIOS: dict[str, Callable[[int], None]] = {
+    "fsdp2_wrapper": scenario_fsdp2_wrapper,
+    "fsdp2_nonfinite": scenario_fsdp2_nonfinite,
+    "zero_process_group": scenario_zero_process_group,
+}
+SCENARIOS = {**FUNCTION_SCENARIOS, **WRAPPER_SCENARIOS}
 
 
 # --------------------------------------------------------------------------- Lightning DDP
 
-LIGHTNING_STEPS = 3
 LIGHTNING_BATCH = 4  # per rank
-LIGHTNING_MAX_NORM = 0.05
+#: The ``clip`` run: gradstab.clip_grad_norm_ in on_before_optimizer_step.
+CLIP_STEPS = 3
+CLIP_MAX_NORM = 0.05
+#: The ``callback`` run: GradStabCallback; a spike at step 2, a NaN in rank 1's batch at
+#: CALLBACK_NAN_STEP.
+CALLBACK_STEPS = 5
+CALLBACK_NAN_STEP = 3
+LIGHTNING_STEPS = {"clip": CLIP_STEPS, "callback": CALLBACK_STEPS}
 
 
-def _lightning_data() -> tuple[Tensor, Tensor]:
+def _lightning_data(kind: str) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(5)
-    n = LIGHTNING_STEPS * LIGHTNING_BATCH * WORLD
-    return torch.randn(n, 6, generator=gen), torch.randn(n, 2, generator=gen)
+    n = LIGHTNING_STEPS[kind] * LIGHTNING_BATCH * WORLD
+    x, y = torch.randn(n, 6, generator=gen), torch.randn(n, 2, generator=gen)
+    if kind == "callback":
+        x[2 * LIGHTNING_BATCH * WORLD : 3 * LIGHTNING_BATCH * WORLD] *= 20.0  # step 2: a spike
+        # step CALLBACK_NAN_STEP, rank 1 (which gets the indices r + WORLD * j)
+        x[WORLD * LIGHTNING_BATCH * CALLBACK_NAN_STEP + 1, 0] = math.nan
+    return x, y
 
 
 def _lightning_net() -> torch.nn.Module:
@@ -682,27 +915,70 @@ def _lightning_net() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
 
 
-def lightning_reference() -> list[float]:
-    """One process, same steps: batch ``s`` is the union of both ranks' batches ``s``."""
-    x, y = _lightning_data()
+def _union_batch(s: int) -> list[int]:
+    """The indices of batch ``s`` of both ranks together (DistributedSampler without
+    shuffling: rank r gets r, r + WORLD, ...)."""
+    return [
+        r + WORLD * (s * LIGHTNING_BATCH + j) for r in range(WORLD) for j in range(LIGHTNING_BATCH)
+    ]
+
+
+def lightning_clip_reference() -> list[float]:
+    """The ``clip`` run in one process: batch ``s`` is the union of both ranks' batches ``s``."""
+    x, y = _lightning_data("clip")
     net = _lightning_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     norms = []
-    for s in range(LIGHTNING_STEPS):
-        # DistributedSampler without shuffling: rank r gets indices r, r + WORLD, ...
-        idx = [
-            r + WORLD * (s * LIGHTNING_BATCH + j)
-            for r in range(WORLD)
-            for j in range(LIGHTNING_BATCH)
-        ]
+    for s in range(CLIP_STEPS):
+        idx = _union_batch(s)
         opt.zero_grad()
         torch.nn.functional.mse_loss(net(x[idx]), y[idx]).backward()
-        norms.append(float(gradstab.clip_grad_norm_(net.parameters(), LIGHTNING_MAX_NORM)))
+        norms.append(float(gradstab.clip_grad_norm_(net.parameters(), CLIP_MAX_NORM)))
         opt.step()
     return norms
 
 
-def _lightning_main(out_dir: str) -> None:
+def lightning_callback() -> gradstab.GradStabCallback:
+    return gradstab.GradStabCallback(
+        max_norm=ZScoreThreshold(warmup_steps=2, rule="mean"),
+        nonfinite="skip",
+        log_every_n_steps=1,
+        log_per_layer=True,
+        history=10,
+    )
+
+
+def lightning_callback_reference() -> dict:
+    """The ``callback`` run in one process with GradStabOptimizer: batch ``s`` is the union of
+    both ranks' batches ``s``."""
+    x, y = _lightning_data("callback")
+    net = _lightning_net()
+    holder = torch.nn.Module()
+    holder.net = net  # parameter names as in the LightningModule: net.0.weight, ...
+    opt = GradStabOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.5),
+        max_norm=ZScoreThreshold(warmup_steps=2, rule="mean"),
+        nonfinite="skip",
+        module=holder,
+        log_every_n_steps=1,
+        log_per_layer=True,
+    )
+    metrics = []
+    for s in range(CALLBACK_STEPS):
+        idx = _union_batch(s)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x[idx]), y[idx]).backward()
+        opt.step()
+        metrics.append(dict(opt.last_metrics))
+    thr = opt.state_dict()["gradstab"]["thresholds"]["all"]["state"]
+    return {
+        "metrics": metrics,
+        "counters": opt.counters(),
+        "threshold": {k: v.double().reshape(-1).tolist() for k, v in thr.items()},
+    }
+
+
+def _lightning_main(kind: str, out_dir: str) -> None:
     import lightning as L  # noqa: PLC0415
 
     torch.set_num_threads(1)
@@ -718,39 +994,94 @@ def _lightning_main(out_dir: str) -> None:
             return torch.nn.functional.mse_loss(self.net(x), y)
 
         def on_before_optimizer_step(self, optimizer) -> None:
-            total = gradstab.clip_grad_norm_(self.parameters(), LIGHTNING_MAX_NORM)
-            self.norms.append(float(total))
+            if kind == "clip":
+                total = gradstab.clip_grad_norm_(self.parameters(), CLIP_MAX_NORM)
+                self.norms.append(float(total))
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
         def train_dataloader(self):
             # An explicit sampler (use_distributed_sampler=False): rank r gets r, r + WORLD, ...
-            data = torch.utils.data.TensorDataset(*_lightning_data())
+            data = torch.utils.data.TensorDataset(*_lightning_data(kind))
             sampler = torch.utils.data.DistributedSampler(
                 data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
             )
             return torch.utils.data.DataLoader(data, batch_size=LIGHTNING_BATCH, sampler=sampler)
 
+    callbacks = []
+    metrics: list[dict] = []
+    if kind == "callback":
+        cb = lightning_callback()
+
+        class Spy(L.Callback):
+            def on_train_batch_end(self, *args) -> None:
+                metrics.append(dict(cb.last_metrics))
+
+        callbacks = [cb, Spy()]
     module = Module()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
         strategy="ddp",
-        max_steps=LIGHTNING_STEPS,
+        max_steps=LIGHTNING_STEPS[kind],
         use_distributed_sampler=False,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module)
+    out: dict = {"world_size": trainer.world_size}
+    if kind == "clip":
+        out["norms"] = module.norms
+    else:
+        thr = cb.state_dict()["optimizers"][0]["thresholds"]["all"]["state"]
+        out |= {
+            "metrics": metrics,
+            "counters": cb.counters(),
+            "threshold": {k: v.double().reshape(-1).tolist() for k, v in thr.items()},
+            "history": None if cb.history is None else len(cb.history),
+            "diagnosis_steps": None if cb.diagnosis is None else cb.diagnosis.steps,
+        }
     with open(os.path.join(out_dir, f"lightning_rank{trainer.global_rank}.json"), "w") as f:
-        json.dump({"world_size": trainer.world_size, "norms": module.norms}, f)
+        json.dump(out, f)
+
+
+def run_lightning(kind: str, out_dir: str, timeout: float = 300.0) -> list[dict]:
+    """Run ``python -m gradstab_testing.distributed lightning KIND OUT_DIR`` (in ``out_dir``,
+    with the gradstab these tests imported) and return what each rank wrote, rank by rank."""
+    from .oracles import child_env  # noqa: PLC0415
+
+    env = child_env()
+    for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(k, None)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradstab_testing.distributed", "lightning", kind, str(out_dir)],
+        env=env,
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"the Lightning run exited with {proc.returncode}\n"
+            + proc.stdout[-3000:]
+            + proc.stderr[-3000:]
+        )
+    runs = []
+    for r in range(WORLD):
+        with open(os.path.join(out_dir, f"lightning_rank{r}.json")) as f:
+            runs.append(json.load(f))
+    return runs
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "lightning":
-        _lightning_main(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "lightning" and sys.argv[2] in LIGHTNING_STEPS:
+        _lightning_main(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python tests/dist_helpers.py lightning OUT_DIR")
+        sys.exit("usage: python -m gradstab_testing.distributed lightning {clip,callback} OUT_DIR")
