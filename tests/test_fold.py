@@ -743,3 +743,26 @@ def test_callback_fold_true_refuses_a_non_fused_optimizer(monkeypatch):
         _fit(True, monkeypatch, opt_kind="adamw-plain", steps=1)
     probe = _fit(None, monkeypatch, opt_kind="adamw-plain", steps=2)[2]
     assert probe.hook_attrs == [False, False]  # automatic: the explicit clip
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def test_bench_fold_mode_times_clip_and_step_four_ways(monkeypatch):
+    """``python -m gradstab bench --mode fold``: the folded and the explicit clip + step,
+    torch's clip + step and the unclipped step, interleaved; the check before timing catches a
+    fold that scales the gradients wrongly."""
+    from gradstab.tools.bench import BenchError, bench_one  # noqa: PLC0415
+
+    cpu = torch.device("cpu")
+    rows = bench_one("many-small", "fp32", ["fold"], device=cpu, warmup=0, repeats=1)
+    assert [(r.contestant, r.kind) for r in rows[:4]] == [
+        ("gradstab folded (clip + step)", "gradstab"),
+        ("gradstab explicit (clip + step)", "baseline"),
+        ("torch clip_grad_norm_ + step", "baseline"),
+        ("AdamW step alone (no clip)", "floor"),
+    ]
+    assert rows[0].floor_ms > 0 and rows[1].ratio is not None
+    monkeypatch.setattr(fold_mod, "inverse", lambda coef: coef.to(torch.float32))
+    with pytest.raises(BenchError, match=r"after a folded clip \+ step, tensor 0's .grad"):
+        bench_one("many-small", "fp32", ["fold"], device=cpu, warmup=0, repeats=1)
