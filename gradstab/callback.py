@@ -91,9 +91,10 @@ class GradStabCallback(Callback):
             the gradients (one read, nothing written) and sets ``optimizer.grad_scale = 1 /
             coefficient`` (under fp16 AMP the GradScaler multiplies its scale in, and removes
             it after the step; otherwise a step post-hook does) and, for ``"skip"``,
-            ``optimizer.found_inf`` (no host read). Callbacks after this one see the gradients
-            unclipped; after the step ``.grad`` holds the clipped (unscaled) gradients, as with
-            the explicit clip, up to float rounding. A skipped step leaves its ``.grad`` in
+            ``optimizer.found_inf`` (no host read). Callbacks after this one and the module's
+            ``on_before_optimizer_step`` see the gradients unclipped; after the step ``.grad``
+            holds the clipped (unscaled) gradients, as with the explicit clip, up to float
+            rounding. A skipped step leaves its ``.grad`` in
             place (the explicit path sets it to ``None``). Metrics, counters, thresholds and
             history are the same.
 
@@ -312,20 +313,21 @@ class GradStabCallback(Callback):
                     f"(optimizer {i}) would both clip the same gradients: in Lightning use the "
                     f"callback and return the plain optimizer (GradStabOptimizer.optimizer)"
                 )
-            if self._fold:
+            if getattr(self, "_fold", None):
                 obstacle = _fold.optimizer_obstacle(opt)
                 _fold.resolve(_OWNER, True, obstacle and f"optimizer {i}: {obstacle}")
 
     def _folds(self, optimizer: torch.optim.Optimizer, plan: _clipping.Plan) -> bool:
         """Whether this step folds the clip into ``optimizer``'s step."""
-        if self._fold is False:
+        fold = getattr(self, "_fold", None)  # pickles from before the option: automatic
+        if fold is False:
             return False
         obstacle = (
             _fold.config_obstacle(self._config)
             or _fold.optimizer_obstacle(optimizer)
             or _fold.plan_obstacle(plan)
         )
-        return _fold.resolve(_OWNER, self._fold, obstacle)
+        return _fold.resolve(_OWNER, fold, obstacle)
 
     def _plan_for(
         self, idx: int, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule
