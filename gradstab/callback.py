@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.amp.grad_scaler import OptState
 
 from gradstab import _clipping
+from gradstab._clipping import fold as _fold
 from gradstab.adaptive import AdaptiveThreshold
 from gradstab.agc_units import UnitDim
 from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
@@ -44,7 +45,9 @@ class GradStabCallback(Callback):
     Every ``log_every_n_steps`` optimizer steps it writes the pre/post-clip total norm, the
     clip coefficient and rate, non-finite and skipped step counts, thresholds and, on request,
     per-layer norms to every logger of the trainer. With ``history=N`` it records the last N
-    steps' statistics on the device and diagnoses them at the end of ``fit``. The guide,
+    steps' statistics on the device and diagnoses them at the end of ``fit``. In mode
+    ``"norm"`` with a torch fused optimizer (``fused=True``) the clip is folded into the
+    optimizer's own pass (see ``fold``). The guide,
     docs/lightning.md, explains the modes, the logged keys, the non-finite policies, AMP and
     fused optimizers, adaptive thresholds, sharded training and checkpoints.
 
@@ -84,6 +87,21 @@ class GradStabCallback(Callback):
             ``history``; matplotlib).
         process_group: the group plain gradients are sharded over (ZeRO-style), ``"world"``,
             or ``None`` (never with DDP: its gradients are replicated).
+        fold: fold the clip into the optimizer's own pass. ``None`` (the default): wherever
+            possible, i.e. mode ``"norm"`` with one threshold (not a ``{group: threshold}``
+            dict), unsharded gradients and a torch fused optimizer (``Adam``, ``AdamW``,
+            ``SGD``, ``Adagrad`` with ``fused=True`` in every param group). ``True``: the
+            same, and anything else is an error (options: in the constructor; the optimizer: at
+            the start of ``fit``). ``False``: always the explicit clip. The hook then measures
+            the gradients (one read, nothing written) and sets ``optimizer.grad_scale = 1 /
+            coefficient`` (under fp16 AMP the GradScaler multiplies its scale in, and removes
+            it after the step; otherwise a step post-hook does) and, for ``"skip"``,
+            ``optimizer.found_inf`` (no host read). Callbacks after this one and the module's
+            ``on_before_optimizer_step`` see the gradients unclipped; after the step ``.grad``
+            holds the clipped (unscaled) gradients, as with the explicit clip, up to float
+            rounding. A skipped step leaves its ``.grad`` in
+            place (the explicit path sets it to ``None``). Metrics, counters, thresholds and
+            history are the same.
 
     Raises:
         TypeError, ValueError: a bad option, naming it and its value (a ``{group:
@@ -130,6 +148,7 @@ class GradStabCallback(Callback):
         diagnose_on_fit_end: bool = True,
         plot_dir: Union[str, os.PathLike, None] = None,
         process_group: Any = None,
+        fold: bool | None = None,
     ) -> None:
         super().__init__()
         self._config = _clipping.make_config(
@@ -152,6 +171,8 @@ class GradStabCallback(Callback):
             process_group=process_group,
         )
         self._log_every = _clipping.check_log_every(_OWNER, log_every_n_steps)
+        self._fold = _fold.check_fold(_OWNER, fold)
+        _fold.resolve(_OWNER, fold, _fold.config_obstacle(self._config))
         if not isinstance(diagnose_on_fit_end, bool):
             raise TypeError(
                 f"{_OWNER}: diagnose_on_fit_end must be True or False; got {diagnose_on_fit_end!r}"
@@ -289,7 +310,7 @@ class GradStabCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a :class:`~gradstab.GradStabOptimizer` (it clips inside its own step) when
-        this callback clips too."""
+        this callback clips too; with ``fold=True``, an optimizer the clip cannot fold into."""
         if self.mode is None:  # monitoring: the wrapper clips later, inside its step()
             return
         for i, opt in enumerate(trainer.optimizers):
@@ -299,6 +320,21 @@ class GradStabCallback(Callback):
                     f"(optimizer {i}) would both clip the same gradients: in Lightning use the "
                     f"callback and return the plain optimizer (GradStabOptimizer.optimizer)"
                 )
+            if getattr(self, "_fold", None):
+                obstacle = _fold.optimizer_obstacle(opt)
+                _fold.resolve(_OWNER, True, obstacle and f"optimizer {i}: {obstacle}")
+
+    def _folds(self, optimizer: torch.optim.Optimizer, plan: _clipping.Plan) -> bool:
+        """Whether this step folds the clip into ``optimizer``'s step."""
+        fold = getattr(self, "_fold", None)  # pickles from before the option: automatic
+        if fold is False:
+            return False
+        obstacle = (
+            _fold.config_obstacle(self._config)
+            or _fold.optimizer_obstacle(optimizer)
+            or _fold.plan_obstacle(plan)
+        )
+        return _fold.resolve(_OWNER, fold, obstacle)
 
     def _plan_for(
         self, idx: int, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule
@@ -343,6 +379,10 @@ class GradStabCallback(Callback):
         log = bool(every) and (batches + 1) % every == 0
         if self._config.history and self.history is None and trainer.is_global_zero:
             self.history = self._make_history(pl_module)
+        _fold.undo_pending(optimizer)  # a folded step that never ran (e.g. no backward)
+        request = None
+        if self._folds(optimizer, plan):
+            request = _clipping.FoldRequest(skip_on_device=_fold.skip_on_device_ok(optimizer))
         policy_before = state.policy_steps
         skip, metrics = _clipping.clip_step(
             self._config,
@@ -354,10 +394,20 @@ class GradStabCallback(Callback):
             step=trainer.global_step,
             history=self.history,
             history_step=batches,
+            fold=request,
         )
         if skip:
             for p in plan.params:
                 p.grad = None
+        elif request is not None and request.coef is not None:
+            inv = _fold.inverse(request.coef)
+            if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
+                # scaler.step() multiplies its scale into grad_scale (or, after unscale_, uses
+                # ours), sets found_inf itself and deletes both after the step
+                _fold.left_to_scaler(optimizer, _fold.apply(optimizer, inv, None))
+            else:
+                applied = _fold.apply(optimizer, inv, request.found_inf)
+                _fold.undo_after_step(optimizer, applied)
         if state.policy_steps > state.warned_policy_steps:
             notice = _clipping.nonfinite_notice(
                 self._config,
@@ -365,7 +415,10 @@ class GradStabCallback(Callback):
                 _OWNER,
                 trainer.global_step,
                 skipped_now=skip
-                or (state.policy_steps > policy_before and not state.zeroed_on_device),
+                or (
+                    state.policy_steps > policy_before
+                    and not (state.zeroed_on_device or state.skipped_on_device)
+                ),
             )
             if notice is not None:
                 rank_zero_warn(notice)

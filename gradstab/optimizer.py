@@ -20,6 +20,7 @@ from typing import Any, Union
 import torch
 
 from gradstab import _clipping
+from gradstab._clipping import fold as _fold
 from gradstab.adaptive import AdaptiveThreshold
 from gradstab.agc_units import UnitDim
 from gradstab.diagnosis import Diagnosis, GradHistory, diagnose
@@ -48,8 +49,13 @@ class GradStabOptimizer(torch.optim.Optimizer):
 
     ``step()`` clips the wrapped optimizer's gradients with one fused op call (one read of
     each gradient; only clipped gradients are written), applies the non-finite policy, then
-    calls the wrapped ``step()``. Everything else forwards to the wrapped optimizer; its state
-    dict gains a ``"gradstab"`` entry (counters, adaptive thresholds). It is an ``Optimizer``
+    calls the wrapped ``step()``. In mode ``"norm"`` around a torch fused optimizer (``Adam``,
+    ``AdamW``, ``SGD``, ``Adagrad`` with ``fused=True``) the clip is *folded* into that step:
+    the gradients are read once, nothing is written before the step, the coefficient goes into
+    the optimizer's ``grad_scale`` and a ``"skip"`` into its ``found_inf`` (no host read); the
+    fused step writes the clipped gradients back into ``.grad`` (see ``fold``). Everything
+    else forwards to the wrapped optimizer; its state dict gains a ``"gradstab"`` entry
+    (counters, adaptive thresholds). It is an ``Optimizer``
     subclass, so LR schedulers, ``torch.amp.GradScaler`` (``scaler.step(opt)`` unscales first
     and skips non-finite steps) and Lightning's ``configure_optimizers`` accept it. The options
     are those of :class:`~gradstab.GradStabCallback`; the guide, docs/lightning.md, explains
@@ -100,10 +106,23 @@ class GradStabOptimizer(torch.optim.Optimizer):
         process_group: the group plain gradients are sharded over (ZeRO-style flat shards:
             each rank a disjoint part of the same tensors, in the same order), ``"world"``
             (the default group), or ``None``.  FSDP2 ``DTensor`` gradients need none.
+        fold: fold the clip into the wrapped optimizer's own pass. ``None`` (the default):
+            wherever possible, i.e. mode ``"norm"`` with one threshold (a number or an adaptive
+            threshold, not a ``{group: threshold}`` dict), unsharded gradients, and a torch
+            fused optimizer (``fused=True`` in every param group). ``True``: the same, and
+            anything else is an error. ``False``: always the explicit clip. A folded step
+            sets ``grad_scale = 1 / coefficient`` on the wrapped optimizer (``found_inf`` for
+            ``"skip"``) and removes both after its ``step()``; after the step ``.grad`` holds
+            the clipped gradients, as with the explicit clip, up to float rounding (a division
+            by ``1 / c`` instead of a multiplication by ``c``). Metrics, counters, thresholds
+            and history are the same; a ``"skip"`` reads nothing on the host, so its warning
+            comes when the counters are next read (a logging step, :meth:`counters`).
 
     Raises:
         TypeError, ValueError: a bad option, naming it and its value (a ``{group:
-            threshold}`` dict naming a group the optimizer lacks: at the first step).
+            threshold}`` dict naming a group the optimizer lacks: at the first step;
+            ``fold=True`` with sharded parameters or a param group added without
+            ``fused=True``: at the step).
         RuntimeError: with ``nonfinite="raise"``, at a step whose gradients hold a NaN/Inf
             (before any gradient is changed), naming the first offending parameter.
 
@@ -154,6 +173,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
         history: int = 0,
         history_extras: bool = False,
         process_group: Any = None,
+        fold: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -189,6 +209,12 @@ class GradStabOptimizer(torch.optim.Optimizer):
             history_extras=history_extras,
             process_group=process_group,
         )
+        _fold.check_fold(_OWNER, fold)
+        _fold.resolve(
+            _OWNER,
+            fold,
+            _fold.config_obstacle(self._config) or _fold.optimizer_obstacle(optimizer),
+        )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"{_OWNER}: module must be a torch.nn.Module or None; got {module!r}")
         if group_by == "module" and module is None:
@@ -210,6 +236,7 @@ class GradStabOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         self._wrapped = optimizer
+        self._fold = fold
         self._log_every = every
         self._log_fn = log_fn
         self._module = module
@@ -393,11 +420,27 @@ class GradStabOptimizer(torch.optim.Optimizer):
     def clip(self) -> bool:
         """Clip the current gradients and apply the non-finite policy, without stepping.
 
-        ``step()`` calls this; call it yourself only to clip without an optimizer step.
+        ``step()`` calls this (or folds the clip into the wrapped step, see ``fold``); call it
+        yourself only to clip without an optimizer step: it always writes the gradients.
 
         Returns:
             True if the ``"skip"`` policy wants this step skipped.
         """
+        return self._clip(None)
+
+    def _folds(self) -> bool:
+        """Whether this step folds the clip into the wrapped optimizer's step."""
+        fold = getattr(self, "_fold", None)  # pickles from before the option: automatic
+        if fold is False:
+            return False
+        obstacle = (
+            _fold.config_obstacle(self._config)
+            or _fold.optimizer_obstacle(self._wrapped)
+            or _fold.plan_obstacle(self._current_plan())
+        )
+        return _fold.resolve(_OWNER, fold, obstacle)
+
+    def _clip(self, fold: _clipping.FoldRequest | None) -> bool:
         st = self._clip_state
         every = self._log_every
         log = every > 0 and (st.steps + 1) % every == 0
@@ -414,11 +457,11 @@ class GradStabOptimizer(torch.optim.Optimizer):
             step=step,
             history=self._history,
             history_step=step,
+            fold=fold,
         )
         if st.policy_steps > st.warned_policy_steps:
-            self._warn_nonfinite(
-                step, skip or (st.policy_steps > policy_before and not st.zeroed_on_device)
-            )
+            on_device = st.zeroed_on_device or st.skipped_on_device
+            self._warn_nonfinite(step, skip or (st.policy_steps > policy_before and not on_device))
         if metrics is not None and self._log_fn is not None:
             self._log_fn(metrics, st.steps)
         return skip
@@ -447,7 +490,22 @@ class GradStabOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.clip():
+        if not self._folds():
+            if self.clip():
+                return loss
+            self._wrapped.step()
             return loss
-        self._wrapped.step()
+        request = _clipping.FoldRequest(skip_on_device=_fold.skip_on_device_ok(self._wrapped))
+        with torch.no_grad():
+            skip = self._clip(request)
+        if skip:  # decided on the host (fused SGD before its momentum buffers exist)
+            return loss
+        if request.coef is None:  # no gradient: nothing to fold
+            self._wrapped.step()
+            return loss
+        applied = _fold.apply(self._wrapped, _fold.inverse(request.coef), request.found_inf)
+        try:
+            self._wrapped.step()
+        finally:
+            _fold.restore(applied)
         return loss

@@ -555,7 +555,9 @@ def test_grad_scaler_unscales_before_the_clip(kind):
     def spy(o, args, kwargs):
         seen.append(pnorm([p.grad for p in ours.parameters()]))
 
-    opt.optimizer.register_step_pre_hook(spy)  # runs after the clip, inside opt.step()
+    # after the wrapped step: the clipped gradients, also where the clip is folded into the
+    # fused step (which writes them back into .grad)
+    opt.optimizer.register_step_post_hook(spy)
     for x in batches(4):
         ref_opt.zero_grad()
         loss_of(ref, x).backward()

@@ -2,7 +2,8 @@
 
 Modules: :mod:`.config` (options, metric names), :mod:`.plan` (units and parts),
 :mod:`.state` (counters, thresholds), :mod:`.parts` (a part through the ops),
-:mod:`.step` (:func:`clip_step`), :mod:`.metrics` (history row, logged metrics).
+:mod:`.step` (:func:`clip_step`), :mod:`.metrics` (history row, logged metrics),
+:mod:`.fold` (the clip and the skip folded into a torch fused optimizer's step).
 
 :class:`gradstab.GradStabCallback` and :class:`gradstab.GradStabOptimizer` are thin adapters
 around this module: both validate their options with :func:`make_config`, describe the
@@ -85,6 +86,7 @@ from gradstab._clipping.config import (
     metric_names,
     per_param_prefixes,
 )
+from gradstab._clipping.fold import FoldRequest
 from gradstab._clipping.plan import Plan, build_plan, plan_key
 from gradstab._clipping.state import ClipState
 from gradstab._clipping.step import clip_step, nonfinite_notice
@@ -98,6 +100,7 @@ __all__ = [
     "NONFINITE",
     "ClipConfig",
     "ClipState",
+    "FoldRequest",
     "Plan",
     "build_plan",
     "check_log_every",

@@ -50,6 +50,9 @@ class ClipState:
     warned_policy_steps: int = 0
     #: ``"zero"`` off the CPU: the steps it zeroed are counted when the counters are read.
     zeroed_on_device: bool = False
+    #: ``"skip"`` folded into a fused optimizer (``found_inf``): the steps it skipped are
+    #: counted (``pending[2]``) and known on the host when the counters are read.
+    skipped_on_device: bool = False
     pending: Tensor | None = field(default=None, repr=False)
     head: Tensor | None = field(default=None, repr=False)  # pending[:2], made once
     last_metrics: dict[str, float] = field(default_factory=dict, repr=False)
@@ -63,6 +66,8 @@ class ClipState:
         self.skipped_steps += skipped
         if self.zeroed_on_device:  # every non-finite step the GradScaler did not skip
             self.policy_steps += nonfinite - skipped
+        elif self.skipped_on_device:  # the steps found_inf skipped
+            self.policy_steps += skipped
         if self.pending is not None:
             self.pending.zero_()
 

@@ -25,8 +25,17 @@ from gradstab.adaptive import AdaptiveThreshold
 if TYPE_CHECKING:
     from gradstab.diagnosis import GradHistory
 from gradstab._clipping.config import ClipConfig
+from gradstab._clipping.fold import FoldRequest, fold_unit
 from gradstab._clipping.metrics import record_history, step_metrics
-from gradstab._clipping.parts import Job, Part, make_jobs, measure, needs_two_phase, run_unit
+from gradstab._clipping.parts import (
+    Job,
+    Part,
+    Stats,
+    make_jobs,
+    measure,
+    needs_two_phase,
+    run_unit,
+)
 from gradstab._clipping.plan import Plan, Unit
 from gradstab._clipping.state import ClipState
 
@@ -77,6 +86,7 @@ def clip_step(
     step: int | None = None,
     history: GradHistory | None = None,
     history_step: int | None = None,
+    fold: FoldRequest | None = None,
 ) -> tuple[bool, dict[str, float] | None]:
     """Clip, count and apply the non-finite policy for one optimizer step.
 
@@ -99,6 +109,13 @@ def clip_step(
         history: a :class:`~gradstab.GradHistory` to record this step into (on the device,
             from the statistics the ops returned), or ``None``.
         history_step: the step number of the history's row (steps recorded twice merge).
+        fold: fold the clip into a torch fused optimizer's step (:mod:`.fold`; mode
+            ``"norm"``, one unit): the gradients are measured, not written;
+            ``fold.coef`` receives the coefficient (the caller sets ``grad_scale = 1 / coef``)
+            and, with ``"skip"`` and ``fold.skip_on_device``, ``fold.found_inf`` the skip flag
+            (no host read; ``skip`` is then False and the step is counted as skipped on the
+            device). With ``"zero"`` the coefficient of a non-finite step is 1 (the zeros stay
+            zeros); ``"raise"`` checks the statistics of the one read.
 
     Returns:
         ``(skip, metrics)``: ``skip`` is True when the ``"skip"`` policy wants the optimizer
@@ -117,15 +134,21 @@ def clip_step(
     # (error_if_nonfinite).  Otherwise a read-only check must come before any gradient changes.
     kernel_checks = (
         check
+        and fold is None
         and len(jobs) == 1
         and jobs[0].kind == "norm"
         and jobs[0].lay is None
         and not needs_two_phase("norm", jobs[0].per_dev)
     )
-    if check and not kernel_checks:
+    if check and not kernel_checks and fold is None:
         err = _find_nonfinite(jobs, p, step)
         if err is not None:
             raise err
+
+    def check_stats(stats: Stats, names: list[str]) -> None:  # a folded "raise": one read
+        if bool(stats[2].any()):  # host read: "raise" asked for it
+            raise _nonfinite_error(stats[2].tolist(), names, step)
+
     parts: list[Part] = []
     unit_logs: list[tuple[Unit, list[Part], AdaptiveThreshold | None]] = []
     by_unit: dict[int, list[Job]] = {}
@@ -133,6 +156,21 @@ def clip_step(
         by_unit.setdefault(id(job.unit), []).append(job)
     try:
         for ujobs in by_unit.values():
+            if fold is not None:
+                uparts, thr = fold_unit(
+                    cfg,
+                    state,
+                    plan,
+                    ujobs[0].unit,
+                    ujobs,
+                    request=fold,
+                    grad_scale=grad_scale,
+                    with_max_abs=with_max_abs,
+                    check=check_stats if check else None,
+                )
+                parts += uparts
+                unit_logs.append((ujobs[0].unit, uparts, thr))
+                continue
             uparts, thr = run_unit(
                 cfg,
                 state,
@@ -168,7 +206,13 @@ def clip_step(
             clipped = c.to(dev0) if clipped is None else clipped | c.to(dev0)
     # clipped on a finite step; for bools a > b is "a and not b", in one op
     clipped = torch.zeros_like(flag) if clipped is None else torch.gt(clipped, flag)
-    state.add(clipped, flag, scaler_skips)
+    # a folded "skip" on the device: the optimizer skips the step, counted like a scaler's skip
+    device_skip = (
+        fold is not None and fold.skip_on_device and cfg.nonfinite == "skip" and not scaler_skips
+    )
+    state.add(clipped, flag, scaler_skips or device_skip)
+    if fold is not None and fold.coef is not None and cfg.nonfinite == "zero":
+        fold.coef = torch.where(flag.to(fold.coef.device), torch.ones_like(fold.coef), fold.coef)
 
     skip = False
     zeroed: bool | Tensor = False
@@ -191,6 +235,11 @@ def clip_step(
                         g.masked_fill_(f, 0)
             zeroed = flag
             state.zeroed_on_device = True  # counted when the counters are next read
+    elif device_skip:
+        assert fold is not None
+        fold.found_inf = flag
+        state.skipped_on_device = True  # counted when the counters are next read
+        zeroed = flag
     elif cfg.nonfinite == "skip" and not scaler_skips:
         skip = bool(flag)  # one host read per step: the optimizer step happens or not
         if skip:
@@ -204,7 +253,7 @@ def clip_step(
             parts,
             unit_logs,
             zeroed=skip or zeroed,
-            skipped=flag if scaler_skips else skip,
+            skipped=flag if scaler_skips or device_skip else skip,
             scale=grad_scale,
             step=history_step,
         )
@@ -260,6 +309,11 @@ def nonfinite_notice(
         head = f"optimizer step {step} skipped: its gradients hold NaN/Inf values"
     elif skipped_now:
         head = f"optimizer step {step}: its gradients hold NaN/Inf values and were zeroed"
+    elif cfg.nonfinite == "skip":  # folded (found_inf): found when the counters were read
+        head = (
+            "NaN/Inf gradients: the fused optimizer skipped some of the optimizer steps up to "
+            f"{step}"
+        )
     else:  # "zero" off the CPU: found when the device counters were read
         head = f"NaN/Inf gradients were zeroed at some of the optimizer steps up to {step}"
     return (

@@ -40,6 +40,14 @@ Modes:
     so the step stays healthy for the first 901 calls.  ``adaptive-zscore``: the same with
     ``ZScoreThreshold()`` (ZClip's defaults; its rule judges this step's norm, so it measures
     it first: two reads), primed with norms 0.9x and 1.1x the real one.
+    ``fold``: a whole clip + optimizer step with ``AdamW(fused=True)`` (lr 1e-6, on
+    ``randn`` weights), ``max_norm = 0.5 x`` the total norm, four ways on one optimizer:
+    ``GradStabOptimizer`` with the clip folded into the fused step (``fold=True``: one read,
+    the coefficient in ``grad_scale``), the same with the explicit clip (``fold=False``: one
+    read, one read+write, then the step), ``torch.nn.utils.clip_grad_norm_`` then the step,
+    and the unclipped step alone; the gradients are restored (untimed) after each clipped
+    call. Its floor is the unclipped step plus one read; "torch/gradstab" of the explicit row
+    is explicit / folded.
 
 On CUDA (``--device cuda``; CUDA events time each call) three things are added, and the CPU
 run is unchanged: the ``llama1b`` set (Llama 3.2 1B, 1.24 B parameters; timed by default only on

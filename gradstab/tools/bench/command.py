@@ -109,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_csv(MODES),
         default=None,
         help="modes, comma-separated: healthy, clip, stats, value, agc, agc-healthy, "
-        "adaptive, adaptive-zscore (default: healthy,clip)",
+        "adaptive, adaptive-zscore, fold (default: healthy,clip)",
     )
     parser.add_argument(
         "--repeats",

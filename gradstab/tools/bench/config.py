@@ -10,7 +10,9 @@ import torch
 
 AGC_MODES = ("agc", "agc-healthy")
 ADAPTIVE_MODES = ("adaptive", "adaptive-zscore")
-MODES = ("healthy", "clip", "stats", "value", *AGC_MODES, *ADAPTIVE_MODES)
+#: Modes that time an optimizer step (clip + fused AdamW step), not the clip alone.
+STEP_MODES = ("fold",)
+MODES = ("healthy", "clip", "stats", "value", *AGC_MODES, *ADAPTIVE_MODES, *STEP_MODES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Default timed rounds per set, chosen so ``--set all`` (fp32 and bf16, healthy and

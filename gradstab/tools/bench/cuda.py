@@ -51,6 +51,9 @@ _TRAFFIC = {
     "agc-healthy": 2,
     "adaptive": 1,
     "adaptive-zscore": 1,
+    # read the norm; AdamW reads weight, gradient, 2 moments, writes weight, 2 moments and
+    # (grad_scale given) the gradient
+    "fold": 9,
 }
 #: The baseline each mode's ratio is reported against in the CUDA summary.
 _SUMMARY_BASELINE = {
@@ -59,6 +62,7 @@ _SUMMARY_BASELINE = {
     "agc-healthy": "timm-style loop",
     "adaptive": "fixed threshold",
     "adaptive-zscore": "fixed threshold",
+    "fold": "gradstab explicit (clip + step)",
 }
 
 

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 import gradstab
 from gradstab.adaptive import AdaptiveThreshold, PercentileThreshold, ZScoreThreshold
 from gradstab.adaptive import clip_ as adaptive_clip_
-from gradstab.tools.bench.config import ADAPTIVE_MODES, AGC_MODES, NORM_RTOL, BenchError
+from gradstab.tools.bench.config import (
+    ADAPTIVE_MODES,
+    AGC_MODES,
+    NORM_RTOL,
+    STEP_MODES,
+    BenchError,
+)
 from gradstab.tools.bench.sets import Shapes
 from gradstab.tools.bench.timing import Contestant, Result
 
@@ -146,6 +152,8 @@ def core_contestants(
         return _agc_contestants(mode, params, flat)
     if mode in ADAPTIVE_MODES:
         return _adaptive_contestants(mode, params, flat, total)
+    if mode in STEP_MODES:
+        return _fold_contestants(params, flat, total)
     grads = [p.grad for p in params]
     clip_fn = torch.nn.utils.clip_grad_norm_
     floors = [
@@ -238,6 +246,9 @@ def check_mode(
     if mode in ADAPTIVE_MODES:
         _adaptive_check(mode, where, params, total)
         return
+    if mode in STEP_MODES:
+        _fold_check(where, params, total)
+        return
     grads = [p.grad for p in params]
     if mode == "clip":
         gradstab.clip_grad_norm_(params, 0.5 * total)
@@ -266,9 +277,12 @@ def floor_ms(mode: str, rows: Sequence[Result]) -> float:
     ``healthy`` and ``stats`` read every gradient once: one read (the faster of
     ``flat.sum`` and ``flat.amax``).  ``value`` reads and writes once: ``flat.mul_``.
     ``clip`` must know the norm before writing anything, so (unless the gradients fit in
-    cache) it reads once and then reads and writes once: read + read+write.
+    cache) it reads once and then reads and writes once: read + read+write. ``fold``: the
+    unclipped optimizer step plus one read (the norm).
     """
     read = min(r.median_ms for r in rows if r.floor == "read")
+    if mode in STEP_MODES:
+        return read + min(r.median_ms for r in rows if r.floor == "step")
     if mode in AGC_MODES:  # the weights are read too (same bytes as the gradients here)
         if mode == "agc-healthy":
             return 2 * read
@@ -434,3 +448,61 @@ def _adaptive_check(mode: str, where: str, params: list[nn.Parameter], total: fl
         raise BenchError(f"{where}: adaptive clip_ returned norm {got}, expected {total}")
     if not all(torch.equal(a, b) for a, b in zip(grads, before)):
         raise BenchError(f"{where}: the primed adaptive threshold clipped a healthy step")
+
+
+#: ``fold``: the learning rate of the timed AdamW steps (tiny: the weights barely move).
+FOLD_LR = 1e-6
+
+
+def _fold_contestants(params: list[nn.Parameter], flat: Tensor, total: float) -> list[Contestant]:
+    """Clip + fused AdamW step, four ways, on one optimizer (one set of moments).
+
+    Every call clips (``max_norm = 0.5 x`` the total norm); the gradients are restored
+    (untimed) after each call, since a clipped step leaves them scaled.
+    """
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+    max_norm = 0.5 * total
+    inner = torch.optim.AdamW(params, lr=FOLD_LR, fused=True)
+    folded = gradstab.GradStabOptimizer(inner, max_norm=max_norm, fold=True)
+    explicit = gradstab.GradStabOptimizer(inner, max_norm=max_norm, fold=False)
+
+    def restore() -> None:
+        torch._foreach_copy_(grads, saved)
+
+    def torch_clip_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        inner.step()
+
+    return [
+        Contestant("gradstab folded (clip + step)", "gradstab", folded.step, restore),
+        Contestant("gradstab explicit (clip + step)", "baseline", explicit.step, restore),
+        Contestant("torch clip_grad_norm_ + step", "baseline", torch_clip_step, restore),
+        Contestant("AdamW step alone (no clip)", "floor", inner.step, floor="step"),
+        Contestant("floor: read (flat.sum)", "floor", flat.sum, floor="read"),
+        Contestant("floor: read (flat.amax)", "floor", flat.amax, floor="read"),
+    ]
+
+
+def _fold_check(where: str, params: list[nn.Parameter], total: float) -> None:
+    """One explicit and one folded clip + step (throwaway AdamW optimizers): each leaves the
+    clipped gradients in ``.grad``, the original ones times the coefficient (checked on the
+    first and the last tensor). The gradients are restored after each; the weights moved by a
+    step of lr 1e-6."""
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+    max_norm = 0.5 * total
+    coef = min(1.0, max_norm / (total + 1e-6))
+    rtol = 1e-6 if grads[0].dtype == torch.float32 else 2**-7
+    for fold in (False, True):
+        opt = gradstab.GradStabOptimizer(
+            torch.optim.AdamW(params, lr=FOLD_LR, fused=True), max_norm=max_norm, fold=fold
+        )
+        opt.step()
+        for i in (0, len(grads) - 1):
+            if not torch.allclose(grads[i].double(), saved[i].double() * coef, rtol=rtol, atol=0):
+                raise BenchError(
+                    f"{where}: after a {'folded' if fold else 'explicit'} clip + step, tensor "
+                    f"{i}'s .grad is not the original times {coef:.6g}"
+                )
+        torch._foreach_copy_(grads, saved)

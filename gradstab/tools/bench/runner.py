@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gradstab.tools.bench.config import AGC_MODES, DTYPES
+from gradstab.tools.bench.config import AGC_MODES, DTYPES, STEP_MODES
 from gradstab.tools.bench.cuda import cuda_contestants, make_rotation_copies, rotation_copies
 from gradstab.tools.bench.modes import (
     Outliers,
@@ -70,8 +70,8 @@ def bench_one(
     shapes = {**PARAM_SETS, **GPU_SETS}[set_name]()
     dtype = DTYPES[dtype_name]
     params = make_params(shapes, dtype, device, seed)
-    if any(m in AGC_MODES for m in modes):
-        fill_weights(params, seed)
+    if any(m in AGC_MODES or m in STEP_MODES for m in modes):
+        fill_weights(params, seed)  # AGC and the optimizer steps read the weights
     grads = [p.grad for p in params]
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     where = f"{set_name}/{dtype_name}"

@@ -67,4 +67,6 @@ over a flat fp32 buffer of the same bytes; the floor of healthy and stats is one
 clip one read plus one read+write (the norm must be known before anything is written).
 GB/s = gradient bytes / median (bytes of one pass over the gradients).
 The "torch" of agc modes is the timm-style loop; of adaptive modes, gradstab with a fixed
-threshold (there the ratio is fixed / adaptive: below 1, adapting costs that much more)."""
+threshold (there the ratio is fixed / adaptive: below 1, adapting costs that much more).
+fold times clip + AdamW(fused=True) step: its floor is the unclipped step plus one read, and
+its ratios are over the folded step (the explicit gradstab clip + step, torch's)."""
