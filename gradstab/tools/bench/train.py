@@ -1,9 +1,19 @@
 """``python -m gradstab bench --train``: what clipping and monitoring add to a Lightning step.
 
-One small Lightning training loop (an MLP of ``--train-depth`` hidden layers of width
-``--train-width``, AdamW, batches of 64, CSV logging every 50 steps) is timed three ways in
-the same process, the variants alternating round by round (the first one rotating) so that a
-noisy machine slows them all alike:
+One small Lightning training loop (CSV logging every 50 steps) is timed three ways in the same
+process, the variants alternating round by round (the first one rotating) so that a noisy
+machine slows them all alike.  The model (``--train-model``):
+
+- ``mlp`` (default): an MLP of ``--train-depth`` hidden layers of width ``--train-width``
+  (8 x 64, tanh), MSE regression, torch's default AdamW, batches of 64;
+- ``transformer``: a GPT-2-like decoder built from ``torch.nn`` only
+  (:class:`~gradstab.tools.bench.train_models.TransformerSpec`; by default 4 pre-LayerNorm
+  blocks, d_model 128, 4 heads, 64 tokens, vocabulary 512, tied LM head, batch 16: 52
+  tensors, 867,072 parameters), next-token cross-entropy on generated token sequences, and
+  ``AdamW(fused=True)`` where torch has a fused AdamW for the device (the CPU since torch
+  2.4), else torch's default AdamW; the report and the JSON name the optimizer used.
+
+The variants:
 
 - ``none``: no clipping, no gradient monitoring;
 - ``lightning``: ``Trainer(gradient_clip_val=1.0)`` plus Lightning's per-layer gradient norms
@@ -13,19 +23,34 @@ noisy machine slows them all alike:
   which clips every step and logs the same per-layer norms (plus max-abs and the clip
   statistics) every 50 steps.
 
-Every variant starts from the same weights and sees the same batches.  A step is timed from
-the start of one training batch to the start of the next (forward, backward, hooks, clipping,
-optimizer step, logging, data loading), the first ``--warmup`` steps of every fit excluded, on
-two clocks: wall time, and the CPU time of this process (``time.process_time``), which other
-processes on a shared machine disturb much less.  The report gives per-step medians, each
-variant's overhead over ``none`` (difference of medians), and the ratio of gradstab's overhead
-to Lightning's (the target on CPU: at most 1/3).  The final parameters of ``lightning`` and
-``gradstab`` in the first round must agree (both clip the global norm to 1.0), and gradstab
-must have clipped, or the run fails.
+(``--train-max-norm`` changes the bound 1.0 of both clipping variants.)  Every variant starts
+from the same weights and sees the same batches.  A step is timed from the start of one
+training batch to the start of the next (forward, backward, hooks, clipping, optimizer step,
+logging, data loading), the first ``--warmup`` steps of every fit excluded, on two clocks: wall
+time, and the CPU time of this process (``time.process_time``), which other processes on a
+shared machine disturb much less.  The report gives per-step medians, each variant's overhead
+over ``none`` (difference of medians), and the ratio of gradstab's overhead to Lightning's
+(the target on CPU: at most 1/3).
+
+``--device cuda`` (or ``cuda:N``) trains on that GPU (``Trainer(accelerator="gpu")``), the
+batches made on the GPU before the fit, and calls ``torch.cuda.synchronize()`` before each
+timestamp, so each interval holds one whole step, its GPU work included.  The ``cpu`` clock is
+then the host's CPU time, which includes the host's wait in ``synchronize`` where the driver
+spins.  Without a CUDA device ``--device cuda`` exits with status 2 and says so.  The header
+and the JSON (``meta.device``) record the device.
+
+Correctness: in the first round the parameters of ``lightning`` and ``gradstab`` must agree
+(both clip the global norm to the same bound) -- the final ones for the MLP (rtol 1e-4, atol
+1e-5), those after 50 steps for the transformer (rtol 1e-3, atol 1e-4: the two runs' clip
+coefficients differ in their last bits, and fused AdamW and the model amplify that faster than
+linearly; :func:`check_plan` gives the measurements) -- and gradstab must have clipped, or the
+run fails (exit status 1) before reporting any timing.
 
 Example:
     $ python -m gradstab bench --train --quick
     $ python -m gradstab bench --train --repeats 7 --json train.json
+    $ python -m gradstab bench --train --train-model transformer --repeats 3 --train-steps 60
+    $ python -m gradstab bench --train --device cuda --train-model transformer
 """
 
 from __future__ import annotations
