@@ -15,7 +15,9 @@
 #   (Nsight Compute DRAM bytes of a healthy and a clipping call, clip_norm and adaptive_clip,
 #   checked by ncu_summary.py: a healthy call writes ~nothing, and a filter that profiles no
 #   kernel fails); bench_more (AGC, adaptive thresholds, the 1B-parameter bf16 set); train (the
-#   GPU training-loop benchmark: python -m gradstab bench --train --device cuda).
+#   GPU training-loop benchmark on a small GPT-2-like decoder with fused AdamW: python -m
+#   gradstab bench --train --device cuda --train-model transformer; 6 rounds x 200 steps x 3
+#   variants).
 # PHASE=all adds racecheck (the kernels use no shared memory, so it is expected to find nothing)
 #   and runs both phases: longer than one command's 10 minutes.
 #
@@ -149,7 +151,8 @@ if want bench_more; then
 fi
 
 if want train; then
-  run_step train $PY -m gradstab bench --train --device cuda --json "$LOGDIR/train.json"
+  run_step train $PY -m gradstab bench --train --device cuda --train-model transformer \
+    --json "$LOGDIR/train.json"
 fi
 
 echo
