@@ -325,6 +325,24 @@ def test_vanishing_needs_a_sustained_run(run_length, sustain, flagged):
     assert {r.name: r for r in d.layers}["w2"].vanishing_steps == run_length
 
 
+def test_rms_metric_counts_only_the_nonzero_elements():
+    # hand-made: four (10, 10) weights of norm 10; l1's gradient is 96% exact zeros (dead
+    # units), so its rms over the 4 nonzero elements is 10 / sqrt(4) = 5, not 10 / sqrt(100) = 1;
+    # a zero fraction that is NaN (not recorded) counts every element
+    names = [f"l{i}.weight" for i in range(4)]
+    rows = [[10.0, 10.0, 10.0, 10.0]] * 4
+    data = _data(rows, names, [(10, 10)] * 4)
+    zf = torch.zeros(4, 4, dtype=torch.float64)
+    zf[:, 1] = 0.96
+    zf[:, 2] = math.nan
+    data.zero_fraction = zf
+    d = diagnose(data)
+    assert d.metric == "rms"
+    got = {r.name: r.median_metric for r in d.layers}
+    assert got["l1.weight"] == pytest.approx(5.0)
+    assert got["l0.weight"] == got["l2.weight"] == pytest.approx(1.0)
+
+
 def test_vanish_threshold_is_in_decades_against_the_group_median():
     names = ["a.weight", "b.weight", "c.weight", "d.weight", "a.bias", "b.bias", "c.bias"]
     # biases are 100x smaller than weights (own group: not vanishing); b.weight is 10^-2.5
