@@ -8,15 +8,6 @@
 namespace gradstab {
 namespace {
 
-// torch.nn.Parameter, looked up once (with the GIL held) and kept for the process.
-PyTypeObject* parameter_type() {
-  static PyTypeObject* type = [] {
-    pybind11::object cls = pybind11::module_::import("torch.nn").attr("Parameter");
-    return reinterpret_cast<PyTypeObject*>(cls.release().ptr());
-  }();
-  return type;
-}
-
 bool plain_grad(const at::Tensor& g, at::DeviceType device_type) {
   return g.device().type() == device_type && g.layout() == at::kStrided &&
          !g.key_set().has(c10::DispatchKey::Python) && !g.is_neg() && !g.is_conj();
@@ -25,7 +16,9 @@ bool plain_grad(const at::Tensor& g, at::DeviceType device_type) {
 }  // namespace
 
 const at::Tensor* plain_tensor(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj) && Py_TYPE(obj) != parameter_type()) return nullptr;
+  // CheckExact: exactly torch.Tensor or torch.nn.Parameter (torch treats the two alike), no
+  // other subclass.
+  if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (t.key_set().has(c10::DispatchKey::Python)) return nullptr;
   return &t;
