@@ -41,7 +41,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["UnitDim", "agc_unit_dims", "unit_dims"]
+__all__ = ["UnitDim", "agc_unit_dims", "unit_axis_first", "unit_dims"]
 
 #: What ``adaptive_clip_grad_(..., unit_dim=)`` takes: one axis for every parameter, a mapping
 #: ``{parameter: axis}`` (parameters not in it: 0), or a callable ``parameter -> axis or None``.
@@ -177,3 +177,22 @@ def unit_dims(params: Sequence[Tensor], unit_dim: UnitDim, fn: str) -> list[int]
             )
         out.append(int(d) % n)
     return out
+
+
+def unit_axis_first(
+    grads: Sequence[Tensor], weights: Sequence[Tensor], dims: Sequence[int]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The gradients and weights as ``adaptive_clip`` takes them (dim 0 is the unit axis):
+    ``transpose(0, d)`` views where a parameter's unit axis ``d`` (from :func:`unit_dims`) is
+    not 0.
+
+    Example:
+        >>> import torch
+        >>> from gradstab.agc_units import unit_axis_first
+        >>> gs, ws = unit_axis_first([torch.zeros(3, 4)], [torch.ones(3, 4)], [1])
+        >>> gs[0].shape, ws[0].shape
+        (torch.Size([4, 3]), torch.Size([4, 3]))
+    """
+    gs = [g.transpose(0, d) if d else g for g, d in zip(grads, dims)]
+    ws = [w.transpose(0, d) if d else w for w, d in zip(weights, dims)]
+    return gs, ws

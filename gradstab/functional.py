@@ -58,7 +58,7 @@ from gradstab._common import (
 from gradstab._devices import clip_by_total, combined_stats, in_order, moved_bound
 from gradstab._extension import OP_CODES, cpu_fast_path, cuda_fast_path, warn_if_fallback
 from gradstab._library import OPS
-from gradstab.agc_units import UnitDim, agc_unit_dims, unit_dims
+from gradstab.agc_units import UnitDim, agc_unit_dims, unit_axis_first, unit_dims
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -691,13 +691,9 @@ def adaptive_clip_grad_(
         empty = torch.zeros((0,))
         zeros = torch.zeros((0,), dtype=torch.int64)
         return AGCStats(empty, zeros, zeros.clone(), torch.tensor(0.0))
-    grads, weights = [], []
-    for q, d in zip(with_grad, dims):
-        g, w = q.grad, q.detach()
-        if d:  # the kernels take dim 0 as the unit axis: a view with the unit axis first
-            g, w = g.transpose(0, d), w.transpose(0, d)
-        grads.append(g)
-        weights.append(w)
+    grads, weights = unit_axis_first(
+        [q.grad for q in with_grad], [q.detach() for q in with_grad], dims
+    )
     groups = by_device(grads)
     outs = []
     for d, ix in groups:

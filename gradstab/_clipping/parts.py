@@ -23,6 +23,7 @@ from gradstab._common import EPS
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
 from gradstab.adaptive import AdaptiveThreshold
+from gradstab.agc_units import unit_axis_first
 
 if TYPE_CHECKING:
     pass
@@ -329,22 +330,6 @@ class Part:
         return post
 
 
-def _unit_axis_first(
-    grads: list[Tensor], params: list[Tensor], axes: dict[int, int]
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The gradients and weights for ``adaptive_clip``, which takes dim 0 as the unit axis:
-    views with the unit axis first where ``axes`` (``id(param) -> dim``) names another."""
-    weights = [q.detach() for q in params]
-    if not axes:
-        return grads, weights
-    gs, ws = [], []
-    for g, w, q in zip(grads, weights, params):
-        d = axes.get(id(q), 0)
-        gs.append(g.transpose(0, d) if d else g)
-        ws.append(w.transpose(0, d) if d else w)
-    return gs, ws
-
-
 def _run_part(
     job: Job,
     p: float,
@@ -433,7 +418,10 @@ def _run_part(
             results.append(OPS["normalize_per_layer"](gs, bd, p, EPS))
         elif kind == "agc":
             assert isinstance(bound, float)
-            ags, aws = _unit_axis_first(gs, ps, job.unit.unit_dims)
+            axes = job.unit.unit_dims
+            ags, aws = unit_axis_first(
+                gs, [q.detach() for q in ps], [axes.get(id(q), 0) for q in ps]
+            )
             results.append(OPS["adaptive_clip"](ags, aws, bound, agc_eps, p))
         else:
             results.append(OPS["grad_stats"](gs, p))
