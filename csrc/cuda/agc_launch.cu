@@ -15,50 +15,20 @@ namespace gradstab {
 namespace cuda {
 namespace {
 
-constexpr int kAgcMaxDevices = 64;
-
-// Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
-std::atomic<int> g_agc_reduce_per_sm[kAgcMaxDevices];
-std::atomic<int> g_agc_scale_per_sm[kAgcMaxDevices];
-std::atomic<int> g_agc_sms[kAgcMaxDevices];
-
-int agc_grid_for(int device, int64_t items, int max_blocks, const void* kernel,
-                 std::atomic<int>* per_sm_cache) {
-  int sms = 0, per_sm = 0;
-  const bool cached = device >= 0 && device < kAgcMaxDevices;
-  if (cached) {
-    sms = g_agc_sms[device].load(std::memory_order_relaxed);
-    per_sm = per_sm_cache[device].load(std::memory_order_relaxed);
-  }
-  if (sms <= 0) {
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      sms = 1;
-    }
-    if (cached) g_agc_sms[device].store(sms);
-  }
-  if (per_sm <= 0) {
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      per_sm = 1;
-    }
-    per_sm = per_sm < 1 ? 1 : per_sm;
-    if (cached) per_sm_cache[device].store(per_sm);
-  }
-  return persistent_grid(items, static_cast<int64_t>(sms) * per_sm, max_blocks);
-}
+// Resident blocks per SM of each kernel, per device (resident_grid, norm_launch.cu, fills them).
+std::atomic<int> g_agc_reduce_per_sm[kGridDevices];
+std::atomic<int> g_agc_scale_per_sm[kGridDevices];
 
 }  // namespace
 
 int agc_reduce_grid(int device, int64_t items, int max_blocks) {
-  return agc_grid_for(device, items, max_blocks,
-                      reinterpret_cast<const void*>(&agc_reduce_kernel), g_agc_reduce_per_sm);
+  return resident_grid(device, items, max_blocks,
+                       reinterpret_cast<const void*>(&agc_reduce_kernel), g_agc_reduce_per_sm);
 }
 
 int agc_scale_grid(int device, int64_t items, int max_blocks) {
-  return agc_grid_for(device, items, max_blocks, reinterpret_cast<const void*>(&agc_scale_kernel),
-                      g_agc_scale_per_sm);
+  return resident_grid(device, items, max_blocks,
+                       reinterpret_cast<const void*>(&agc_scale_kernel), g_agc_scale_per_sm);
 }
 
 cudaError_t launch_agc_reduce(const AgcParams& params, int grid, cudaStream_t stream) {

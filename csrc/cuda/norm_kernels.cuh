@@ -39,6 +39,7 @@
 // benchmarks/gpu/run_gpu_checks.sh).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/codes.h"
@@ -176,6 +177,14 @@ inline int persistent_grid(int64_t work, int64_t resident, int max_blocks) {
   if (max_blocks > 0 && grid > max_blocks) grid = max_blocks;
   return static_cast<int>(grid < 1 ? 1 : grid);
 }
+
+// The persistent grid of `kernel` on `device` (norm_launch.cu; the AGC launches use it too):
+// the device's SM count (cached per device) times the kernel's resident blocks per SM from the
+// occupancy API (cached in `per_sm_cache`, kGridDevices entries, one array per kernel), then
+// persistent_grid. Devices beyond kGridDevices are asked every time.
+constexpr int kGridDevices = 64;
+int resident_grid(int device, int64_t work, int max_blocks, const void* kernel,
+                  std::atomic<int>* per_sm_cache);
 
 // Blocks of kThreads threads for the write-back of `numel` elements (a grid-stride loop).
 inline int writeback_grid(int64_t numel) {

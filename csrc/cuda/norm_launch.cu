@@ -15,17 +15,19 @@ namespace gradstab {
 namespace cuda {
 namespace {
 
-constexpr int kMaxDevices = 64;
+// The SM count of each device and the resident blocks per SM of each kernel, per device
+// (computed once; racing writers agree).
+std::atomic<int> g_sms[kGridDevices];
+std::atomic<int> g_reduce_per_sm[kGridDevices];
+std::atomic<int> g_scale_per_sm[kGridDevices];
 
-// Resident blocks per SM of each kernel, per device (computed once; racing writers agree).
-std::atomic<int> g_reduce_per_sm[kMaxDevices];
-std::atomic<int> g_scale_per_sm[kMaxDevices];
-std::atomic<int> g_sms[kMaxDevices];
+}  // namespace
 
-int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel,
-             std::atomic<int>* per_sm_cache) {
+int resident_grid(int device, int64_t work, int max_blocks, const void* kernel,
+                  std::atomic<int>* per_sm_cache) {
   int sms = 0, per_sm = 0;
-  if (device >= 0 && device < kMaxDevices) {
+  const bool cached = device >= 0 && device < kGridDevices;
+  if (cached) {
     sms = g_sms[device].load(std::memory_order_relaxed);
     per_sm = per_sm_cache[device].load(std::memory_order_relaxed);
   }
@@ -34,7 +36,7 @@ int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel
       (void)cudaGetLastError();
       sms = 1;
     }
-    if (device >= 0 && device < kMaxDevices) g_sms[device].store(sms);
+    if (cached) g_sms[device].store(sms);
   }
   if (per_sm <= 0) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) !=
@@ -43,21 +45,19 @@ int grid_for(int device, int64_t total_units, int max_blocks, const void* kernel
       per_sm = 1;
     }
     per_sm = per_sm < 1 ? 1 : per_sm;
-    if (device >= 0 && device < kMaxDevices) per_sm_cache[device].store(per_sm);
+    if (cached) per_sm_cache[device].store(per_sm);
   }
-  return persistent_grid(total_units, static_cast<int64_t>(sms) * per_sm, max_blocks);
+  return persistent_grid(work, static_cast<int64_t>(sms) * per_sm, max_blocks);
 }
 
-}  // namespace
-
 int reduce_grid(int device, int64_t total_units, int max_blocks) {
-  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&reduce_kernel),
-                  g_reduce_per_sm);
+  return resident_grid(device, total_units, max_blocks,
+                       reinterpret_cast<const void*>(&reduce_kernel), g_reduce_per_sm);
 }
 
 int scale_grid(int device, int64_t total_units, int max_blocks) {
-  return grid_for(device, total_units, max_blocks, reinterpret_cast<const void*>(&scale_kernel),
-                  g_scale_per_sm);
+  return resident_grid(device, total_units, max_blocks,
+                       reinterpret_cast<const void*>(&scale_kernel), g_scale_per_sm);
 }
 
 cudaError_t launch_reduce(const Params& params, int grid, cudaStream_t stream) {
