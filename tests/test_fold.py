@@ -425,7 +425,13 @@ def test_folded_skip_path_reads_nothing_on_the_host(kind, adaptive, monkeypatch)
 
 
 def test_the_guard_catches_the_explicit_skips_host_read(monkeypatch):
-    """The same loop with fold=False reads the skip flag on the host: the guard sees it."""
+    """The same loop with fold=False reads the skip flag on the host: the guard sees it.
+
+    As off the CPU: a CPU step whose flags are free to read takes them on the host anyway.
+    """
+    from gradstab import _clipping  # noqa: PLC0415
+
+    monkeypatch.setattr(_clipping.step, "_host_read_is_free", lambda parts: False)
     model = make_model()
     opt = GradStabOptimizer(
         make_inner("adamw", model.parameters()), max_norm=MAX_NORM, nonfinite="skip", fold=False

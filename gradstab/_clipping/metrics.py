@@ -80,14 +80,15 @@ def record_history(
         n, m, c, t = part.stats
         if part.kind == "agc":  # the op returns clipped-unit counts, not max-abs
             m = torch.full_like(n, math.nan)
-        flat = [g for gs in part.grads for g in gs]
         sel = [i for i, nm in enumerate(part.names) if nm in known]
         if not sel:
             continue
+        # the gradients only where the extras need them (a shortcut step lists them on demand)
+        flat = [g for gs in part.grads for g in gs] if cfg.history_extras else []
         if len(sel) < len(part.names):
             idx = cached_index(plan.cache, sel, n.device)
             n, m, c = n.index_select(0, idx), m.index_select(0, idx), c.index_select(0, idx)
-            flat = [flat[i] for i in sel]
+            flat = [flat[i] for i in sel] if flat else flat
         stats_list.append((n, m, c, t))
         names += [part.names[i] for i in sel]
         grads += flat
@@ -143,7 +144,7 @@ def step_metrics(
             coef = torch.zeros_like(coef)
         blocks: list[tuple[list[str], Tensor]] = [
             ([keys["total"], keys["post"], keys["coef"]], torch.stack((pre, post, coef))),
-            (["pending"] * 3, state.pending.to(dev0, _F64)),  # type: ignore[union-attr]
+            (["pending"] * 3, _pending(state, dev0)),
         ]
         # thresholds: the bound in force and an adaptive threshold's statistics
         for unit, uparts, thr in unit_logs:
@@ -191,6 +192,13 @@ def step_metrics(
     state.window_clipped = 0
     state.last_metrics = out
     return out
+
+
+def _pending(state: ClipState, device: torch.device) -> Tensor:
+    """The device counters not yet read, float64 (zeros where the step counted on the host)."""
+    if state.pending is None:
+        return torch.zeros(3, dtype=_F64, device=device)
+    return state.pending.to(device, _F64)
 
 
 def _per_layer_blocks(

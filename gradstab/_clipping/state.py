@@ -137,6 +137,17 @@ class ClipState:
         else:
             self.head.add_(torch.stack((clipped, nonfinite)))  # type: ignore[union-attr]
 
+    def count(self, clipped: bool, nonfinite: bool, scaler_skips: bool) -> None:
+        """Count one step on the host (where reading its flags was free): ``clipped`` on a
+        finite step, ``nonfinite`` gradients, skipped by a GradScaler (``scaler_skips``)."""
+        c = int(clipped and not nonfinite)
+        self.clipped_steps += c
+        self.window_clipped += c
+        if nonfinite:
+            self.nonfinite_steps += 1
+            if scaler_skips:
+                self.skipped_steps += 1
+
     def __getstate__(self) -> dict[str, Any]:
         self.flush()
         return {**self.__dict__, "pending": None, "head": None}

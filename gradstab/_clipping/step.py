@@ -24,6 +24,7 @@ from gradstab.adaptive import AdaptiveThreshold
 
 if TYPE_CHECKING:
     from gradstab.diagnosis import GradHistory
+from gradstab._clipping import shortcut
 from gradstab._clipping.config import ClipConfig
 from gradstab._clipping.fold import FoldRequest, fold_unit
 from gradstab._clipping.metrics import record_history, step_metrics
@@ -72,7 +73,104 @@ def _find_nonfinite(jobs: Sequence[Job], p: float, step: int | None) -> RuntimeE
 
 def _host_read_is_free(parts: Sequence[Part]) -> bool:
     """Whether reading a flag on the host costs no device synchronization (all on the CPU)."""
-    return all(gs[0].device.type == "cpu" for part in parts for gs in part.grads if gs)
+    for part in parts:
+        if isinstance(part.grads, shortcut.LazyGrads):  # one device: that of the statistics
+            if part.stats[0].device.type != "cpu":
+                return False
+        elif any(gs and gs[0].device.type != "cpu" for gs in part.grads):
+            return False
+    return True
+
+
+def _run_units(
+    cfg: ClipConfig,
+    state: ClipState,
+    plan: Plan,
+    parts: list[Part],
+    unit_logs: list[tuple[Unit, list[Part], AdaptiveThreshold | None]],
+    *,
+    check: bool,
+    step: int | None,
+    grad_scale: Tensor | None,
+    fold: FoldRequest | None,
+    with_max_abs: bool,
+) -> None:
+    """Every unit through the ops (the dispatcher path), into ``parts`` and ``unit_logs``."""
+    p = cfg.norm_type
+    jobs = make_jobs(cfg, plan)
+    # One norm-clipped job in one fused op: its kernel checks the total before writing anything
+    # (error_if_nonfinite).  Otherwise a read-only check must come before any gradient changes.
+    kernel_checks = (
+        check
+        and fold is None
+        and len(jobs) == 1
+        and jobs[0].kind == "norm"
+        and jobs[0].lay is None
+        and not needs_two_phase("norm", jobs[0].per_dev)
+    )
+    if check and not kernel_checks and fold is None:
+        err = _find_nonfinite(jobs, p, step)
+        if err is not None:
+            raise err
+
+    def check_stats(stats: Stats, names: list[str]) -> None:  # a folded "raise": one read
+        if bool(stats[2].any()):  # host read: "raise" asked for it
+            raise _nonfinite_error(stats[2].tolist(), names, step)
+
+    by_unit: dict[int, list[Job]] = {}
+    for job in jobs:
+        by_unit.setdefault(id(job.unit), []).append(job)
+    try:
+        for ujobs in by_unit.values():
+            if fold is not None:
+                uparts, thr = fold_unit(
+                    cfg,
+                    state,
+                    plan,
+                    ujobs[0].unit,
+                    ujobs,
+                    request=fold,
+                    grad_scale=grad_scale,
+                    with_max_abs=with_max_abs,
+                    check=check_stats if check else None,
+                )
+            else:
+                uparts, thr = run_unit(
+                    cfg,
+                    state,
+                    plan,
+                    ujobs[0].unit,
+                    ujobs,
+                    grad_scale=grad_scale,
+                    error_if_nonfinite=kernel_checks,
+                    with_max_abs=with_max_abs,
+                )
+            parts += uparts
+            unit_logs.append((ujobs[0].unit, uparts, thr))
+    except RuntimeError as exc:
+        err = _find_nonfinite(jobs, p, step) if kernel_checks else None
+        if err is not None:  # the kernel refused before writing: name the parameter
+            raise err from exc
+        raise  # not about a NaN/Inf (or the norm overflowed): the kernel's own message
+
+
+def _device_flags(parts: Sequence[Part], state: ClipState, scaler_skips: bool) -> Tensor:
+    """The step's non-finite flag (0-d bool on the first part's device), counted with whether
+    it clipped on the device (no host read)."""
+    dev0 = parts[0].stats[0].device
+    if len(parts) == 1:
+        flag = parts[0].stats[2].any()
+    else:
+        flag = torch.stack([part.stats[2].any().to(dev0) for part in parts]).any()
+    clipped = None
+    for part in parts:
+        c = part.clipped()
+        if c is not None:
+            clipped = c.to(dev0) if clipped is None else clipped | c.to(dev0)
+    # clipped on a finite step; for bools a > b is "a and not b", in one op
+    clipped = torch.zeros_like(flag) if clipped is None else torch.gt(clipped, flag)
+    state.add(clipped, flag, scaler_skips)
+    return flag
 
 
 def clip_step(
@@ -126,98 +224,58 @@ def clip_step(
             holds a NaN/Inf; no gradient has been changed then.
     """
     p = cfg.norm_type
-    jobs = make_jobs(cfg, plan)
     with_max_abs = cfg.mode == "value" or cfg.history > 0 or (log and cfg.log_per_layer)
-
     check = cfg.nonfinite == "raise" and not scaler_skips
-    # One norm-clipped job in one fused op: its kernel checks the total before writing anything
-    # (error_if_nonfinite).  Otherwise a read-only check must come before any gradient changes.
-    kernel_checks = (
-        check
-        and fold is None
-        and len(jobs) == 1
-        and jobs[0].kind == "norm"
-        and jobs[0].lay is None
-        and not needs_two_phase("norm", jobs[0].per_dev)
-    )
-    if check and not kernel_checks and fold is None:
-        err = _find_nonfinite(jobs, p, step)
-        if err is not None:
-            raise err
-
-    def check_stats(stats: Stats, names: list[str]) -> None:  # a folded "raise": one read
-        if bool(stats[2].any()):  # host read: "raise" asked for it
-            raise _nonfinite_error(stats[2].tolist(), names, step)
-
     parts: list[Part] = []
     unit_logs: list[tuple[Unit, list[Part], AdaptiveThreshold | None]] = []
-    by_unit: dict[int, list[Job]] = {}
-    for job in jobs:
-        by_unit.setdefault(id(job.unit), []).append(job)
-    try:
-        for ujobs in by_unit.values():
-            if fold is not None:
-                uparts, thr = fold_unit(
-                    cfg,
-                    state,
-                    plan,
-                    ujobs[0].unit,
-                    ujobs,
-                    request=fold,
-                    grad_scale=grad_scale,
-                    with_max_abs=with_max_abs,
-                    check=check_stats if check else None,
-                )
-                parts += uparts
-                unit_logs.append((ujobs[0].unit, uparts, thr))
-                continue
-            uparts, thr = run_unit(
-                cfg,
-                state,
-                plan,
-                ujobs[0].unit,
-                ujobs,
-                grad_scale=grad_scale,
-                error_if_nonfinite=kernel_checks,
-                with_max_abs=with_max_abs,
-            )
-            parts += uparts
-            unit_logs.append((ujobs[0].unit, uparts, thr))
-    except RuntimeError as exc:
-        err = _find_nonfinite(jobs, p, step) if kernel_checks else None
-        if err is not None:  # the kernel refused before writing: name the parameter
-            raise err from exc
-        raise  # not about a NaN/Inf (or the norm overflowed): the kernel's own message
+    fast = None
+    if fold is None and grad_scale is None:
+        try:
+            fast = shortcut.run(plan, p, check=check)
+        except RuntimeError as exc:  # the kernel refused a NaN/Inf before writing: name it
+            err = _find_nonfinite(make_jobs(cfg, plan), p, step) if check else None
+            if err is not None:
+                raise err from exc
+            raise
+    if fast is not None:
+        parts.append(fast)
+        unit_logs.append((plan.units[0], [fast], None))
+    else:
+        _run_units(
+            cfg,
+            state,
+            plan,
+            parts,
+            unit_logs,
+            check=check,
+            step=step,
+            grad_scale=grad_scale,
+            fold=fold,
+            with_max_abs=with_max_abs,
+        )
 
     state.steps += 1
     state.window_steps += 1
     if not parts:
         return False, (step_metrics(cfg, state, [], [], zeroed=False) if log else None)
 
-    dev0 = parts[0].stats[0].device
-    if len(parts) == 1:
-        flag = parts[0].stats[2].any()
-    else:
-        flag = torch.stack([part.stats[2].any().to(dev0) for part in parts]).any()
-    clipped = None
-    for part in parts:
-        c = part.clipped()
-        if c is not None:
-            clipped = c.to(dev0) if clipped is None else clipped | c.to(dev0)
-    # clipped on a finite step; for bools a > b is "a and not b", in one op
-    clipped = torch.zeros_like(flag) if clipped is None else torch.gt(clipped, flag)
     # a folded "skip" on the device: the optimizer skips the step, counted like a scaler's skip
     device_skip = (
         fold is not None and fold.skip_on_device and cfg.nonfinite == "skip" and not scaler_skips
     )
-    state.add(clipped, flag, scaler_skips or device_skip)
+    flag: bool | Tensor
+    if fast is not None and _host_read_is_free(parts):
+        flag, clipped_now = shortcut.host_flags(fast)
+        state.count(clipped_now, flag, scaler_skips)
+    else:
+        flag = _device_flags(parts, state, scaler_skips or device_skip)
     if fold is not None and fold.coef is not None and cfg.nonfinite == "zero":
         fold.coef = torch.where(flag.to(fold.coef.device), torch.ones_like(fold.coef), fold.coef)
 
     skip = False
     zeroed: bool | Tensor = False
     if cfg.nonfinite == "zero" and not scaler_skips:
-        if _host_read_is_free(parts):
+        if not isinstance(flag, Tensor) or _host_read_is_free(parts):
             zeroed = bool(flag)
             if zeroed:
                 state.policy_steps += 1
