@@ -1,8 +1,8 @@
 // Contract: the Python module gradstab._C. Importing it registers the compiled kernels (CPU, and
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
 // exposes build_info() for gradstab.backend_info(), OP_CODES (the shortcuts' op codes) and
-// cpu_fast_path() (csrc/cpu/fast_path.cpp)
-// for gradstab.functional (and, in a CUDA build, cuda_fast_path() and test hooks from
+// cpu_fast_path() (csrc/cpu/fast_path.cpp) for gradstab.functional, zscore_threshold() and
+// percentile_threshold() (csrc/cpu/thresholds.cpp) for gradstab.adaptive (and, in a CUDA build, cuda_fast_path() and test hooks from
 // csrc/cuda/fast_path.cpp).
 #include <torch/extension.h>
 
@@ -20,6 +20,7 @@ void register_fast_path(pybind11::module& m);  // cuda/fast_path.cpp
 namespace gradstab {
 namespace cpu {
 void register_fast_path(pybind11::module& m);  // fast_path.cpp
+void register_thresholds(pybind11::module& m);  // thresholds.cpp
 }  // namespace cpu
 }  // namespace gradstab
 
@@ -54,6 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this build of gradstab._C contains.");
   m.attr("OP_CODES") = op_codes();
   gradstab::cpu::register_fast_path(m);
+  gradstab::cpu::register_thresholds(m);  // the adaptive thresholds' rules on a CPU state
 #ifdef GRADSTAB_WITH_CUDA
   gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks
 #endif

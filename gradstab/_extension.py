@@ -22,6 +22,10 @@ _C = None
 cpu_fast_path = None
 #: ``gradstab._C.cuda_fast_path``, or None unless the extension was built with CUDA kernels.
 cuda_fast_path = None
+#: ``gradstab._C.zscore_threshold`` / ``percentile_threshold``: the adaptive thresholds' rules
+#: on a CPU state (see gradstab.adaptive), or None without the extension.
+zscore_threshold = None
+percentile_threshold = None
 #: ``{op name: code}`` of the two shortcuts, from the extension's one definition
 #: (csrc/common/codes.h); empty without the extension (filled in place when it loads).
 OP_CODES: dict[str, int] = {}
@@ -40,7 +44,7 @@ def _load() -> None:
 
 
 def _import_extension() -> None:
-    global _C, _load_error, cpu_fast_path, cuda_fast_path
+    global _C, _load_error, cpu_fast_path, cuda_fast_path, zscore_threshold, percentile_threshold
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
         _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"
         return
@@ -61,6 +65,8 @@ def _import_extension() -> None:
     _C = ext
     cpu_fast_path = getattr(ext, "cpu_fast_path", None)
     cuda_fast_path = getattr(ext, "cuda_fast_path", None)
+    zscore_threshold = getattr(ext, "zscore_threshold", None)
+    percentile_threshold = getattr(ext, "percentile_threshold", None)
     OP_CODES.update(getattr(ext, "OP_CODES", {}))
 
 

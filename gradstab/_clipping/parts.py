@@ -390,6 +390,13 @@ def _run_part(
                 reference._scale_(g, c)  # the kernels' rounding; skips c == 1 on the CPU
             k += len(gs)
         return Part(kind, names, grads, stats, b, above, grad_scale, shown, coefs)
+    if pre is not None and kind in ("norm", "layer"):  # measured: scale, no second read
+        if error_if_nonfinite and not bool(torch.isfinite(pre[3])):  # host read: "raise"
+            raise RuntimeError(  # the caller names the parameter; nothing was written
+                f"gradstab: the total norm of the gradients is non-finite ({float(pre[3])})"
+            )
+        _scale_by_norms(kind, grads, b, pre)
+        return Part(kind, names, grads, pre, b, above, grad_scale, shown)
     results = []
     for d, gs, _, ps, _ in per_dev:
         bd = None if b is None else b.to(d)
@@ -427,6 +434,19 @@ def _run_part(
             results.append(OPS["grad_stats"](gs, p))
     stats = _combine(results, p, d0)
     return Part(kind, names, grads, stats, b, above, grad_scale, shown)
+
+
+def _scale_by_norms(kind: str, grads: list[list[Tensor]], b: Tensor | None, pre: Stats) -> None:
+    """Clip one device's gradients by the norms already measured (``clip_with_norm``: the
+    coefficient of each bound and norm, a write only where it is below 1)."""
+    assert b is not None and len(grads) == 1
+    gs = grads[0]
+    if kind == "norm":
+        OPS["clip_with_norm"](gs, b.to(pre[3].device), pre[3], EPS)
+        return
+    bs = b.expand(len(gs)) if b.dim() == 0 else b
+    for g, bi, ni in zip(gs, bs.unbind(0), pre[0].unbind(0)):
+        OPS["clip_with_norm"]([g], bi, ni, EPS)
 
 
 def _run_sharded(
@@ -550,10 +570,10 @@ def run_unit(
     if not isinstance(unit.bound, AdaptiveThreshold):
         return [_run_part(job, p, unit.bound, **kw) for job in jobs], None  # type: ignore[arg-type]
     thr = state.threshold(cfg, unit.key)
-    if thr.needs_norm:
+    if thr.needs_norm:  # one read: the clip scales by the coefficient of the measured norm
         pre = [measure(job, p, with_max_abs) for job in jobs]
         g = _unit_norm(unit, jobs, pre, grad_scale, plan.cache)
-        b = thr.threshold(g)
+        b = thr.threshold_and_update(g)
     else:
         pre = [None] * len(jobs)
         b = thr.threshold(device=jobs[0].per_dev[0][0])
@@ -565,5 +585,5 @@ def run_unit(
     ]
     if not thr.needs_norm:
         g = _unit_norm(unit, jobs, [part.stats for part in parts], grad_scale, plan.cache)
-    thr.update(g)
+        thr.update(g)
     return parts, thr

@@ -1,0 +1,159 @@
+// Contract: the arithmetic of gradstab.adaptive's two threshold rules on one tracked norm, in
+// float64, written once without torch so that any kernel can include it (GRADSTAB_HD marks the
+// functions host-and-device where nvcc compiles them). The Python classes ZScoreThreshold and
+// PercentileThreshold define the rules; this file follows their order of operations, so that
+// the compiled rules give the same thresholds (the warm-up mean and variance are summed in
+// slot order here, which may differ from torch's reduction in the last bit).
+//
+// A rule sees one tracked norm `g` (NaN/inf allowed: never stored, never judged a spike unless
+// +inf) and its state; the caller loops over the tracked norms of a [T] state.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define GRADSTAB_HD __host__ __device__
+#else
+#define GRADSTAB_HD
+#endif
+
+namespace gradstab {
+namespace rules {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// torch.clamp(bound, max=cap) for a cap > 0 (no cap: cap is NaN): NaN stays NaN.
+GRADSTAB_HD inline double capped(double bound, double cap) {
+  return (cap == cap && bound > cap) ? cap : bound;
+}
+
+// ---- z-score (ZClip) -------------------------------------------------------------------
+enum class ZRule : int32_t { kAdaptiveScaling = 0, kMean = 1, kThreshold = 2 };
+
+struct ZConfig {
+  double alpha;
+  double z_thresh;
+  double eps;
+  double cap;  // NaN: none
+  int64_t warmup_steps;
+  ZRule rule;
+  bool skip_on_spike;  // update_on_spike="skip"
+};
+
+struct ZState {
+  double mean;
+  double var;
+  int64_t count;
+  int64_t spikes;
+};
+
+// (spike, target) of norm g against the statistics; has_norm false: before the step.
+GRADSTAB_HD inline void z_detect(const ZConfig& c, const ZState& s, double g, bool has_norm,
+                                 bool* spike, double* target) {
+  const double mu = s.mean;
+  const double sigma = std::sqrt(s.var);
+  const bool ready = s.count >= c.warmup_steps;
+  const double zt = c.z_thresh;
+  const double bound = mu + zt * (sigma + c.eps);
+  if (!has_norm) {
+    *spike = ready;
+    *target = bound;
+    return;
+  }
+  const double z = (g - mu) / (sigma + c.eps);
+  *spike = ready && (z > zt);
+  if (c.rule == ZRule::kAdaptiveScaling) {
+    *target = mu + (zt * zt / z) * sigma;
+  } else if (c.rule == ZRule::kMean) {
+    *target = mu;
+  } else {
+    *target = bound;
+  }
+}
+
+GRADSTAB_HD inline double z_bound(const ZConfig& c, const ZState& s, double g, bool has_norm) {
+  bool spike;
+  double target;
+  z_detect(c, s, g, has_norm, &spike, &target);
+  return capped(spike ? target : kInf, c.cap);
+}
+
+// Folds norm g into the state; `warm` holds warmup_steps values at stride `stride`.
+GRADSTAB_HD inline void z_update(const ZConfig& c, ZState* s, double* warm, int64_t stride,
+                                 double g) {
+  const int64_t n_warm = c.warmup_steps;
+  const bool finite = std::isfinite(g);
+  const bool in_warmup = s->count < n_warm;
+  const int64_t slot = s->count < n_warm - 1 ? s->count : n_warm - 1;
+  const bool take = in_warmup && finite;
+  if (take) warm[slot * stride] = g;
+  const int64_t new_count = s->count + (finite ? 1 : 0);
+  const bool completes = take && new_count == n_warm;
+  double mu0 = 0.0, var0 = 0.0;
+  if (completes) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n_warm; ++i) sum += warm[i * stride];
+    mu0 = sum / static_cast<double>(n_warm);
+    double sq = 0.0;
+    for (int64_t i = 0; i < n_warm; ++i) {
+      const double d = warm[i * stride] - mu0;
+      sq += d * d;
+    }
+    var0 = sq / static_cast<double>(n_warm);
+  }
+  bool spike;
+  double target;
+  z_detect(c, *s, g, true, &spike, &target);
+  spike = spike && finite;
+  const double x = spike ? target : g;
+  const double a = c.alpha;
+  const double mu_e = a * s->mean + (1 - a) * x;
+  const double dx = x - mu_e;
+  const double var_e = a * s->var + (1 - a) * (dx * dx);
+  bool upd = !in_warmup && finite;
+  if (c.skip_on_spike) upd = upd && !spike;
+  if (completes) {
+    s->mean = mu0;
+    s->var = var0;
+  } else if (upd) {
+    s->mean = mu_e;
+    s->var = var_e;
+  }
+  s->count = new_count;
+  s->spikes += spike ? 1 : 0;
+}
+
+// ---- percentile (AutoClip) -------------------------------------------------------------
+struct PConfig {
+  double percentile;  // in [0, 100]
+  double cap;         // NaN: none
+  int64_t history;
+  int64_t warmup_steps;
+  bool include_current;
+};
+
+// Where the percentile of m sorted values lies: ranks lo and hi, and the weight of hi.
+GRADSTAB_HD inline void p_ranks(const PConfig& c, int64_t m, int64_t* lo, int64_t* hi,
+                                double* frac) {
+  const int64_t last = m > 1 ? m - 1 : 0;
+  const double rank = (c.percentile / 100.0) * static_cast<double>(last);
+  int64_t l = static_cast<int64_t>(std::floor(rank));
+  if (l > last) l = last;
+  *lo = l;
+  *hi = l + 1 < last ? l + 1 : last;
+  *frac = rank - static_cast<double>(l);
+}
+
+// The interpolated percentile from the values of ranks lo (a) and hi (b).
+GRADSTAB_HD inline double p_value(double a, double b, double frac) { return a + frac * (b - a); }
+
+// The ring-buffer slot the next norm goes to (torch.remainder: never negative).
+GRADSTAB_HD inline int64_t p_slot(const PConfig& c, int64_t count) {
+  const int64_t r = count % c.history;
+  return r < 0 ? r + c.history : r;
+}
+
+}  // namespace rules
+}  // namespace gradstab
