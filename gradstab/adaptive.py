@@ -176,15 +176,17 @@ class ZScoreThreshold(AdaptiveThreshold):
         return self.rule != "threshold"
 
     def statistics(self) -> dict[str, Tensor] | None:
-        """Device tensors: ``mean``, ``std``, ``count`` (finite norms seen), ``spikes``."""
+        """Device tensors: ``mean``, ``std``, ``count`` (finite norms seen), ``spikes``.
+
+        Copies: later updates (in place on a CPU state) do not change them."""
         if self._state is None:
             return None
         st = self._state
         return {
-            "mean": st["mean"],
+            "mean": st["mean"].clone(),
             "std": st["var"].sqrt(),
-            "count": st["count"],
-            "spikes": st["spikes"],
+            "count": st["count"].clone(),
+            "spikes": st["spikes"].clone(),
         }
 
     def _config(self) -> dict[str, Any]:
@@ -356,10 +358,13 @@ class PercentileThreshold(AdaptiveThreshold):
         return self.include_current
 
     def statistics(self) -> dict[str, Tensor] | None:
-        """Device tensors: ``count`` (finite norms seen) and the ``percentile`` of the history."""
+        """Device tensors: ``count`` (finite norms seen) and the ``percentile`` of the history.
+
+        Copies: later updates (in place on a CPU state) do not change them."""
         if self._state is None:
             return None
-        return {"count": self._state["count"], "percentile": self._percentile(self._state)}
+        st = self._state
+        return {"count": st["count"].clone(), "percentile": self._percentile(st)}
 
     def _config(self) -> dict[str, Any]:
         return {

@@ -259,3 +259,13 @@ def test_training_step_with_a_rule_that_judges_this_norm_reads_once(mode, monkey
         assert "clip_norm" not in calls and "clip_norm_per_layer" not in calls
         assert calls.count("grad_stats") == 1
     assert opt.counters()["clipped_steps"] == 2
+
+
+def test_statistics_are_copies_that_later_updates_leave_alone():
+    for thr in (ZScoreThreshold(warmup_steps=1), PercentileThreshold(50.0, history=4)):
+        thr.update(torch.tensor(1.0))
+        before = {k: v.clone() for k, v in thr.statistics().items()}
+        held = thr.statistics()
+        thr.update(torch.tensor(5.0))
+        assert all(torch.equal(held[k], before[k]) for k in before)
+        assert int(thr.statistics()["count"]) == 2

@@ -70,6 +70,10 @@ def test_bench_quick_run_prints_a_table(tmp_path):
     modes = {row.split("|")[3].strip() for row in rows}
     assert modes == {"healthy", "clip"}, proc.stdout
     assert any("gradstab" in row for row in rows)
+    # the training path's clip, with its ratio to the functional call (a number in (0, 10))
+    wrapper = [r for r in rows if "GradStabOptimizer.clip()" in r]
+    assert len(wrapper) == 2, proc.stdout
+    assert all(0 < float(r.split("|")[8]) < 10 for r in wrapper), wrapper
     assert "Total time" in proc.stdout
 
 

@@ -172,9 +172,14 @@ def core_contestants(
     if mode in ("healthy", "clip"):
         max_norm = total * (1e6 if mode == "healthy" else 0.5)
         after = (lambda: torch._foreach_mul_(grads, 2.0)) if mode == "clip" else None
+        # the training path: the wrapper's clip of the same gradients (no optimizer step)
+        wrapper = gradstab.GradStabOptimizer(torch.optim.SGD(params, lr=0.0), max_norm=max_norm)
         return [
             Contestant(
                 "gradstab", "gradstab", lambda: gradstab.clip_grad_norm_(params, max_norm), after
+            ),
+            Contestant(
+                "gradstab GradStabOptimizer.clip()", "gradstab-wrapper", wrapper.clip, after
             ),
             Contestant(
                 "torch foreach=True",

@@ -68,5 +68,8 @@ clip one read plus one read+write (the norm must be known before anything is wri
 GB/s = gradient bytes / median (bytes of one pass over the gradients).
 The "torch" of agc modes is the timm-style loop; of adaptive modes, gradstab with a fixed
 threshold (there the ratio is fixed / adaptive: below 1, adapting costs that much more).
+"gradstab GradStabOptimizer.clip()" (healthy, clip) is the training path's clip of the same
+gradients; its ratio is gradstab.clip_grad_norm_ / it (below 1: the wrapper costs that much
+more than the functional call).
 fold times clip + AdamW(fused=True) step: its floor is the unclipped step plus one read, and
 its ratios are over the folded step (the explicit gradstab clip + step, torch's)."""

@@ -47,7 +47,7 @@ class Timer:
 @dataclass
 class Contestant:
     name: str
-    kind: str  # "gradstab", "baseline" or "floor"
+    kind: str  # "gradstab", "gradstab-wrapper", "baseline" or "floor"
     fn: Callable[[], object]
     after: Callable[[], object] | None = None  # untimed, after every call
     floor: str | None = None  # "read" or "read+write" for floor rows
