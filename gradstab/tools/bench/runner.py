@@ -64,8 +64,8 @@ def bench_one(
         >>> rs = bench_one(
         ...     "many-small", "fp32", ["healthy"], device=torch.device("cpu"), warmup=1, repeats=3
         ... )
-        >>> [r.contestant for r in rs][:2]
-        ['gradstab', 'torch foreach=True']
+        >>> [r.contestant for r in rs][:3]
+        ['gradstab', 'gradstab GradStabOptimizer.clip()', 'torch foreach=True']
     """
     shapes = {**PARAM_SETS, **GPU_SETS}[set_name]()
     dtype = DTYPES[dtype_name]
