@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradstab
 from gradstab import _extension
 from gradstab.adaptive import PercentileThreshold, ZScoreThreshold, clip_
 
@@ -223,7 +224,6 @@ def test_a_non_contiguous_or_foreign_state_takes_the_tensor_ops(monkeypatch):
 def test_training_step_with_a_rule_that_judges_this_norm_reads_once(mode, monkeypatch):
     """GradStabOptimizer with ZClip's rule: grad_stats, then clip_with_norm (no second read);
     the gradients are those of the float64 oracle: min(1, bound / (norm + eps)) times them."""
-    import gradstab  # noqa: PLC0415
     from gradstab._library import OPS  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -269,3 +269,57 @@ def test_statistics_are_copies_that_later_updates_leave_alone():
         thr.update(torch.tensor(5.0))
         assert all(torch.equal(held[k], before[k]) for k in before)
         assert int(thr.statistics()["count"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["norm", "layer"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ZScoreThreshold(warmup_steps=1), lambda: PercentileThreshold(50.0)],
+    ids=["zscore", "percentile"],
+)
+def test_raise_with_a_rule_that_judges_this_norm_refuses_before_writing(make, mode):
+    """nonfinite='raise' with a rule that measures first (the one-read path): an Inf gradient
+    raises the naming error and no gradient changes."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = gradstab.GradStabOptimizer(
+        torch.optim.SGD(params, lr=0.0), mode=mode, max_norm=make(), nonfinite="raise"
+    )
+    for g0 in ([1.0, 1.0, 1.0], [1.0, 2.0, 1.0]):  # past the warm-up
+        params[0].grad, params[1].grad = torch.tensor(g0), torch.tensor([1.0, 1.0])
+        opt.clip()
+    bad = torch.tensor([1.0, math.inf, 1.0])
+    params[0].grad, params[1].grad = bad.clone(), torch.tensor([1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"param_groups\.0\.0"):
+        opt.clip()
+    assert torch.equal(params[0].grad, bad)
+    assert torch.equal(params[1].grad, torch.tensor([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("shape", [(), (2,)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ZScoreThreshold(warmup_steps=2, rule="adaptive_scaling"),
+        lambda: ZScoreThreshold(warmup_steps=1, rule="threshold", z_thresh=1.0),
+        lambda: PercentileThreshold(50.0, history=4),
+        lambda: PercentileThreshold(90.0, history=3, include_current=False),
+    ],
+    ids=["z-scaling", "z-threshold", "p-current", "p-history"],
+)
+def test_threshold_and_update_with_the_tensor_ops_is_threshold_then_update(
+    make, shape, monkeypatch
+):
+    """Where the compiled rule does not serve (no extension, CUDA, torch.compile), the bound of
+    threshold_and_update is judged on the state *before* the norm is folded in."""
+    monkeypatch.setattr(_extension, "zscore_threshold", None)
+    monkeypatch.setattr(_extension, "percentile_threshold", None)
+    one, split = make(), make()
+    seq = [1.0, 1.2, 0.9, 30.0, 1.1, 0.8, 50.0, math.nan, 2.0, 1.0, 40.0]
+    for step, v in enumerate(seq):
+        g = torch.full(shape, v, dtype=F64)
+        got = one.threshold_and_update(g)
+        want = split.threshold(g)
+        split.update(g)
+        assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (step, got, want)
+        sa, sb = one.state_dict()["state"], split.state_dict()["state"]
+        assert all(torch.equal(sa[k].nan_to_num(7.0), sb[k].nan_to_num(7.0)) for k in sa), step

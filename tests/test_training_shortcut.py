@@ -269,3 +269,67 @@ def test_the_callback_takes_the_shortcut_and_clips(monkeypatch):
     trainer.fit(BoringModel())
     assert spy.fast == 3 and spy.ops == []
     assert len(seen) == 3 and all(n <= 1e-3 * (1 + 1e-5) for n in seen)
+
+
+# --- edges: an overflowing norm of finite gradients, a norm at the bound, value mode
+
+
+def _clip_once(grads, monkeypatch, *, dispatcher: bool, **kw):
+    """One GradStabOptimizer.clip() over fresh parameters with ``grads``: (skip, counters,
+    gradients after the clip); ``dispatcher`` disables the compiled shortcut."""
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    opt = gradstab.GradStabOptimizer(torch.optim.SGD(params, lr=0.0), **kw)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    with monkeypatch.context() as m:
+        if dispatcher:
+            m.setattr(_extension, "cpu_fast_path", None)
+        skip = opt.clip()
+    return skip, opt.counters(), [p.grad.clone() for p in params]
+
+
+def _both(grads, monkeypatch, **kw):
+    fast = _clip_once(grads, monkeypatch, dispatcher=False, **kw)
+    slow = _clip_once(grads, monkeypatch, dispatcher=True, **kw)
+    assert fast[0] == slow[0] and fast[1] == slow[1]
+    for a, b in zip(fast[2], slow[2]):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    return fast
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "zero"])
+def test_an_overflowing_norm_of_finite_gradients_is_not_a_nonfinite_step(nonfinite, monkeypatch):
+    """Every element finite, the float64 total norm overflows to inf: clipped, not non-finite
+    (the host flags must look at the NaN/Inf counts, not only at the total)."""
+    grads = [torch.full((2,), 1.5e308, dtype=torch.float64)]
+    skip, counters, _ = _both(grads, monkeypatch, max_norm=1.0, nonfinite=nonfinite)
+    assert skip is False
+    assert counters["nonfinite_steps"] == 0 and counters["skipped_steps"] == 0
+    assert counters["clipped_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_norm": 5.0},
+        {"mode": "layer", "max_norm": 5.0},
+        {"mode": "normalize", "target_norm": 5.0},
+    ],
+)
+def test_a_norm_exactly_at_the_bound_counts_as_clipped(kw, monkeypatch):
+    """The kernels scale by b / (norm + eps) < 1 when norm == b, so the step counts as clipped
+    (the comparison is against bound - eps, as on the dispatcher path)."""
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])]
+    _, counters, after = _both(grads, monkeypatch, **kw)
+    assert counters["clipped_steps"] == 1
+    assert float(after[0][1]) < 4.0  # it was written (scaled by 5 / (5 + eps))
+
+
+def test_value_mode_counts_clipped_elements_not_large_norms(monkeypatch):
+    """'value' clips elements: a large norm of small elements is not a clipped step."""
+    small = [torch.full((100,), 0.1)]  # norm 1.0 > 0.5, every element 0.1 <= 0.5
+    _, counters, after = _both(small, monkeypatch, mode="value", clip_value=0.5)
+    assert counters["clipped_steps"] == 0 and torch.equal(after[0], small[0])
+    big = [torch.tensor([0.1, 0.9])]  # an element above the bound
+    _, counters, after = _both(big, monkeypatch, mode="value", clip_value=0.5)
+    assert counters["clipped_steps"] == 1 and float(after[0][1]) == 0.5
