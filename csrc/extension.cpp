@@ -2,8 +2,9 @@
 // CUDA when built with GRADSTAB_WITH_CUDA) for the ops defined in gradstab/_library.py, and
 // exposes build_info() for gradstab.backend_info(), OP_CODES (the shortcuts' op codes) and
 // cpu_fast_path() (csrc/cpu/fast_path.cpp) for gradstab.functional, zscore_threshold() and
-// percentile_threshold() (csrc/cpu/thresholds.cpp) for gradstab.adaptive (and, in a CUDA build, cuda_fast_path() and test hooks from
-// csrc/cuda/fast_path.cpp).
+// percentile_threshold() (csrc/cpu/thresholds.cpp) for gradstab.adaptive (and, in a CUDA
+// build, cuda_fast_path() and test hooks from csrc/cuda/fast_path.cpp, and the CUDA twins of
+// the threshold rules from csrc/cuda/thresholds.cpp).
 #include <torch/extension.h>
 
 #include "common/codes.h"
@@ -13,6 +14,7 @@
 namespace gradstab {
 namespace cuda {
 void register_fast_path(pybind11::module& m);  // cuda/fast_path.cpp
+void register_thresholds(pybind11::module& m);  // cuda/thresholds.cpp
 }  // namespace cuda
 }  // namespace gradstab
 #endif
@@ -58,5 +60,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   gradstab::cpu::register_thresholds(m);  // the adaptive thresholds' rules on a CPU state
 #ifdef GRADSTAB_WITH_CUDA
   gradstab::cuda::register_fast_path(m);  // cuda_fast_path and the CUDA test hooks
+  gradstab::cuda::register_thresholds(m);  // the threshold rules on a CUDA state
 #endif
 }

@@ -26,6 +26,11 @@ cuda_fast_path = None
 #: on a CPU state (see gradstab.adaptive), or None without the extension.
 zscore_threshold = None
 percentile_threshold = None
+#: Their CUDA twins (one kernel launch each), or None unless built with CUDA kernels; the
+#: percentile kernel serves histories of at most ``cuda_max_kernel_history`` values.
+cuda_zscore_threshold = None
+cuda_percentile_threshold = None
+cuda_max_kernel_history = 0
 #: ``{op name: code}`` of the two shortcuts, from the extension's one definition
 #: (csrc/common/codes.h); empty without the extension (filled in place when it loads).
 OP_CODES: dict[str, int] = {}
@@ -45,6 +50,7 @@ def _load() -> None:
 
 def _import_extension() -> None:
     global _C, _load_error, cpu_fast_path, cuda_fast_path, zscore_threshold, percentile_threshold
+    global cuda_zscore_threshold, cuda_percentile_threshold, cuda_max_kernel_history
     if os.environ.get("GRADSTAB_DISABLE_EXT") == "1":
         _load_error = "disabled by GRADSTAB_DISABLE_EXT=1"
         return
@@ -67,6 +73,9 @@ def _import_extension() -> None:
     cuda_fast_path = getattr(ext, "cuda_fast_path", None)
     zscore_threshold = getattr(ext, "zscore_threshold", None)
     percentile_threshold = getattr(ext, "percentile_threshold", None)
+    cuda_zscore_threshold = getattr(ext, "cuda_zscore_threshold", None)
+    cuda_percentile_threshold = getattr(ext, "cuda_percentile_threshold", None)
+    cuda_max_kernel_history = int(getattr(ext, "CUDA_MAX_KERNEL_HISTORY", 0))
     OP_CODES.update(getattr(ext, "OP_CODES", {}))
 
 

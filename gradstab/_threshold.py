@@ -261,16 +261,25 @@ class AdaptiveThreshold(abc.ABC):
         self, st: dict[str, Tensor], g: Tensor | None, *, judge: bool, update: bool
     ) -> tuple[bool, Tensor | None]:
         """The compiled rule on ``st`` (updated in place): ``(True, bound or None)``, or
-        ``(False, None)`` where it does not serve (no extension, not on the CPU, a
-        non-contiguous state, ``torch.compile``) and the tensor ops do."""
+        ``(False, None)`` where it does not serve (see :meth:`_compiled_rule`) and the tensor
+        ops do."""
         return False, None
 
-    def _compiled_serves(self, st: dict[str, Tensor], g: Tensor | None, fn: object) -> bool:
-        if fn is None or torch.compiler.is_compiling():
-            return False
-        if g is not None and g.device.type != "cpu":
-            return False
-        return all(t.device.type == "cpu" and t.is_contiguous() for t in st.values())
+    def _compiled_rule(
+        self, st: dict[str, Tensor], g: Tensor | None, cpu_fn: Any, cuda_fn: Any
+    ) -> Any:
+        """The compiled rule that serves ``st`` (``cpu_fn`` on the CPU, ``cuda_fn`` on one
+        CUDA device), or None: not built, ``torch.compile``, a non-contiguous state, tensors
+        on several devices or elsewhere."""
+        if torch.compiler.is_compiling():
+            return None
+        device = next(iter(st.values())).device
+        fn = {"cpu": cpu_fn, "cuda": cuda_fn}.get(device.type)
+        if fn is None or (g is not None and g.device != device):
+            return None
+        if all(t.device == device and t.is_contiguous() for t in st.values()):
+            return fn
+        return None
 
     _structural: tuple[str, ...] = ()
 

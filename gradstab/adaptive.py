@@ -26,12 +26,15 @@ Two kinds of rule:
       total = gradstab.grad_stats(params).total_norm
       gradstab.clip_grads_with_norm_(params, thr.threshold_and_update(total), total)
 
-On a CPU state with the extension built, each rule is one compiled call
-(``gradstab._C.zscore_threshold`` / ``percentile_threshold``, the arithmetic of
-``csrc/common/threshold_rules.h``): a few microseconds of host time per step instead of a
-dozen tiny tensor ops.  Elsewhere (CUDA, no extension, ``torch.compile``) the tensor ops
-below compute the same rules on the device; they agree with the compiled ones to the last
-bit or two of float64 (the warm-up mean is summed in another order).
+With the extension built, each rule is one compiled call: on a CPU state C++
+(``gradstab._C.zscore_threshold`` / ``percentile_threshold``), on a CUDA state one kernel
+launch (``cuda_zscore_threshold`` / ``cuda_percentile_threshold``, no host sync; the
+percentile kernel for histories of up to 4,096 norms), both the arithmetic of
+``csrc/common/threshold_rules.h`` and bit-identical to each other: a few microseconds of host
+time per step instead of a dozen tiny tensor ops.  Elsewhere (no extension,
+``torch.compile``, longer CUDA histories) the tensor ops below compute the same rules on the
+device; they agree with the compiled ones to the last bit or two of float64 (the warm-up mean
+is summed in another order).
 
 :func:`clip_` does either in one call, for the global norm (``mode="norm"``) or per tensor
 (``mode="layer"``, one independent statistic per gradient).  Call ``update`` exactly once per
@@ -230,10 +233,12 @@ class ZScoreThreshold(AdaptiveThreshold):
     def _compiled(
         self, st: dict[str, Tensor], g: Tensor | None, *, judge: bool, update: bool
     ) -> tuple[bool, Tensor | None]:
-        fn = _extension.zscore_threshold
-        if not self._compiled_serves(st, g, fn):
+        fn = self._compiled_rule(
+            st, g, _extension.zscore_threshold, _extension.cuda_zscore_threshold
+        )
+        if fn is None:
             return False, None
-        bound = fn(  # type: ignore[misc]
+        bound = fn(
             g,
             st["mean"],
             st["var"],
@@ -409,10 +414,13 @@ class PercentileThreshold(AdaptiveThreshold):
     def _compiled(
         self, st: dict[str, Tensor], g: Tensor | None, *, judge: bool, update: bool
     ) -> tuple[bool, Tensor | None]:
-        fn = _extension.percentile_threshold
-        if not self._compiled_serves(st, g, fn):
+        cuda_fn = None
+        if self.history <= _extension.cuda_max_kernel_history:  # the kernel ranks in O(h^2)
+            cuda_fn = _extension.cuda_percentile_threshold
+        fn = self._compiled_rule(st, g, _extension.percentile_threshold, cuda_fn)
+        if fn is None:
             return False, None
-        bound = fn(  # type: ignore[misc]
+        bound = fn(
             g,
             st["history"],
             st["count"],

@@ -323,3 +323,39 @@ def test_threshold_and_update_with_the_tensor_ops_is_threshold_then_update(
         assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (step, got, want)
         sa, sb = one.state_dict()["state"], split.state_dict()["state"]
         assert all(torch.equal(sa[k].nan_to_num(7.0), sb[k].nan_to_num(7.0)) for k in sa), step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ZScoreThreshold(warmup_steps=3),
+        lambda: PercentileThreshold(10.0, history=50),
+        lambda: PercentileThreshold(90.0, history=20, include_current=False, max_norm=4.0),
+    ],
+    ids=["zscore", "percentile", "percentile-before"],
+)
+@pytest.mark.parametrize("shape", [(), (70,)])
+def test_cuda_kernel_serves_and_equals_the_cpu_rule(make, shape, monkeypatch):
+    """On a CUDA state the rule is one kernel launch (no host sync), bit-identical to the CPU."""
+    calls = []
+    for name in ("cuda_zscore_threshold", "cuda_percentile_threshold"):
+        real = getattr(_extension, name)
+        monkeypatch.setattr(
+            _extension, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a)
+        )
+    cpu, dev = make(), make()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for norm in _norms(9, 40, shape):
+            g = norm.to(F64)
+            want = cpu.threshold_and_update(g)
+            got = dev.threshold_and_update(g.cuda())
+            assert _close(got.cpu(), want) and torch.equal(
+                got.cpu().nan_to_num(7), want.nan_to_num(7)
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(calls) == 40
+    sa, sb = cpu.state_dict()["state"], dev.state_dict()["state"]
+    assert all(torch.equal(sa[k].nan_to_num(7), sb[k].cpu().nan_to_num(7)) for k in sa)

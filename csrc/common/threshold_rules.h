@@ -6,7 +6,11 @@
 // slot order here, which may differ from torch's reduction in the last bit).
 //
 // A rule sees one tracked norm `g` (NaN/inf allowed: never stored, never judged a spike unless
-// +inf) and its state; the caller loops over the tracked norms of a [T] state.
+// +inf) and its state; the caller loops over the tracked norms of a [T] state. Every operation
+// rounds once (add/mul/div below: the _rn intrinsics on the device, where nvcc would otherwise
+// contract a * b + c into one fused multiply-add), so the CPU and the CUDA kernel agree bit for
+// bit. The warm-up buffer is read and written through `Mem` (the CUDA kernel passes checked
+// global accesses).
 #pragma once
 
 #include <cmath>
@@ -23,6 +27,23 @@ namespace gradstab {
 namespace rules {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+
+#if defined(__CUDA_ARCH__)
+__device__ inline double add(double a, double b) { return __dadd_rn(a, b); }
+__device__ inline double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ inline double div(double a, double b) { return __ddiv_rn(a, b); }
+#else
+inline double add(double a, double b) { return a + b; }
+inline double mul(double a, double b) { return a * b; }
+inline double div(double a, double b) { return a / b; }
+#endif
+GRADSTAB_HD inline double sub(double a, double b) { return add(a, -b); }
+
+// Plain memory, for the CPU.
+struct PlainMem {
+  GRADSTAB_HD static double load(const double* p) { return *p; }
+  GRADSTAB_HD static void store(double* p, double v) { *p = v; }
+};
 
 // torch.clamp(bound, max=cap) for a cap > 0 (no cap: cap is NaN): NaN stays NaN.
 GRADSTAB_HD inline double capped(double bound, double cap) {
@@ -56,16 +77,16 @@ GRADSTAB_HD inline void z_detect(const ZConfig& c, const ZState& s, double g, bo
   const double sigma = std::sqrt(s.var);
   const bool ready = s.count >= c.warmup_steps;
   const double zt = c.z_thresh;
-  const double bound = mu + zt * (sigma + c.eps);
+  const double bound = add(mu, mul(zt, add(sigma, c.eps)));
   if (!has_norm) {
     *spike = ready;
     *target = bound;
     return;
   }
-  const double z = (g - mu) / (sigma + c.eps);
+  const double z = div(sub(g, mu), add(sigma, c.eps));
   *spike = ready && (z > zt);
   if (c.rule == ZRule::kAdaptiveScaling) {
-    *target = mu + (zt * zt / z) * sigma;
+    *target = add(mu, mul(div(mul(zt, zt), z), sigma));
   } else if (c.rule == ZRule::kMean) {
     *target = mu;
   } else {
@@ -81,6 +102,7 @@ GRADSTAB_HD inline double z_bound(const ZConfig& c, const ZState& s, double g, b
 }
 
 // Folds norm g into the state; `warm` holds warmup_steps values at stride `stride`.
+template <class Mem = PlainMem>
 GRADSTAB_HD inline void z_update(const ZConfig& c, ZState* s, double* warm, int64_t stride,
                                  double g) {
   const int64_t n_warm = c.warmup_steps;
@@ -88,20 +110,20 @@ GRADSTAB_HD inline void z_update(const ZConfig& c, ZState* s, double* warm, int6
   const bool in_warmup = s->count < n_warm;
   const int64_t slot = s->count < n_warm - 1 ? s->count : n_warm - 1;
   const bool take = in_warmup && finite;
-  if (take) warm[slot * stride] = g;
+  if (take) Mem::store(warm + slot * stride, g);
   const int64_t new_count = s->count + (finite ? 1 : 0);
   const bool completes = take && new_count == n_warm;
   double mu0 = 0.0, var0 = 0.0;
   if (completes) {
     double sum = 0.0;
-    for (int64_t i = 0; i < n_warm; ++i) sum += warm[i * stride];
-    mu0 = sum / static_cast<double>(n_warm);
+    for (int64_t i = 0; i < n_warm; ++i) sum = add(sum, Mem::load(warm + i * stride));
+    mu0 = div(sum, static_cast<double>(n_warm));
     double sq = 0.0;
     for (int64_t i = 0; i < n_warm; ++i) {
-      const double d = warm[i * stride] - mu0;
-      sq += d * d;
+      const double d = sub(Mem::load(warm + i * stride), mu0);
+      sq = add(sq, mul(d, d));
     }
-    var0 = sq / static_cast<double>(n_warm);
+    var0 = div(sq, static_cast<double>(n_warm));
   }
   bool spike;
   double target;
@@ -109,9 +131,10 @@ GRADSTAB_HD inline void z_update(const ZConfig& c, ZState* s, double* warm, int6
   spike = spike && finite;
   const double x = spike ? target : g;
   const double a = c.alpha;
-  const double mu_e = a * s->mean + (1 - a) * x;
-  const double dx = x - mu_e;
-  const double var_e = a * s->var + (1 - a) * (dx * dx);
+  const double b = sub(1.0, a);
+  const double mu_e = add(mul(a, s->mean), mul(b, x));
+  const double dx = sub(x, mu_e);
+  const double var_e = add(mul(a, s->var), mul(b, mul(dx, dx)));
   bool upd = !in_warmup && finite;
   if (c.skip_on_spike) upd = upd && !spike;
   if (completes) {
@@ -138,16 +161,18 @@ struct PConfig {
 GRADSTAB_HD inline void p_ranks(const PConfig& c, int64_t m, int64_t* lo, int64_t* hi,
                                 double* frac) {
   const int64_t last = m > 1 ? m - 1 : 0;
-  const double rank = (c.percentile / 100.0) * static_cast<double>(last);
+  const double rank = mul(div(c.percentile, 100.0), static_cast<double>(last));
   int64_t l = static_cast<int64_t>(std::floor(rank));
   if (l > last) l = last;
   *lo = l;
   *hi = l + 1 < last ? l + 1 : last;
-  *frac = rank - static_cast<double>(l);
+  *frac = sub(rank, static_cast<double>(l));
 }
 
 // The interpolated percentile from the values of ranks lo (a) and hi (b).
-GRADSTAB_HD inline double p_value(double a, double b, double frac) { return a + frac * (b - a); }
+GRADSTAB_HD inline double p_value(double a, double b, double frac) {
+  return add(a, mul(frac, sub(b, a)));
+}
 
 // The ring-buffer slot the next norm goes to (torch.remainder: never negative).
 GRADSTAB_HD inline int64_t p_slot(const PConfig& c, int64_t count) {

@@ -14,9 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string>
 #include <vector>
 
+#include "common/threshold_args.h"
 #include "common/threshold_rules.h"
 
 namespace gradstab {
@@ -24,30 +24,6 @@ namespace cpu {
 namespace {
 
 namespace py = pybind11;
-
-void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                 at::IntArrayRef shape, const char* fn) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), fn, ": state tensor '", name,
-                    "' must be on the CPU, got ", t.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == dtype, fn, ": state tensor '", name, "' must be ",
-                    dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, fn, ": state tensor '", name, "' has shape ", t.sizes(),
-                    ", expected ", shape);
-  TORCH_CHECK_VALUE(t.is_contiguous(), fn, ": state tensor '", name, "' must be contiguous");
-}
-
-// This step's norms as float64 on the CPU, shaped like the state (or an undefined tensor).
-at::Tensor norms_of(const c10::optional<at::Tensor>& norm, at::IntArrayRef shape,
-                    const char* fn) {
-  if (!norm.has_value()) return at::Tensor();
-  const at::Tensor& g = *norm;
-  TORCH_CHECK_VALUE(g.device().is_cpu(), fn, ": norm must be on the CPU, got ", g.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(g.scalar_type()), fn,
-                    ": norm must be a floating tensor, got ", g.scalar_type());
-  TORCH_CHECK_VALUE(g.sizes() == shape, fn, ": norm has shape ", g.sizes(),
-                    " but the state tracks shape ", shape);
-  return g.to(at::kDouble).contiguous();
-}
 
 double cap_of(c10::optional<double> cap) {
   return cap.has_value() ? *cap : std::numeric_limits<double>::quiet_NaN();
@@ -59,19 +35,9 @@ py::object zscore_threshold(const c10::optional<at::Tensor>& norm, at::Tensor me
                             c10::optional<double> cap, int64_t warmup_steps, int64_t rule,
                             bool skip_on_spike, bool judge, bool update) {
   const char* fn = "gradstab._C.zscore_threshold";
-  TORCH_CHECK_VALUE(warmup_steps >= 1, fn, ": warmup_steps must be >= 1, got ", warmup_steps);
-  TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, fn, ": rule must be 0, 1 or 2, got ", rule);
+  const at::Tensor g = check_zscore_args(norm, mean, var, count, spikes, warmup, warmup_steps,
+                                         rule, update, at::Device(at::kCPU), fn);
   const auto shape = mean.sizes();
-  TORCH_CHECK_VALUE(shape.size() <= 1, fn, ": the state must be 0-d or 1-D, got shape ", shape);
-  check_state(mean, "mean", at::kDouble, shape, fn);
-  check_state(var, "var", at::kDouble, shape, fn);
-  check_state(count, "count", at::kLong, shape, fn);
-  check_state(spikes, "spikes", at::kLong, shape, fn);
-  std::vector<int64_t> wshape{warmup_steps};
-  wshape.insert(wshape.end(), shape.begin(), shape.end());
-  check_state(warmup, "warmup", at::kDouble, wshape, fn);
-  const at::Tensor g = norms_of(norm, shape, fn);
-  TORCH_CHECK_VALUE(!update || g.defined(), fn, ": update needs this step's norm");
   const rules::ZConfig c{alpha, z_thresh, eps, cap_of(cap), warmup_steps,
                          static_cast<rules::ZRule>(rule), skip_on_spike};
   const int64_t n = mean.numel();
@@ -120,21 +86,10 @@ py::object percentile_threshold(const c10::optional<at::Tensor>& norm, at::Tenso
                                 int64_t warmup_steps, bool include_current, bool judge,
                                 bool update) {
   const char* fn = "gradstab._C.percentile_threshold";
+  const at::Tensor g = check_percentile_args(norm, history, count, percentile, update,
+                                             at::Device(at::kCPU), fn);
   const auto shape = count.sizes();
-  TORCH_CHECK_VALUE(shape.size() <= 1, fn, ": the state must be 0-d or 1-D, got shape ", shape);
-  TORCH_CHECK_VALUE(history.dim() == static_cast<int64_t>(shape.size()) + 1 &&
-                        history.size(0) >= 1,
-                    fn, ": state tensor 'history' must be [history, *shape], got shape ",
-                    history.sizes());
   const int64_t h = history.size(0);
-  std::vector<int64_t> hshape{h};
-  hshape.insert(hshape.end(), shape.begin(), shape.end());
-  check_state(history, "history", at::kDouble, hshape, fn);
-  check_state(count, "count", at::kLong, shape, fn);
-  TORCH_CHECK_VALUE(percentile >= 0 && percentile <= 100, fn,
-                    ": percentile must be in [0, 100], got ", percentile);
-  const at::Tensor g = norms_of(norm, shape, fn);
-  TORCH_CHECK_VALUE(!update || g.defined(), fn, ": update needs this step's norm");
   const rules::PConfig c{percentile, cap_of(cap), h, warmup_steps, include_current};
   const int64_t n = count.numel();
   const int64_t need = warmup_steps > 1 ? warmup_steps : 1;

@@ -58,6 +58,8 @@ SOURCES = [
     SIM_DIR / "sim_device.cpp",
     SIM_DIR / "sim_kernels.cpp",
     SIM_DIR / "sim_agc.cpp",
+    SIM_DIR / "sim_thresholds.cpp",
+    ROOT / "csrc" / "common" / "threshold_args.cpp",
     SIM_DIR / "selftest_kernels.cpp",
     *PLAN_SOURCES,
 ]

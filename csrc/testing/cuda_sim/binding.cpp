@@ -7,6 +7,12 @@
 //     (norm_ops.h's codes); writes the gradients in place like the real op.
 //   agc(grads, params, clip_factor, eps, norm_type, schedule, seed, grid, resident, max_blocks,
 //       reuse_scratch) -> (norms, clipped, nonfinite, total)
+//   threshold_z(norm?, mean, var, count, spikes, warmup, alpha, z_thresh, eps, cap?,
+//       warmup_steps, rule, skip_on_spike, judge, update, schedule, seed) -> bound (0 elements
+//       when not judging), and threshold_p(norm?, history, count, percentile, cap?, warmup_steps,
+//       include_current, judge, update, schedule, seed) -> bound: the threshold kernels, with
+//       the arguments of gradstab._C.cuda_zscore_threshold / cuda_percentile_threshold, on CPU
+//       tensors (checked by the same common/threshold_args.h).
 //   last_stats() -> [launches, warps, collectives, loads, stores, vec_loads, vec_stores];
 //   last_log() -> the launch sequence of the last call, one line per launch.
 //   selftest(which, schedule) -> the simulator's report on a kernel with fault `which`
@@ -33,6 +39,7 @@
 
 #include "cuda/agc_plan.h"
 #include "cuda/norm_plan.h"
+#include "common/threshold_args.h"
 #include "gs_sim/runtime.h"
 #include "sim_device.h"
 #include "sim_kernels.h"
@@ -272,6 +279,79 @@ Stats4 sim_agc(at::TensorList grads, at::TensorList params, double clip_factor, 
   return {norms, clipped, nonfinite, total};
 }
 
+gs_sim::Region whole(const at::Tensor& t, bool writable, const char* name) {
+  gs_sim::Region r = region(t.const_data_ptr(), t.numel(), t.element_size(), name);
+  r.writable = writable;
+  return r;
+}
+
+double cap_or_nan(c10::optional<double> cap) { return cap.has_value() ? *cap : NAN; }
+
+at::Tensor threshold_z(const c10::optional<at::Tensor>& norm, at::Tensor mean, at::Tensor var,
+                       at::Tensor count, at::Tensor spikes, at::Tensor warmup, double alpha,
+                       double z_thresh, double eps, c10::optional<double> cap,
+                       int64_t warmup_steps, int64_t rule, bool skip_on_spike, bool judge,
+                       bool update, int64_t schedule, int64_t seed) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const char* fn = "gradstab_sim.threshold_z";
+  const at::Tensor g = check_zscore_args(norm, mean, var, count, spikes, warmup, warmup_steps,
+                                         rule, update, at::Device(at::kCPU), fn);
+  at::Tensor bound = at::full(mean.sizes(), NAN, mean.options());  // garbage until written
+  ZParams P{};
+  P.c = rules::ZConfig{alpha, z_thresh, eps, cap_or_nan(cap), warmup_steps,
+                       static_cast<rules::ZRule>(rule), skip_on_spike};
+  P.n = mean.numel();
+  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
+  P.mean = mean.data_ptr<double>();
+  P.var = var.data_ptr<double>();
+  P.count = count.data_ptr<int64_t>();
+  P.spikes = spikes.data_ptr<int64_t>();
+  P.warmup = warmup.data_ptr<double>();
+  P.bound = judge ? bound.data_ptr<double>() : nullptr;
+  P.update = update ? 1 : 0;
+  Regions regions{whole(mean, update, "mean"), whole(var, update, "var"),
+                  whole(count, update, "count"), whole(spikes, update, "spikes"),
+                  whole(warmup, update, "warmup"), whole(bound, judge, "bound")};
+  if (g.defined()) regions.push_back(whole(g, false, "norm"));
+  const int grid = static_cast<int>((P.n + kThresholdThreads - 1) / kThresholdThreads);
+  g_last_stats = {};
+  if (P.n > 0) {
+    run_zscore_threshold_kernel(P, grid, regions, options_of(schedule, seed), &g_last_stats);
+  }
+  return judge ? bound : at::empty({0}, mean.options());
+}
+
+at::Tensor threshold_p(const c10::optional<at::Tensor>& norm, at::Tensor history,
+                       at::Tensor count, double percentile, c10::optional<double> cap,
+                       int64_t warmup_steps, bool include_current, bool judge, bool update,
+                       int64_t schedule, int64_t seed) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  const char* fn = "gradstab_sim.threshold_p";
+  const at::Tensor g = check_percentile_args(norm, history, count, percentile, update,
+                                             at::Device(at::kCPU), fn);
+  at::Tensor bound = at::full(count.sizes(), NAN, history.options());
+  PParams P{};
+  P.c = rules::PConfig{percentile, cap_or_nan(cap), history.size(0), warmup_steps,
+                       include_current};
+  P.n = count.numel();
+  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
+  P.history = history.data_ptr<double>();
+  P.count = count.data_ptr<int64_t>();
+  P.bound = judge ? bound.data_ptr<double>() : nullptr;
+  P.update = update ? 1 : 0;
+  Regions regions{whole(history, update, "history"), whole(count, update, "count"),
+                  whole(bound, judge, "bound")};
+  if (g.defined()) regions.push_back(whole(g, false, "norm"));
+  constexpr int kWarps = kThresholdThreads / 32;
+  const int grid = static_cast<int>((P.n + kWarps - 1) / kWarps);
+  g_last_stats = {};
+  if (P.n > 0) {
+    run_percentile_threshold_kernel(P, grid, regions, options_of(schedule, seed),
+                                    &g_last_stats);
+  }
+  return judge ? bound : at::empty({0}, history.options());
+}
+
 std::vector<int64_t> last_stats() {
   std::lock_guard<std::mutex> lock(g_mu);
   const gs_sim::Stats& s = g_last_stats;
@@ -325,6 +405,17 @@ TORCH_LIBRARY(gradstab_sim, m) {
       "int schedule, int seed, int grid, int resident, int max_blocks, bool reuse_scratch) -> "
       "(Tensor, Tensor, Tensor, Tensor)",
       &gradstab::cuda::sim::sim_agc);
+  m.def(
+      "threshold_z(Tensor? norm, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, "
+      "Tensor(d!) spikes, Tensor(e!) warmup, float alpha, float z_thresh, float eps, "
+      "float? cap, int warmup_steps, int rule, bool skip_on_spike, bool judge, bool update, "
+      "int schedule, int seed) -> Tensor",
+      &gradstab::cuda::sim::threshold_z);
+  m.def(
+      "threshold_p(Tensor? norm, Tensor(a!) history, Tensor(b!) count, float percentile, "
+      "float? cap, int warmup_steps, bool include_current, bool judge, bool update, "
+      "int schedule, int seed) -> Tensor",
+      &gradstab::cuda::sim::threshold_p);
   m.def("last_stats() -> int[]", &gradstab::cuda::sim::last_stats);
   m.def("last_log() -> str", &gradstab::cuda::sim::last_log);
   m.def("convert(Tensor x, int kind) -> Tensor", &gradstab::cuda::sim::convert);

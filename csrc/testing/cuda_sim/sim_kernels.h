@@ -1,6 +1,7 @@
 // Contract: gradstab's CUDA kernels run on the simulator (gs_sim::launch): one function per kernel,
 // taking the kernel's own parameters, a grid, the memory regions it may access and the launch
-// options. sim_kernels.cpp and sim_agc.cpp compile norm_kernels.cu and agc_kernels.cu unchanged (as
+// options. sim_kernels.cpp, sim_agc.cpp and sim_thresholds.cpp compile norm_kernels.cu, agc_kernels.cu
+// and threshold_kernels.cu unchanged (as
 // included files) against the stand-in CUDA headers in include/. Throws gs_sim::SimError. Also the
 // stand-in float16/bfloat16 conversions, for the tests that check them against PyTorch's.
 #pragma once
@@ -11,6 +12,7 @@
 
 #include "cuda/agc_kernels.cuh"
 #include "cuda/norm_kernels.cuh"
+#include "cuda/threshold_kernels.cuh"
 #include "gs_sim/runtime.h"
 
 namespace gradstab {
@@ -29,6 +31,10 @@ void run_agc_reduce_kernel(const AgcParams& P, int grid, const Regions& regions,
                            const gs_sim::Options& options, gs_sim::Stats* stats);
 void run_agc_scale_kernel(const AgcParams& P, int grid, const Regions& regions,
                           const gs_sim::Options& options, gs_sim::Stats* stats);
+void run_zscore_threshold_kernel(const ZParams& P, int grid, const Regions& regions,
+                                 const gs_sim::Options& options, gs_sim::Stats* stats);
+void run_percentile_threshold_kernel(const PParams& P, int grid, const Regions& regions,
+                                     const gs_sim::Options& options, gs_sim::Stats* stats);
 
 // The checkers' self-test (selftest_kernels.cpp): case `which` (0 = no fault, 1 out of bounds,
 // 2 misaligned vector load, 3 store to read-only memory, 4 a lane returning before a shuffle,
