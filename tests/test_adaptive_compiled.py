@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gradstab_testing.threshold_cases import CASES, norm_sequence
 
 import gradstab
 from gradstab import _extension
@@ -23,32 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 F64 = torch.float64
-
-
-def _norms(seed: int, steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """Norm sequences with spikes, NaN/inf, zeros, repeated values and huge ones."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for s in range(steps):
-        g = torch.rand(shape, generator=gen, dtype=F64) * 2 + 1
-        r = float(torch.rand((), generator=gen))
-        if r < 0.08:
-            g = g * 50  # a spike
-        elif r < 0.12:
-            g = torch.full(shape, math.nan, dtype=F64)
-        elif r < 0.15:
-            g = torch.full(shape, math.inf, dtype=F64)
-        elif r < 0.18:
-            g = torch.zeros(shape, dtype=F64)
-        elif r < 0.25:
-            g = torch.full(shape, 1.5, dtype=F64)  # ties
-        elif r < 0.27:
-            g = torch.full(shape, 1e300, dtype=F64)
-        if shape and s % 5 == 3:  # per tensor: one entry non-finite, the others not
-            g = g.clone()
-            g[0] = math.nan
-        out.append(g.to(torch.float32) if s % 7 == 6 else g)  # a float32 norm now and then
-    return out
 
 
 def _tensor_ops(monkeypatch):
@@ -70,32 +45,15 @@ def _same_state(a, b) -> bool:
     return sa.keys() == sb.keys() and all(_close(sa[k], sb[k]) for k in sa)
 
 
-ZSCORE = [
-    {"warmup_steps": 3},
-    {"warmup_steps": 1, "rule": "mean"},
-    {"warmup_steps": 4, "rule": "threshold", "max_norm": 2.5},
-    {"warmup_steps": 2, "update_on_spike": "skip", "alpha": 0.5, "z_thresh": 1.0},
-    {"warmup_steps": 2, "eps": 0.0, "alpha": 0.0},
-]
-PERCENTILE = [
-    {"percentile": 10.0, "history": 50},
-    {"percentile": 50.0, "history": 5, "include_current": False},
-    {"percentile": 0.0, "history": 1},
-    {"percentile": 100.0, "history": 7, "warmup_steps": 3, "max_norm": 4.0},
-    {"percentile": 90.0, "history": 4, "include_current": False, "warmup_steps": 2},
-    {"percentile": 33.3, "history": 1000},
-]
-
-
 def _make(kind: str, kw: dict):
     return ZScoreThreshold(**kw) if kind == "z" else PercentileThreshold(**kw)
 
 
 @pytest.mark.parametrize("shape", [(), (3,)])
-@pytest.mark.parametrize("kind,kw", [("z", k) for k in ZSCORE] + [("p", k) for k in PERCENTILE])
+@pytest.mark.parametrize("kind,kw", CASES)
 def test_compiled_rule_equals_the_tensor_ops(kind, kw, shape, monkeypatch):
     compiled, ops, split = _make(kind, kw), _make(kind, kw), _make(kind, kw)
-    for step, g in enumerate(_norms(7, 40, shape)):
+    for step, g in enumerate(norm_sequence(7, 40, shape)):
         # before the step (no norm), with this step's norm, and judged-and-updated in one call
         if not shape:
             want_pre = None
@@ -141,7 +99,7 @@ def test_percentile_is_numpys(monkeypatch):
     for pct, hist in ((10.0, 50), (50.0, 6), (97.5, 13), (0.0, 3), (100.0, 9)):
         thr = PercentileThreshold(pct, history=hist, include_current=False)
         kept: list[float] = []
-        for g in _norms(3, 60, ()):
+        for g in norm_sequence(3, 60, ()):
             v = float(g)
             thr.update(g)
             if math.isfinite(v):
@@ -174,7 +132,7 @@ def test_zscore_by_hand():
 
 def test_resumed_threshold_continues_bit_for_bit():
     a = ZScoreThreshold(warmup_steps=3)
-    norms = _norms(11, 30, ())
+    norms = norm_sequence(11, 30, ())
     for g in norms[:15]:
         a.threshold_and_update(g)
     b = ZScoreThreshold(warmup_steps=3)
@@ -347,7 +305,7 @@ def test_cuda_kernel_serves_and_equals_the_cpu_rule(make, shape, monkeypatch):
     cpu, dev = make(), make()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for norm in _norms(9, 40, shape):
+        for norm in norm_sequence(9, 40, shape):
             g = norm.to(F64)
             want = cpu.threshold_and_update(g)
             got = dev.threshold_and_update(g.cuda())

@@ -7,12 +7,12 @@ warp schedule (the concurrent one included).
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 import torch
 from gradstab_testing import cuda_sim_harness as sim
+from gradstab_testing.threshold_cases import CASES, norm_sequence
 
 from gradstab import _extension
 from gradstab.adaptive import PercentileThreshold, ZScoreThreshold
@@ -29,23 +29,6 @@ def _harness():
     if sim.compiler() is None and os.environ.get("GRADSTAB_CUDA_SIM_REQUIRED") != "1":
         pytest.skip("no C++ compiler (set CXX, or install g++): the CUDA kernels cannot be run")
     sim.load()
-
-
-def _norms(seed: int, steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """Spikes, NaN, inf, zeros, ties, huge values; per tensor, a different mix per entry."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(steps):
-        g = torch.rand(shape, generator=gen, dtype=F64) * 2 + 1
-        r = torch.rand(shape, generator=gen, dtype=F64)
-        g = torch.where(r < 0.08, g * 50, g)
-        g = torch.where((r >= 0.08) & (r < 0.12), math.nan, g)
-        g = torch.where((r >= 0.12) & (r < 0.15), math.inf, g)
-        g = torch.where((r >= 0.15) & (r < 0.18), 0.0, g)
-        g = torch.where((r >= 0.18) & (r < 0.26), 1.5, g)
-        g = torch.where((r >= 0.26) & (r < 0.28), 1e300, g)
-        out.append(g)
-    return out
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,30 +58,15 @@ def _sim_p(
     )  # fmt: skip
 
 
-ZSCORE = [
-    {"warmup_steps": 3},
-    {"warmup_steps": 1, "rule": "mean", "update_on_spike": "skip"},
-    {"warmup_steps": 4, "rule": "threshold", "max_norm": 2.5, "alpha": 0.5, "z_thresh": 1.0},
-    {"warmup_steps": 2, "eps": 0.0, "alpha": 0.0},
-]
-PERCENTILE = [
-    {"percentile": 10.0, "history": 50},
-    {"percentile": 50.0, "history": 5, "include_current": False},
-    {"percentile": 0.0, "history": 1},
-    {"percentile": 100.0, "history": 7, "warmup_steps": 3, "max_norm": 4.0},
-    {"percentile": 33.3, "history": 100, "include_current": False, "warmup_steps": 2},
-]
-
-
 @pytest.mark.parametrize("schedule", [0, 1, 2, 3])
 @pytest.mark.parametrize("shape", [(), (40,)])
-@pytest.mark.parametrize("kind,kw", [("z", k) for k in ZSCORE] + [("p", k) for k in PERCENTILE])
+@pytest.mark.parametrize("kind,kw", CASES)
 def test_kernel_equals_the_cpu_rule_bit_for_bit(kind, kw, shape, schedule):
     make = ZScoreThreshold if kind == "z" else PercentileThreshold
     run = _sim_z if kind == "z" else _sim_p
     cpu = make(**kw)
     mirror = make(**kw)
-    norms = _norms(5 + schedule, 30 if shape else 60, shape)
+    norms = norm_sequence(5 + schedule, 30 if shape else 60, shape, per_entry=True)
     cpu.update(norms[0])  # creates the state; the kernel works on a copy of it
     mirror.load_state_dict(cpu.state_dict())
     for step, g in enumerate(norms[1:]):

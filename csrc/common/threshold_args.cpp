@@ -1,6 +1,8 @@
 // Contract: common/threshold_args.h.
 #include "common/threshold_args.h"
 
+#include <limits>
+
 namespace gradstab {
 
 void check_threshold_state(const at::Tensor& t, const char* name, at::ScalarType dtype,
@@ -35,13 +37,18 @@ std::vector<int64_t> with_leading(int64_t leading, at::IntArrayRef shape) {
   return out;
 }
 
+double cap_or_nan(c10::optional<double> cap) {
+  return cap.has_value() ? *cap : std::numeric_limits<double>::quiet_NaN();
+}
+
 }  // namespace
 
-at::Tensor check_zscore_args(const c10::optional<at::Tensor>& norm, const at::Tensor& mean,
-                             const at::Tensor& var, const at::Tensor& count,
-                             const at::Tensor& spikes, const at::Tensor& warmup,
-                             int64_t warmup_steps, int64_t rule, bool update,
-                             const at::Device& device, const char* fn) {
+ZCall check_zscore_call(const c10::optional<at::Tensor>& norm, const at::Tensor& mean,
+                        const at::Tensor& var, const at::Tensor& count, const at::Tensor& spikes,
+                        const at::Tensor& warmup, double alpha, double z_thresh, double eps,
+                        c10::optional<double> cap, int64_t warmup_steps, int64_t rule,
+                        bool skip_on_spike, bool update, const at::Device& device,
+                        const char* fn) {
   TORCH_CHECK_VALUE(warmup_steps >= 1, fn, ": warmup_steps must be >= 1, got ", warmup_steps);
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 2, fn, ": rule must be 0, 1 or 2, got ", rule);
   const auto shape = mean.sizes();
@@ -54,13 +61,15 @@ at::Tensor check_zscore_args(const c10::optional<at::Tensor>& norm, const at::Te
                         fn);
   at::Tensor g = threshold_norms(norm, shape, device, fn);
   TORCH_CHECK_VALUE(!update || g.defined(), fn, ": update needs this step's norm");
-  return g;
+  return {g, rules::ZConfig{alpha, z_thresh, eps, cap_or_nan(cap), warmup_steps,
+                            static_cast<rules::ZRule>(rule), skip_on_spike}};
 }
 
-at::Tensor check_percentile_args(const c10::optional<at::Tensor>& norm,
-                                 const at::Tensor& history, const at::Tensor& count,
-                                 double percentile, bool update, const at::Device& device,
-                                 const char* fn) {
+PCall check_percentile_call(const c10::optional<at::Tensor>& norm, const at::Tensor& history,
+                            const at::Tensor& count, double percentile,
+                            c10::optional<double> cap, int64_t warmup_steps,
+                            bool include_current, bool update, const at::Device& device,
+                            const char* fn) {
   const auto shape = count.sizes();
   TORCH_CHECK_VALUE(shape.size() <= 1, fn, ": the state must be 0-d or 1-D, got shape ", shape);
   TORCH_CHECK_VALUE(history.dim() == static_cast<int64_t>(shape.size()) + 1 &&
@@ -74,7 +83,8 @@ at::Tensor check_percentile_args(const c10::optional<at::Tensor>& norm,
                     ": percentile must be in [0, 100], got ", percentile);
   at::Tensor g = threshold_norms(norm, shape, device, fn);
   TORCH_CHECK_VALUE(!update || g.defined(), fn, ": update needs this step's norm");
-  return g;
+  return {g, rules::PConfig{percentile, cap_or_nan(cap), history.size(0), warmup_steps,
+                            include_current}};
 }
 
 }  // namespace gradstab

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "common/threshold_rules.h"
+
 namespace gradstab {
 
 // A state tensor of the rule: on `device`, of `dtype`, shaped `shape`, contiguous.
@@ -18,17 +20,29 @@ void check_threshold_state(const at::Tensor& t, const char* name, at::ScalarType
 at::Tensor threshold_norms(const c10::optional<at::Tensor>& norm, at::IntArrayRef shape,
                            const at::Device& device, const char* fn);
 
-// Every check of a z-score call; returns this step's norms (threshold_norms).
-at::Tensor check_zscore_args(const c10::optional<at::Tensor>& norm, const at::Tensor& mean,
-                             const at::Tensor& var, const at::Tensor& count,
-                             const at::Tensor& spikes, const at::Tensor& warmup,
-                             int64_t warmup_steps, int64_t rule, bool update,
-                             const at::Device& device, const char* fn);
+// A checked call of a rule: this step's norms (threshold_norms) and the rule's configuration.
+struct ZCall {
+  at::Tensor g;
+  rules::ZConfig c;
+};
+struct PCall {
+  at::Tensor g;
+  rules::PConfig c;
+};
 
-// Every check of a percentile call; returns this step's norms (threshold_norms).
-at::Tensor check_percentile_args(const c10::optional<at::Tensor>& norm,
-                                 const at::Tensor& history, const at::Tensor& count,
-                                 double percentile, bool update, const at::Device& device,
-                                 const char* fn);
+// Every check of a z-score call, then its configuration (cap: none -> NaN).
+ZCall check_zscore_call(const c10::optional<at::Tensor>& norm, const at::Tensor& mean,
+                        const at::Tensor& var, const at::Tensor& count, const at::Tensor& spikes,
+                        const at::Tensor& warmup, double alpha, double z_thresh, double eps,
+                        c10::optional<double> cap, int64_t warmup_steps, int64_t rule,
+                        bool skip_on_spike, bool update, const at::Device& device,
+                        const char* fn);
+
+// Every check of a percentile call, then its configuration.
+PCall check_percentile_call(const c10::optional<at::Tensor>& norm, const at::Tensor& history,
+                            const at::Tensor& count, double percentile,
+                            c10::optional<double> cap, int64_t warmup_steps,
+                            bool include_current, bool update, const at::Device& device,
+                            const char* fn);
 
 }  // namespace gradstab

@@ -174,6 +174,24 @@ GRADSTAB_HD inline double p_value(double a, double b, double frac) {
   return add(a, mul(frac, sub(b, a)));
 }
 
+// The history this step's bound is judged on: `cnt`, the finite norms counted once this one is
+// in (when it is part of it: `add_g`), and `m`, the valid slots [0, m) then.
+GRADSTAB_HD inline void p_window(const PConfig& c, int64_t count, bool add_g, int64_t* cnt,
+                                 int64_t* m) {
+  *cnt = count + (add_g ? 1 : 0);
+  *m = *cnt < c.history ? (*cnt > 0 ? *cnt : 0) : c.history;
+}
+
+// The bound from the percentile `b` of that history (inf when it is empty): with the current
+// norm in it (`with_g`), only a norm above it is clipped; nothing before warmup_steps norms
+// (at least one); then the cap.
+GRADSTAB_HD inline double p_bound(const PConfig& c, double b, double g, bool with_g,
+                                  int64_t cnt) {
+  if (with_g && !(g > b)) b = kInf;
+  const int64_t need = c.warmup_steps > 1 ? c.warmup_steps : 1;
+  return capped(cnt >= need ? b : kInf, c.cap);
+}
+
 // The ring-buffer slot the next norm goes to (torch.remainder: never negative).
 GRADSTAB_HD inline int64_t p_slot(const PConfig& c, int64_t count) {
   const int64_t r = count % c.history;

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "common/threshold_args.h"
@@ -25,21 +24,18 @@ namespace {
 
 namespace py = pybind11;
 
-double cap_of(c10::optional<double> cap) {
-  return cap.has_value() ? *cap : std::numeric_limits<double>::quiet_NaN();
-}
-
 py::object zscore_threshold(const c10::optional<at::Tensor>& norm, at::Tensor mean,
                             at::Tensor var, at::Tensor count, at::Tensor spikes,
                             at::Tensor warmup, double alpha, double z_thresh, double eps,
                             c10::optional<double> cap, int64_t warmup_steps, int64_t rule,
                             bool skip_on_spike, bool judge, bool update) {
   const char* fn = "gradstab._C.zscore_threshold";
-  const at::Tensor g = check_zscore_args(norm, mean, var, count, spikes, warmup, warmup_steps,
-                                         rule, update, at::Device(at::kCPU), fn);
+  const ZCall call =
+      check_zscore_call(norm, mean, var, count, spikes, warmup, alpha, z_thresh, eps, cap,
+                        warmup_steps, rule, skip_on_spike, update, at::Device(at::kCPU), fn);
+  const at::Tensor& g = call.g;
+  const rules::ZConfig& c = call.c;
   const auto shape = mean.sizes();
-  const rules::ZConfig c{alpha, z_thresh, eps, cap_of(cap), warmup_steps,
-                         static_cast<rules::ZRule>(rule), skip_on_spike};
   const int64_t n = mean.numel();
   double* mu = mean.data_ptr<double>();
   double* vr = var.data_ptr<double>();
@@ -86,13 +82,13 @@ py::object percentile_threshold(const c10::optional<at::Tensor>& norm, at::Tenso
                                 int64_t warmup_steps, bool include_current, bool judge,
                                 bool update) {
   const char* fn = "gradstab._C.percentile_threshold";
-  const at::Tensor g = check_percentile_args(norm, history, count, percentile, update,
-                                             at::Device(at::kCPU), fn);
+  const PCall call = check_percentile_call(norm, history, count, percentile, cap, warmup_steps,
+                                          include_current, update, at::Device(at::kCPU), fn);
+  const at::Tensor& g = call.g;
+  const rules::PConfig& c = call.c;
   const auto shape = count.sizes();
-  const int64_t h = history.size(0);
-  const rules::PConfig c{percentile, cap_of(cap), h, warmup_steps, include_current};
+  const int64_t h = c.history;
   const int64_t n = count.numel();
-  const int64_t need = warmup_steps > 1 ? warmup_steps : 1;
   double* hist = history.data_ptr<double>();
   int64_t* ct = count.data_ptr<int64_t>();
   const double* gv = g.defined() ? g.data_ptr<double>() : nullptr;
@@ -109,17 +105,16 @@ py::object percentile_threshold(const c10::optional<at::Tensor>& norm, at::Tenso
     const int64_t slot = rules::p_slot(c, ct[i]);
     if (judge) {
       // the history the bound is taken from: after this norm when it is part of it
-      const bool with_g = include_current && gv != nullptr;
-      const int64_t cnt = ct[i] + (with_g && finite ? 1 : 0);
-      const int64_t m = cnt < h ? (cnt > 0 ? cnt : 0) : h;
+      const bool with_g = c.include_current && gv != nullptr;
+      int64_t cnt, m;
+      rules::p_window(c, ct[i], with_g && finite, &cnt, &m);
       double b = rules::kInf;
       if (m > 0) {
         for (int64_t k = 0; k < m; ++k) values[k] = hist[k * n + i];
         if (with_g && finite) values[slot] = gi;
         b = percentile_of(c, &values, m);
       }
-      if (with_g && !(gi > b)) b = rules::kInf;  // only norms above it are clipped
-      out[i] = rules::capped(cnt >= need ? b : rules::kInf, c.cap);
+      out[i] = rules::p_bound(c, b, gi, with_g, cnt);
     }
     if (update && finite) {
       hist[slot * n + i] = gi;

@@ -50,7 +50,6 @@ __global__ void percentile_threshold_kernel(const __grid_constant__ PParams P) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (i >= P.n) return;  // the whole warp: i is the same in its 32 lanes
-  const int64_t h = P.c.history;
   const int64_t cnt0 = gload(P.count + i);
   const bool has = P.norm != nullptr;
   const double g = has ? gload(P.norm + i) : 0.0;
@@ -59,8 +58,8 @@ __global__ void percentile_threshold_kernel(const __grid_constant__ PParams P) {
   if (P.bound != nullptr) {
     const bool with_g = P.c.include_current && has;
     const bool add_g = with_g && finite;
-    const int64_t cnt = cnt0 + (add_g ? 1 : 0);
-    const int64_t m = cnt < h ? (cnt > 0 ? cnt : 0) : h;
+    int64_t cnt, m;
+    rules::p_window(P.c, cnt0, add_g, &cnt, &m);
     double b = rules::kInf;
     if (m > 0) {
       int64_t lo, hi;
@@ -81,9 +80,7 @@ __global__ void percentile_threshold_kernel(const __grid_constant__ PParams P) {
       const double bb = warp_max(vb);
       b = rules::p_value(a, bb, frac);
     }
-    if (with_g && !(g > b)) b = rules::kInf;  // only norms above it are clipped
-    const int64_t need = P.c.warmup_steps > 1 ? P.c.warmup_steps : 1;
-    if (lane == 0) gstore(P.bound + i, rules::capped(cnt >= need ? b : rules::kInf, P.c.cap));
+    if (lane == 0) gstore(P.bound + i, rules::p_bound(P.c, b, g, with_g, cnt));
   }
   __syncwarp();  // every lane has read the history before lane 0 writes it
   if (P.update && finite && lane == 0) {

@@ -11,20 +11,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <limits>
-
 #include "common/threshold_args.h"
-#include "cuda/threshold_kernels.cuh"
+#include "cuda/threshold_params.h"
 
 namespace gradstab {
 namespace cuda {
 namespace {
 
 namespace py = pybind11;
-
-double cap_of(c10::optional<double> cap) {
-  return cap.has_value() ? *cap : std::numeric_limits<double>::quiet_NaN();
-}
 
 py::object cuda_zscore_threshold(const c10::optional<at::Tensor>& norm, at::Tensor mean,
                                  at::Tensor var, at::Tensor count, at::Tensor spikes,
@@ -35,22 +29,12 @@ py::object cuda_zscore_threshold(const c10::optional<at::Tensor>& norm, at::Tens
   TORCH_CHECK_VALUE(mean.is_cuda(), fn, ": state tensor 'mean' must be on a CUDA device, got ",
                     mean.device());
   const c10::cuda::CUDAGuard guard(mean.device());
-  const at::Tensor g = check_zscore_args(norm, mean, var, count, spikes, warmup, warmup_steps,
-                                         rule, update, mean.device(), fn);
+  const ZCall call = check_zscore_call(norm, mean, var, count, spikes, warmup, alpha, z_thresh,
+                                      eps, cap, warmup_steps, rule, skip_on_spike, update,
+                                      mean.device(), fn);
   at::Tensor bound;
   if (judge) bound = at::empty(mean.sizes(), mean.options());
-  ZParams P{};
-  P.c = rules::ZConfig{alpha, z_thresh, eps, cap_of(cap), warmup_steps,
-                       static_cast<rules::ZRule>(rule), skip_on_spike};
-  P.n = mean.numel();
-  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
-  P.mean = mean.data_ptr<double>();
-  P.var = var.data_ptr<double>();
-  P.count = count.data_ptr<int64_t>();
-  P.spikes = spikes.data_ptr<int64_t>();
-  P.warmup = warmup.data_ptr<double>();
-  P.bound = judge ? bound.data_ptr<double>() : nullptr;
-  P.update = update ? 1 : 0;
+  const ZParams P = zscore_params(call, mean, var, count, spikes, warmup, bound, update);
   if (P.n > 0 && (judge || update)) {
     launch_zscore_threshold(P, c10::cuda::getCurrentCUDAStream(mean.device().index()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -67,22 +51,15 @@ py::object cuda_percentile_threshold(const c10::optional<at::Tensor>& norm, at::
   TORCH_CHECK_VALUE(count.is_cuda(), fn, ": state tensor 'count' must be on a CUDA device, got ",
                     count.device());
   const c10::cuda::CUDAGuard guard(count.device());
-  const at::Tensor g =
-      check_percentile_args(norm, history, count, percentile, update, count.device(), fn);
+  const PCall call = check_percentile_call(norm, history, count, percentile, cap, warmup_steps,
+                                          include_current, update, count.device(), fn);
   const int64_t h = history.size(0);
   TORCH_CHECK_VALUE(h <= kMaxKernelHistory, fn, ": a history of ", h,
                     " values is longer than the kernel serves (", kMaxKernelHistory,
                     "); the tensor ops serve it");
   at::Tensor bound;
   if (judge) bound = at::empty(count.sizes(), history.options());
-  PParams P{};
-  P.c = rules::PConfig{percentile, cap_of(cap), h, warmup_steps, include_current};
-  P.n = count.numel();
-  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
-  P.history = history.data_ptr<double>();
-  P.count = count.data_ptr<int64_t>();
-  P.bound = judge ? bound.data_ptr<double>() : nullptr;
-  P.update = update ? 1 : 0;
+  const PParams P = percentile_params(call, history, count, bound, update);
   if (P.n > 0 && (judge || update)) {
     launch_percentile_threshold(P, c10::cuda::getCurrentCUDAStream(count.device().index()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -39,7 +39,7 @@
 
 #include "cuda/agc_plan.h"
 #include "cuda/norm_plan.h"
-#include "common/threshold_args.h"
+#include "cuda/threshold_params.h"
 #include "gs_sim/runtime.h"
 #include "sim_device.h"
 #include "sim_kernels.h"
@@ -285,8 +285,6 @@ gs_sim::Region whole(const at::Tensor& t, bool writable, const char* name) {
   return r;
 }
 
-double cap_or_nan(c10::optional<double> cap) { return cap.has_value() ? *cap : NAN; }
-
 at::Tensor threshold_z(const c10::optional<at::Tensor>& norm, at::Tensor mean, at::Tensor var,
                        at::Tensor count, at::Tensor spikes, at::Tensor warmup, double alpha,
                        double z_thresh, double eps, c10::optional<double> cap,
@@ -294,21 +292,13 @@ at::Tensor threshold_z(const c10::optional<at::Tensor>& norm, at::Tensor mean, a
                        bool update, int64_t schedule, int64_t seed) {
   std::lock_guard<std::mutex> lock(g_mu);
   const char* fn = "gradstab_sim.threshold_z";
-  const at::Tensor g = check_zscore_args(norm, mean, var, count, spikes, warmup, warmup_steps,
-                                         rule, update, at::Device(at::kCPU), fn);
+  const ZCall call = check_zscore_call(norm, mean, var, count, spikes, warmup, alpha, z_thresh,
+                                      eps, cap, warmup_steps, rule, skip_on_spike, update,
+                                      at::Device(at::kCPU), fn);
+  const at::Tensor& g = call.g;
   at::Tensor bound = at::full(mean.sizes(), NAN, mean.options());  // garbage until written
-  ZParams P{};
-  P.c = rules::ZConfig{alpha, z_thresh, eps, cap_or_nan(cap), warmup_steps,
-                       static_cast<rules::ZRule>(rule), skip_on_spike};
-  P.n = mean.numel();
-  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
-  P.mean = mean.data_ptr<double>();
-  P.var = var.data_ptr<double>();
-  P.count = count.data_ptr<int64_t>();
-  P.spikes = spikes.data_ptr<int64_t>();
-  P.warmup = warmup.data_ptr<double>();
-  P.bound = judge ? bound.data_ptr<double>() : nullptr;
-  P.update = update ? 1 : 0;
+  at::Tensor out = judge ? bound : at::Tensor();
+  const ZParams P = zscore_params(call, mean, var, count, spikes, warmup, out, update);
   Regions regions{whole(mean, update, "mean"), whole(var, update, "var"),
                   whole(count, update, "count"), whole(spikes, update, "spikes"),
                   whole(warmup, update, "warmup"), whole(bound, judge, "bound")};
@@ -327,18 +317,12 @@ at::Tensor threshold_p(const c10::optional<at::Tensor>& norm, at::Tensor history
                        int64_t schedule, int64_t seed) {
   std::lock_guard<std::mutex> lock(g_mu);
   const char* fn = "gradstab_sim.threshold_p";
-  const at::Tensor g = check_percentile_args(norm, history, count, percentile, update,
-                                             at::Device(at::kCPU), fn);
+  const PCall call = check_percentile_call(norm, history, count, percentile, cap, warmup_steps,
+                                          include_current, update, at::Device(at::kCPU), fn);
+  const at::Tensor& g = call.g;
   at::Tensor bound = at::full(count.sizes(), NAN, history.options());
-  PParams P{};
-  P.c = rules::PConfig{percentile, cap_or_nan(cap), history.size(0), warmup_steps,
-                       include_current};
-  P.n = count.numel();
-  P.norm = g.defined() ? g.data_ptr<double>() : nullptr;
-  P.history = history.data_ptr<double>();
-  P.count = count.data_ptr<int64_t>();
-  P.bound = judge ? bound.data_ptr<double>() : nullptr;
-  P.update = update ? 1 : 0;
+  at::Tensor out = judge ? bound : at::Tensor();
+  const PParams P = percentile_params(call, history, count, out, update);
   Regions regions{whole(history, update, "history"), whole(count, update, "count"),
                   whole(bound, judge, "bound")};
   if (g.defined()) regions.push_back(whole(g, false, "norm"));
