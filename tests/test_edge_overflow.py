@@ -1,7 +1,8 @@
 """Statistics under float32 overflow and underflow, returned by every op that returns them.
 
 The CPU kernel sums float16/bfloat16/float32 gradients in float32 lanes over 512-element
-blocks and redoes a block whose float32 sum overflows or underflows in double; float64 sums
+blocks and redoes in double a range whose float32 lanes overflowed or underflowed (a clamping
+call: the block, before clamping it), hence also one odd block among ordinary ones; float64 sums
 (and sums for p other than 1, 2, inf) that overflow are rescued per tensor by re-reading the
 gradient scaled by its max-abs. A clip op must report the statistics of the gradients as they
 were on entry, although it writes them in the same pass (``clip_value`` clamps each block
@@ -263,3 +264,43 @@ def test_clip_value_counts_each_inf_once_whatever_the_bound_rounds_to(dtype, bou
         # a second clip of the clipped gradient counts what is left in it
         again = run("clip_value", [g], bound, 2.0, impl=impl)[2].cpu()
         assert torch.equal(again, oracle_stats([g.cpu()], 2.0).nonfinite), impl
+
+
+#: (dtype, decimal exponent): one block whose float32 lane sums overflow (float16: values
+#: near its maximum, which cannot overflow a lane) or whose squares underflow float32.
+ODD_BLOCK = [
+    (torch.float32, 20),
+    (torch.float32, -25),
+    (torch.bfloat16, 20),
+    (torch.bfloat16, -25),
+    (torch.float16, 4),
+    (torch.float16, -6),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start", [0, 1_536, 4_096], ids=["first", "middle", "last-full"])
+@pytest.mark.parametrize(("dtype", "e"), ODD_BLOCK, ids=str)
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_one_odd_block_among_ordinary_ones(op, dtype, e, start, device):
+    """A 5,000-element gradient of ordinary values with one 512-element block of huge or tiny
+    ones, first, in the middle or the last full one (the CPU kernel asks whether its float32
+    lanes overflowed or underflowed once per range, and per block only when clamping): the
+    statistics are the float64 oracle's, and the clip the oracle's clip."""
+    g = magnitudes(5_000, dtype, -1, seed=start)
+    g[start : start + 512] = magnitudes(512, dtype, e, seed=start + 1)
+    g = g.to(device)
+    before = [g.cpu().clone()]
+    w = magnitudes(5_000, dtype, -1, seed=9).to(device)
+    bound = 0.05 if op != "adaptive_clip" else 1e-3  # below every norm: every path writes
+    stats = [s.cpu() for s in run(op, [g], bound, 2.0, weights=[w])]
+    expected = oracle_stats(before, 2.0)
+    what = f"{op} {dtype} 1e{e} at {start}"
+    if op == "adaptive_clip":  # (norms, clipped units, nonfinite, total): no max-abs
+        stats[1] = expected.max_abs.to(stats[0].dtype)
+    assert_stats_match(stats, expected, before, what)
+    want, _ = _expected_grads(op, before, bound, 2.0, weights=[w.cpu()])
+    if op == "clip_value":
+        assert torch.equal(g.cpu(), want[0].to(dtype)), what
+    else:
+        assert_grads_match([g.cpu()], want, 2.0**-23, what)

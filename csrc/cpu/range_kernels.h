@@ -7,8 +7,9 @@
 //           ~1e-8 on random data (below the float32 rounding of the result), a few 1e-7 at worst
 //           (e.g. constant-valued blocks; the contract allows 1e-6), and it can neither overflow nor
 //           underflow for float16/bfloat16/float32 input: 16-lane float32 partial sums over
-//           blocks of <= 512 elements, each block added in double, and any block whose float32
-//           sum is non-finite or tiny recomputed in double.
+//           blocks of <= 512 elements, each block's lanes added lane by lane in double, and the
+//           range recomputed in double if a float32 lane sum was non-finite or the sum is tiny
+//           for its length (when clamping: the block, before it is clamped).
 //           float64 input accumulates in double (overflow is rescued per tensor by the caller).
 //   max_abs = max |x| (NaN if the range holds a NaN), nonfinite = count of NaN/Inf elements;
 //   if clamp >= 0, every block whose max |x| exceeds clamp is clamped to [-clamp, clamp] in
