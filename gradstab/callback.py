@@ -96,7 +96,9 @@ class GradStabCallback(Callback):
             the gradients (one read, nothing written) and sets ``optimizer.grad_scale = 1 /
             coefficient`` (under fp16 AMP the GradScaler multiplies its scale in, and removes
             it after the step; otherwise a step post-hook does) and, for ``"skip"``,
-            ``optimizer.found_inf`` (no host read). Callbacks after this one and the module's
+            ``optimizer.found_inf`` (no host read). On the CPU, where reading the coefficient
+            costs no sync, a step that neither clips nor skips sets neither (the fused step
+            would rewrite every gradient, divided by 1). Callbacks after this one and the module's
             ``on_before_optimizer_step`` see the gradients unclipped; after the step ``.grad``
             holds the clipped (unscaled) gradients, as with the explicit clip, up to float
             rounding. A skipped step leaves its ``.grad`` in
@@ -399,7 +401,11 @@ class GradStabCallback(Callback):
         if skip:
             for p in plan.params:
                 p.grad = None
-        elif request is not None and request.coef is not None:
+        elif (
+            request is not None
+            and request.coef is not None
+            and not _fold.nothing_to_fold(request.coef, request.found_inf)
+        ):
             inv = _fold.inverse(request.coef)
             if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
                 # scaler.step() multiplies its scale into grad_scale (or, after unscale_, uses

@@ -112,7 +112,9 @@ class GradStabOptimizer(torch.optim.Optimizer):
             fused optimizer (``fused=True`` in every param group). ``True``: the same, and
             anything else is an error. ``False``: always the explicit clip. A folded step
             sets ``grad_scale = 1 / coefficient`` on the wrapped optimizer (``found_inf`` for
-            ``"skip"``) and removes both after its ``step()``; after the step ``.grad`` holds
+            ``"skip"``) and removes both after its ``step()`` (on the CPU, where reading the
+            coefficient costs no sync, a step that neither clips nor skips sets neither: the
+            fused step would rewrite every gradient, divided by 1); after the step ``.grad`` holds
             the clipped gradients, as with the explicit clip, up to float rounding (a division
             by ``1 / c`` instead of a multiplication by ``c``). Metrics, counters, thresholds
             and history are the same; a ``"skip"`` reads nothing on the host, so its warning
@@ -500,8 +502,8 @@ class GradStabOptimizer(torch.optim.Optimizer):
             skip = self._clip(request)
         if skip:  # decided on the host (fused SGD before its momentum buffers exist)
             return loss
-        if request.coef is None:  # no gradient: nothing to fold
-            self._wrapped.step()
+        if request.coef is None or _fold.nothing_to_fold(request.coef, request.found_inf):
+            self._wrapped.step()  # no gradient, or a CPU step that clips and skips nothing
             return loss
         applied = _fold.apply(self._wrapped, _fold.inverse(request.coef), request.found_inf)
         try:

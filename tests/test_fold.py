@@ -48,6 +48,21 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _reads(request, monkeypatch):
+    """How the fold may read the coefficient: ``"device-like"`` (the default here) never on
+    the host, as on CUDA, so every step folds; ``"cpu"`` (tests parametrized with ``reads``)
+    as on the CPU, where a step that neither clips nor skips sets nothing."""
+    callspec = getattr(request.node, "callspec", None)
+    reads = callspec.params.get("reads", "device-like") if callspec else "device-like"
+    if reads != "cpu":
+        monkeypatch.setattr(fold_mod, "_read_is_free", lambda t: False)
+    return reads
+
+
+READS = pytest.mark.parametrize("reads", ["cpu", "device-like"])
+
+
 # ---------------------------------------------------------------------------------- helpers
 
 
@@ -123,6 +138,17 @@ class Seen:
         self.found.append(None if f is None else float(f))
 
 
+def assert_folded_where_due(reads: str, out, skipped=(), zeroed=()) -> None:
+    """Every step of ``out`` (a :func:`run_loop`) handed a ``grad_scale`` to the wrapped step,
+    except, with CPU reads, a step that neither clipped nor was skipped (nothing to fold): one
+    whose logged coefficient is 1, or a ``zeroed`` one (logged 0, folded with coefficient 1)."""
+    coefs = [m["grad/clip_coef"] for m in out["logged"]]
+    for i, (c, s) in enumerate(zip(coefs, out["seen"].scales)):
+        unclipped = 0.999 < c < 1.001 or i in zeroed
+        due = reads != "cpu" or i in skipped or not unclipped
+        assert (s is not None) == due, (i, c, s)
+
+
 def run_loop(kind: str, fold, *, nonfinite="skip", bad=None, steps=STEPS, **kw):
     """``steps`` optimizer steps of one loop; returns what the comparisons need."""
     bad = {NAN_AT: math.nan} if bad is None else bad
@@ -164,26 +190,31 @@ def run_loop(kind: str, fold, *, nonfinite="skip", bad=None, steps=STEPS, **kw):
 # ---------------------------------------------------------------------------------- wrapper
 
 
+@READS
 @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd", "adagrad"])
-def test_folded_steps_equal_the_explicit_clip(kind):
+def test_folded_steps_equal_the_explicit_clip(kind, reads):
     """20 steps (some clip, some do not, one NaN step skipped): parameters, optimizer state,
-    ``.grad`` after each step, counters and metrics equal the explicit clip's."""
+    ``.grad`` after each step, counters and metrics equal the explicit clip's.
+
+    On the CPU (the coefficient reads for free) a step that neither clips nor skips sets
+    nothing; "device-like" turns the free read off, as on CUDA: every step is folded."""
     ours = run_loop(kind, None)
     ref = run_loop(kind, False)
-    # the fold happened: grad_scale = 1/c on every step, found_inf for "skip", 1 on the NaN step
-    assert all(s is not None for s in ours["seen"].scales)
-    found = ours["seen"].found
-    assert found[NAN_AT] == 1.0
-    # fused SGD's first step (no momentum buffer yet) decides a skip on the host instead
-    assert found[0] == (None if kind == "sgd" else 0.0)
-    assert [f for i, f in enumerate(found) if i not in (0, NAN_AT)] == [0.0] * (STEPS - 2)
-    assert all(s is None for s in ref["seen"].scales)  # fold=False: the explicit clip
-    # the inverse coefficient: 1 where the step did not clip, 1/c where it did
     coefs = [m["grad/clip_coef"] for m in ours["logged"]]
-    for i, (c, s) in enumerate(zip(coefs, ours["seen"].scales)):
+    scales, found = ours["seen"].scales, ours["seen"].found
+    # the fold happened: grad_scale = 1/c, found_inf for "skip", 1 on the NaN step
+    assert scales[NAN_AT] is not None and found[NAN_AT] == 1.0
+    for i, (c, s, f) in enumerate(zip(coefs, scales, found)):
         if i == NAN_AT:
             continue
-        assert s == pytest.approx(1.0 / c, rel=1e-6)
+        if reads == "cpu" and c > 0.999:  # no clip: nothing to fold, the optimizer's own step
+            assert s is None and f is None, i
+            continue
+        # the inverse coefficient: 1 where the step did not clip, 1/c where it did
+        assert s == pytest.approx(1.0 / c, rel=1e-6), i
+        # fused SGD's first step (no momentum buffer yet) decides a skip on the host instead
+        assert f == (None if kind == "sgd" and i == 0 else 0.0), i
+    assert all(s is None for s in ref["seen"].scales)  # fold=False: the explicit clip
     clipped = sum(c < 0.999 for i, c in enumerate(coefs) if i != NAN_AT)
     assert 3 <= clipped <= STEPS - 3  # some steps clip, some do not
 
@@ -237,22 +268,26 @@ def test_sgd_momentum_first_step_skip_is_decided_on_the_host():
     assert out["seen"].found == [None, 0.0]
 
 
+@READS
 @pytest.mark.parametrize(
     ("policy", "value"),
     [("zero", math.nan), ("zero", math.inf), ("ignore", math.nan), ("ignore", -math.inf)],
 )
-def test_other_policies_equal_the_explicit_clip(policy, value):
+def test_other_policies_equal_the_explicit_clip(policy, value, reads):
     """Policy "zero": the zeroed step runs with a coefficient of 1 (not 1/NaN); "ignore": the
     NaN coefficient (or 0 for an infinite norm) reaches the weights as in the explicit clip."""
     ours = run_loop("adamw", None, nonfinite=policy, bad={2: value}, steps=4)
     ref = run_loop("adamw", False, nonfinite=policy, bad={2: value}, steps=4)
-    assert all(s is not None for s in ours["seen"].scales)
+    if policy == "zero":
+        assert_folded_where_due(reads, ours, zeroed=(2,))
+    else:
+        assert_folded_where_due(reads, ours, skipped=(2,))  # a NaN or 0 coefficient
     assert all(f is None for f in ours["seen"].found)  # no skip: found_inf stays unset
     for a, b in zip(ours["model"].parameters(), ref["model"].parameters()):
         close(a, b)
     close(ours["opt"].state_dict()["state"], ref["opt"].state_dict()["state"])
     if policy == "zero":
-        assert ours["seen"].scales[2] == 1.0
+        assert ours["seen"].scales[2] == (None if reads == "cpu" else 1.0)
         assert all(torch.isfinite(p).all() for p in ours["model"].parameters())
     else:
         assert not all(torch.isfinite(p).all() for p in ours["model"].parameters())
@@ -286,10 +321,11 @@ def test_raise_names_the_parameter_and_changes_nothing():
     ],
     ids=["zscore", "percentile"],
 )
-def test_adaptive_thresholds_and_history_equal_the_explicit_clip(threshold):
+@READS
+def test_adaptive_thresholds_and_history_equal_the_explicit_clip(threshold, reads):
     ours = run_loop("adamw", None, max_norm=threshold(), history=STEPS, steps=12)
     ref = run_loop("adamw", False, max_norm=threshold(), history=STEPS, steps=12)
-    assert all(s is not None for s in ours["seen"].scales)
+    assert_folded_where_due(reads, ours, skipped=(NAN_AT,))
     for a, b in zip(ours["model"].parameters(), ref["model"].parameters()):
         close(a, b)
     ta = ours["opt"].state_dict()["gradstab"]["thresholds"]
@@ -321,6 +357,20 @@ def test_attributes_are_set_inside_the_step_and_gone_after():
         assert "grad_scale" not in vars(inner) and "found_inf" not in vars(inner)
     assert all(s is not None and s > 1 for s in seen.scales)  # clipped: 1/c > 1
     assert seen.found == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("reads", ["cpu"])
+def test_nothing_to_fold_needs_coefficient_one_no_skip_and_a_free_read(reads):
+    f64 = torch.float64
+    one, half = torch.tensor(1.0, dtype=f64), torch.tensor(0.5, dtype=f64)
+    yes, no = torch.tensor(True), torch.tensor(False)
+    assert fold_mod.nothing_to_fold(one, None) and fold_mod.nothing_to_fold(one, no)
+    assert not fold_mod.nothing_to_fold(one, yes)  # a skip is folded into found_inf
+    assert not fold_mod.nothing_to_fold(torch.nextafter(one, half), None)  # any clip folds
+    assert not fold_mod.nothing_to_fold(torch.tensor(math.nan, dtype=f64), None)
+    # a value off the CPU is never read on the host
+    assert not fold_mod.nothing_to_fold(one.to("meta"), None)
+    assert not fold_mod.nothing_to_fold(one, no.to("meta"))
 
 
 def test_apply_combines_with_what_is_there_and_restore_puts_it_back():
@@ -482,8 +532,9 @@ def _cpu_scaler(**kw):
         pytest.skip(f"torch.amp.GradScaler('cpu') is not available: {exc}")
 
 
+@READS
 @pytest.mark.parametrize("unscale_first", [False, True])
-def test_grad_scaler_composes_with_the_wrapper(unscale_first):
+def test_grad_scaler_composes_with_the_wrapper(unscale_first, reads):
     """scaler.step(opt) unscales before the wrapper's step (it declares no AMP support), then
     the clip folds into the fused step: the same result as the explicit clip; an inf step is
     skipped by the scaler in both."""
@@ -509,7 +560,9 @@ def test_grad_scaler_composes_with_the_wrapper(unscale_first):
     ma, oa, sa, scale_a = run(None)
     mb, ob, _, scale_b = run(False)
     assert scale_a == scale_b
-    assert len(sa.scales) == 7 and all(s is not None for s in sa.scales)  # 1 skipped by scaler
+    assert len(sa.scales) == 7  # 1 skipped by the scaler
+    if reads == "device-like":  # on the CPU the unclipped steps set nothing of gradstab's
+        assert all(s is not None for s in sa.scales)
     for a, b in zip(ma.parameters(), mb.parameters()):
         close(a, b)
     close(oa.state_dict()["state"], ob.state_dict()["state"])
@@ -646,7 +699,15 @@ def _probe(monkeypatch):
 
 
 def _fit(
-    fold, monkeypatch, *, steps=8, bad=None, opt_kind="adamw", user_unscales=False, **trainer_kw
+    fold,
+    monkeypatch,
+    *,
+    steps=8,
+    bad=None,
+    opt_kind="adamw",
+    user_unscales=False,
+    max_norm=0.05,
+    **trainer_kw,
 ):
     pl = _lightning()
     model = _net(opt_kind, bad)
@@ -656,7 +717,7 @@ def _fit(
             model.trainer.precision_plugin.scaler.unscale_(optimizer)
 
         model.on_before_optimizer_step = unscale
-    cb = GradStabCallback(max_norm=0.05, nonfinite="skip", fold=fold, log_every_n_steps=1)
+    cb = GradStabCallback(max_norm=max_norm, nonfinite="skip", fold=fold, log_every_n_steps=1)
     probe = _probe(monkeypatch)
     logged: list[dict[str, float]] = []
 
@@ -704,6 +765,25 @@ def test_callback_folds_and_equals_the_explicit_clip(precision, monkeypatch):
         assert x.keys() == y.keys()
         for k in x:
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7, nan_ok=True), k
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("reads", ["cpu"])
+def test_callback_on_the_cpu_folds_only_what_clips_or_skips(reads, monkeypatch):
+    """A bound no step reaches and a NaN at step 3: on the CPU the healthy steps hand the fused
+    step nothing (it would rewrite every gradient, divided by 1), the NaN step its skip; the
+    result is the explicit clip's."""
+    ma, ca, pa, ta, _ = _fit(None, monkeypatch, bad={3: math.nan}, max_norm=1e6)
+    mb, cb_, _, _, _ = _fit(False, monkeypatch, bad={3: math.nan}, max_norm=1e6)
+    assert [s is None for s in pa.step_scales] == [i != 3 for i in range(8)]
+    assert pa.step_found[3] == 1.0
+    opt = ta.optimizers[0]
+    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        close(a, b)
+    close(opt.state_dict()["state"], mb.trainer.optimizers[0].state_dict()["state"])
+    want = {"steps": 8, "clipped_steps": 0, "nonfinite_steps": 1, "skipped_steps": 1}
+    assert ca.counters() == cb_.counters() == want
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -762,11 +842,12 @@ def test_bench_fold_mode_times_clip_and_step_four_ways(monkeypatch):
 
     cpu = torch.device("cpu")
     rows = bench_one("many-small", "fp32", ["fold"], device=cpu, warmup=0, repeats=1)
-    assert [(r.contestant, r.kind) for r in rows[:4]] == [
+    assert [(r.contestant, r.kind) for r in rows[:5]] == [
         ("gradstab folded (clip + step)", "gradstab"),
         ("gradstab explicit (clip + step)", "baseline"),
         ("torch clip_grad_norm_ + step", "baseline"),
         ("AdamW step alone (no clip)", "floor"),
+        ("AdamW step, grad_scale=1 (no clip)", "floor"),
     ]
     assert rows[0].floor_ms > 0 and rows[1].ratio is not None
     monkeypatch.setattr(fold_mod, "inverse", lambda coef: coef.to(torch.float32))

@@ -235,6 +235,33 @@ def fold_unit(
     return [part], thr
 
 
+def nothing_to_fold(coef: Tensor, found_inf: Tensor | None) -> bool:
+    """Whether a folded step would change nothing (coefficient exactly 1, no skip) and knowing
+    that costs no host-device sync (both on the CPU, where reading a value is free).
+
+    Then ``grad_scale`` is not set at all: torch's fused step divides by it and writes every
+    gradient back (``g / 1``, unchanged), a read+write pass over the gradients that made a
+    GPT-2-small fused AdamW step on the CPU ~12% slower. With the attribute left unset the
+    healthy step is the optimizer's own step, exactly as unfolded. On CUDA the coefficient stays
+    on the device and is always folded (no sync).
+
+    Example:
+        >>> nothing_to_fold(torch.tensor(1.0, dtype=torch.float64), None)
+        True
+        >>> nothing_to_fold(torch.tensor(0.5, dtype=torch.float64), None)
+        False
+    """
+    if not _read_is_free(coef) or (found_inf is not None and not _read_is_free(found_inf)):
+        return False
+    return bool(coef == 1.0) and (found_inf is None or not bool(found_inf))
+
+
+def _read_is_free(t: Tensor) -> bool:
+    """Whether reading ``t``'s value on the host costs no device sync (a CPU tensor). Tests
+    turn it off to run the device path, which reads nothing, on the CPU."""
+    return t.device.type == "cpu"
+
+
 def inverse(coef: Tensor) -> Tensor:
     """``1 / coef`` as the 0-d float32 tensor a fused optimizer divides the gradients by.
 

@@ -460,7 +460,9 @@ FOLD_LR = 1e-6
 
 
 def _fold_contestants(params: list[nn.Parameter], flat: Tensor, total: float) -> list[Contestant]:
-    """Clip + fused AdamW step, four ways, on one optimizer (one set of moments).
+    """Clip + fused AdamW step, four ways, on one optimizer (one set of moments), and the step
+    with ``grad_scale = 1``: what torch's fused step costs once any ``grad_scale`` is set (it
+    then writes every gradient back), the least a folded clipping step can cost besides its read.
 
     Every call clips (``max_norm = 0.5 x`` the total norm); the gradients are restored
     (untimed) after each call, since a clipped step leaves them scaled.
@@ -479,11 +481,21 @@ def _fold_contestants(params: list[nn.Parameter], flat: Tensor, total: float) ->
         torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         inner.step()
 
+    one = torch.ones((), dtype=torch.float32, device=params[0].device)
+
+    def scaled_step() -> None:  # the fused step as a fold runs it: .grad written back (g / 1)
+        inner.grad_scale = one
+        try:
+            inner.step()
+        finally:
+            del inner.grad_scale
+
     return [
         Contestant("gradstab folded (clip + step)", "gradstab", folded.step, restore),
         Contestant("gradstab explicit (clip + step)", "baseline", explicit.step, restore),
         Contestant("torch clip_grad_norm_ + step", "baseline", torch_clip_step, restore),
         Contestant("AdamW step alone (no clip)", "floor", inner.step, floor="step"),
+        Contestant("AdamW step, grad_scale=1 (no clip)", "floor", scaled_step, floor="scaled"),
         Contestant("floor: read (flat.sum)", "floor", flat.sum, floor="read"),
         Contestant("floor: read (flat.amax)", "floor", flat.amax, floor="read"),
     ]

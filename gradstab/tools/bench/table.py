@@ -72,4 +72,6 @@ threshold (there the ratio is fixed / adaptive: below 1, adapting costs that muc
 gradients; its ratio is gradstab.clip_grad_norm_ / it (below 1: the wrapper costs that much
 more than the functional call).
 fold times clip + AdamW(fused=True) step: its floor is the unclipped step plus one read, and
-its ratios are over the folded step (the explicit gradstab clip + step, torch's)."""
+its ratios are over the folded step (the explicit gradstab clip + step, torch's). The row
+"AdamW step, grad_scale=1" is the fused step as a fold runs it (torch then writes every
+gradient back): a folded clipping step costs at least that plus one read."""
