@@ -401,11 +401,7 @@ class GradStabCallback(Callback):
         if skip:
             for p in plan.params:
                 p.grad = None
-        elif (
-            request is not None
-            and request.coef is not None
-            and not _fold.nothing_to_fold(request.coef, request.found_inf)
-        ):
+        elif request is not None and request.coef is not None:
             inv = _fold.inverse(request.coef)
             if scaler_on and getattr(optimizer, "_step_supports_amp_scaling", False):
                 # scaler.step() multiplies its scale into grad_scale (or, after unscale_, uses

@@ -502,8 +502,8 @@ class GradStabOptimizer(torch.optim.Optimizer):
             skip = self._clip(request)
         if skip:  # decided on the host (fused SGD before its momentum buffers exist)
             return loss
-        if request.coef is None or _fold.nothing_to_fold(request.coef, request.found_inf):
-            self._wrapped.step()  # no gradient, or a CPU step that clips and skips nothing
+        if request.coef is None:  # nothing to fold (no gradient; on the CPU, no clip and no skip)
+            self._wrapped.step()
             return loss
         applied = _fold.apply(self._wrapped, _fold.inverse(request.coef), request.found_inf)
         try:

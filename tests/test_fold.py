@@ -744,6 +744,20 @@ def _fit(
     return model, cb, probe, trainer, logged
 
 
+def assert_same_fit(trainer, folded, explicit, *, clipped_steps: int) -> None:
+    """A folded fit (``trainer``, its ``(model, callback)``) left no attribute on its optimizer
+    and ended where the explicit fit ``(model, callback)`` did: parameters, optimizer state,
+    and counters (8 steps, one of them NaN and skipped)."""
+    (ma, ca), (mb, cb_) = folded, explicit
+    opt = trainer.optimizers[0]
+    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
+    for a, b in zip(ma.parameters(), mb.parameters()):
+        close(a, b)
+    close(opt.state_dict()["state"], mb.trainer.optimizers[0].state_dict()["state"])
+    want = {"steps": 8, "clipped_steps": clipped_steps, "nonfinite_steps": 1, "skipped_steps": 1}
+    assert ca.counters() == cb_.counters() == want
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_callback_folds_and_equals_the_explicit_clip(precision, monkeypatch):
@@ -753,13 +767,7 @@ def test_callback_folds_and_equals_the_explicit_clip(precision, monkeypatch):
     assert all(pa.hook_attrs) and all(s is not None for s in pa.step_scales)
     assert pa.step_found[3] == 1.0 and pa.step_found.count(0.0) == 7
     assert not any(pb.hook_attrs) and all(s is None for s in pb.step_scales)
-    opt = ta.optimizers[0]
-    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
-    for a, b in zip(ma.parameters(), mb.parameters()):
-        close(a, b)
-    close(opt.state_dict()["state"], mb.trainer.optimizers[0].state_dict()["state"])
-    want = {"steps": 8, "clipped_steps": 7, "nonfinite_steps": 1, "skipped_steps": 1}
-    assert ca.counters() == cb_.counters() == want
+    assert_same_fit(ta, (ma, ca), (mb, cb_), clipped_steps=7)
     assert la[0] == lb[0]  # the first step: identical inputs, identical metrics
     for x, y in zip(la, lb):
         assert x.keys() == y.keys()
@@ -777,13 +785,7 @@ def test_callback_on_the_cpu_folds_only_what_clips_or_skips(reads, monkeypatch):
     mb, cb_, _, _, _ = _fit(False, monkeypatch, bad={3: math.nan}, max_norm=1e6)
     assert [s is None for s in pa.step_scales] == [i != 3 for i in range(8)]
     assert pa.step_found[3] == 1.0
-    opt = ta.optimizers[0]
-    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)
-    for a, b in zip(ma.parameters(), mb.parameters()):
-        close(a, b)
-    close(opt.state_dict()["state"], mb.trainer.optimizers[0].state_dict()["state"])
-    want = {"steps": 8, "clipped_steps": 0, "nonfinite_steps": 1, "skipped_steps": 1}
-    assert ca.counters() == cb_.counters() == want
+    assert_same_fit(ta, (ma, ca), (mb, cb_), clipped_steps=0)
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -176,7 +176,8 @@ class FoldRequest:
 
     Attributes:
         skip_on_device: policy ``"skip"`` may hand its decision to ``found_inf`` (no host read).
-        coef: the float64 0-d clip coefficient to fold (``None``: no gradient this step).
+        coef: the float64 0-d clip coefficient to fold (``None``: nothing to fold, i.e. no
+            gradient this step, or a step :func:`nothing_to_fold` finds neither clips nor skips).
         found_inf: 0-d bool, the step must be skipped (``"skip"`` on the device), or ``None``.
     """
 

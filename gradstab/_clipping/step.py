@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from gradstab.diagnosis import GradHistory
 from gradstab._clipping import shortcut
 from gradstab._clipping.config import ClipConfig
-from gradstab._clipping.fold import FoldRequest, fold_unit
+from gradstab._clipping.fold import FoldRequest, fold_unit, nothing_to_fold
 from gradstab._clipping.metrics import record_history, step_metrics
 from gradstab._clipping.parts import (
     Job,
@@ -213,7 +213,9 @@ def clip_step(
             and, with ``"skip"`` and ``fold.skip_on_device``, ``fold.found_inf`` the skip flag
             (no host read; ``skip`` is then False and the step is counted as skipped on the
             device). With ``"zero"`` the coefficient of a non-finite step is 1 (the zeros stay
-            zeros); ``"raise"`` checks the statistics of the one read.
+            zeros); ``"raise"`` checks the statistics of the one read. Where
+            :func:`.fold.nothing_to_fold` (on the CPU: coefficient 1, no skip) both stay
+            ``None``: the caller runs the optimizer's own step.
 
     Returns:
         ``(skip, metrics)``: ``skip`` is True when the ``"skip"`` policy wants the optimizer
@@ -303,6 +305,8 @@ def clip_step(
         if skip:
             state.skipped_steps += 1
             state.policy_steps += 1
+    if fold is not None and fold.coef is not None and nothing_to_fold(fold.coef, fold.found_inf):
+        fold.coef = fold.found_inf = None  # on the CPU: no clip, no skip, the optimizer's own step
     if history is not None:
         record_history(
             cfg,
