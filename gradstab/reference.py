@@ -14,9 +14,12 @@ The ops take ``norm_type > 0`` (or inf), on every kernel.  The statistics functi
 take 0, negative p and ``-inf`` when called with ``nonpositive=True`` (see :func:`pnorm64`):
 that is how :mod:`gradstab.functional` computes those norms, on every device, in PyTorch.
 
-Clipping arithmetic matches the C++ kernel: float32 and float64 gradients are
-multiplied by the float64 coefficient and rounded once; float16 and bfloat16
-gradients are multiplied in float32 (PyTorch's ``opmath``).  On CPU a tensor
+Clipping arithmetic matches the C++ kernel, which is PyTorch's ``mul_`` by a
+coefficient of the gradient's dtype: float16, bfloat16 and float32 gradients are
+multiplied in float32 by the float64 coefficient rounded to float32, float64
+gradients in float64.  Where that rounding is not a normal float32 (a coefficient
+below ``FLT_MIN`` or above ``FLT_MAX``), float32 gradients are multiplied in
+float64 and rounded once instead, so no bits of the coefficient are lost.  On CPU a tensor
 whose coefficient is 1 is not written; on other devices reading the
 coefficient would need a host sync, so the (value-preserving) multiply by 1
 happens instead.  Gradients are written in list order (a gradient passed twice
@@ -56,6 +59,8 @@ __all__ = [
 ]
 
 _REDUCED = (torch.float16, torch.bfloat16)
+_FLT_MIN = torch.finfo(torch.float32).tiny  # the smallest normal float32
+_FLT_MAX = torch.finfo(torch.float32).max
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -201,8 +206,23 @@ def _scale_(g: Tensor, coef: Tensor) -> None:
     """
     if not _needs_scaling(g, coef):
         return
-    opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
-    g.copy_(g.to(opmath) * coef.to(opmath))
+    g.copy_(_scaled(g, coef))
+
+
+def _scaled(g: Tensor, coef: Tensor) -> Tensor:
+    """``g * coef`` (``coef`` float64, 0-d or broadcastable) with the kernels' rounding.
+
+    float16/bfloat16: in float32 (PyTorch's opmath); float64: in float64; float32: in float32
+    by the coefficient rounded to float32 where that is a normal float32, else in float64 and
+    rounded once (selected element-wise on the device: no host read).
+    """
+    if g.dtype == torch.float64:
+        return g * coef
+    in_float = g.float() * coef.float()
+    if g.dtype in _REDUCED:
+        return in_float.to(g.dtype)
+    normal = (coef.abs() >= _FLT_MIN) & (coef.abs() <= _FLT_MAX)
+    return torch.where(normal, in_float, (g.double() * coef).float())
 
 
 def _self_overlapping(g: Tensor) -> bool:
@@ -488,9 +508,7 @@ def adaptive_clip(
         counts.append(clipped.sum())
         if not write:
             continue
-        opmath = torch.float32 if g.dtype in _REDUCED else torch.float64
-        scaled = unit_view(g).to(opmath) * coef.to(opmath)[:, None]
-        g.copy_(scaled.reshape(g.shape))
+        g.copy_(_scaled(unit_view(g), coef[:, None]).reshape(g.shape))
     clipped_counts = (
         torch.stack(counts) if counts else torch.zeros((0,), dtype=torch.int64, device=device)
     )

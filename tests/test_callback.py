@@ -176,7 +176,7 @@ def test_clip_matches_float64_oracle(kw, p):
             coef = min(1.0, bound / (norm + EPS))
             clipped_any |= coef < 1
             for n in unit:
-                # fp32 gradients times a float64 coefficient, rounded once
+                # fp32 gradients times the coefficient rounded to fp32 (<= 2 roundings)
                 torch.testing.assert_close(a[n], b[n] * coef, rtol=2e-7, atol=0)
             assert pnorm([a[n] for n in unit], p) <= bound * (1 + 1e-6)
     assert clipped_any, "the thresholds were meant to clip at least once"

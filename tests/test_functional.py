@@ -149,8 +149,8 @@ def test_clip_grad_norm_on_a_model_matches_torch():
     assert_grads_match(grads, [q.grad for q in ref_params], FP32_ACCUM_RTOL)
 
 
-def test_clipped_values_are_rounded_once_from_the_float64_coefficient():
-    """fp32/fp64: x * coef in float64, rounded once; fp16/bf16: in float32, as PyTorch.
+def test_clipped_values_are_multiplied_as_pytorch_multiplies():
+    """fp16/bf16/fp32: x * float32(coef) in float32, fp64: in float64, as PyTorch's mul_.
 
     Small integers have an exactly computable norm (every partial sum of their squares is
     exact, in float32 lanes and in double), so the kernel's float64 coefficient is known
@@ -158,18 +158,37 @@ def test_clipped_values_are_rounded_once_from_the_float64_coefficient():
     """
     x = torch.randint(-100, 101, (1001,), generator=torch.Generator().manual_seed(0)).double()
     coef = 0.7 / (math.sqrt(float((x * x).sum())) + 1e-6)
+    c32 = torch.tensor(coef, dtype=torch.float32)
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         g = x.to(dtype)
         params = as_params([g.clone()])
         gradstab.clip_grad_norm_(params, 0.7)
-        if dtype in (torch.float32, torch.float64):
-            expected = (x * coef).to(dtype)
+        if dtype == torch.float64:
+            expected = x * coef
         else:
-            expected = (g.float() * torch.tensor(coef, dtype=torch.float32)).to(dtype)
+            expected = (g.float() * c32).to(dtype)
         assert_bitwise_equal(params[0].grad, expected, str(dtype))
-        if dtype == torch.float32:  # the test can tell: a float32 coefficient differs
-            c32 = torch.tensor(coef, dtype=torch.float32)
-            assert not torch.equal(g * c32, expected)
+        if dtype == torch.float32:  # the test can tell: rounding once from float64 differs
+            assert not torch.equal((x * coef).float(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_coefficient_below_float32s_normal_range_keeps_its_bits(device):
+    """Where float32(coef) would be subnormal, float32 gradients are multiplied in float64.
+
+    A total norm of ~3e12 clipped to 1e-30 needs a coefficient of ~3e-43, which float32 holds
+    with only ~8 significant bits. The gradients are small integers times 2**30, so their norm
+    is computed exactly (as in the test above) and the result can be checked bit for bit.
+    """
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 101, (1001,), generator=gen).double() * 2.0**30
+    coef = 1e-30 / (math.sqrt(float((x * x).sum())) + 1e-6)
+    assert 0 < coef < torch.finfo(torch.float32).tiny
+    params = as_params([x.float().to(device)])
+    gradstab.clip_grad_norm_(params, 1e-30)
+    expected = (x * coef).float()
+    assert_bitwise_equal(params[0].grad.cpu(), expected, "float32, subnormal coefficient")
+    assert not torch.equal(x.float() * torch.tensor(coef, dtype=torch.float32), expected)
 
 
 def test_finite_grads_never_give_an_infinite_norm_and_are_clipped():

@@ -740,6 +740,30 @@ def test_clip_norm_bit_exact(device, max_norm):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e-30])
+def test_float32_is_scaled_in_double_only_where_the_coefficient_is_not_a_normal_float32(
+    device, impl, max_norm
+):
+    """float32: x * float32(coef) in float32 (PyTorch's arithmetic), but x * coef in float64,
+    rounded once, where float32(coef) is subnormal: a norm of ~2e10 clipped to 1e-30 needs
+    coef ~4e-41, of which float32 keeps ~16 bits."""
+    g = kc.make_grad(50_000, torch.float32, "contiguous", kc.generator(9, device), scale=1e8)
+    f64s = torch.ones(3, dtype=torch.float64, device=device)  # float64 results: the exact coef
+    before = g.cpu().clone()
+    got = run_op("clip_norm", [g, f64s], 2.0, max_norm, impl)
+    coef = max_norm / (float(got[3]) + EPS)
+    subnormal = coef < torch.finfo(torch.float32).tiny
+    assert subnormal == (max_norm == 1e-30)
+    want = kc.scaled(before, coef)
+    assert torch.equal(kc.bits(g), kc.bits(want))
+    in_float = before * torch.tensor(coef, dtype=torch.float64).float()
+    in_double = (before.double() * coef).float()
+    assert not torch.equal(in_float, in_double)  # the two arithmetics differ on these values
+    assert torch.equal(want, in_double if subnormal else in_float)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_clip_norm_float32_results_match_reference(device):
     gen = kc.generator(8, device)
     grads = [

@@ -143,7 +143,8 @@ def test_clip_matches_float64_oracle(kw, dtype):
         units = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
     else:
         units = [[n] for n in before]
-    # float32/64 gradients: scaled by the float64 coefficient, rounded once; bf16 in float32
+    # scaled as PyTorch's mul_: fp32/bf16 in float32 (by the coefficient rounded to float32:
+    # two roundings), fp64 in float64
     rtol = {torch.float32: 2e-7, torch.bfloat16: 2**-8, torch.float64: 1e-15}[dtype]
     coefs = []
     for unit in units:

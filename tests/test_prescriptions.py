@@ -355,7 +355,10 @@ def train_rnn(max_norm=None, orthogonal=False, steps=60):
 
 def test_rnn_gets_orthogonal_recurrent_init_and_clipping():
     model, h, _ = train_rnn()
-    assert float(h.data().total_norm.max()) > 1e6  # oracle: the gradient exploded
+    norms = h.data().total_norm
+    # oracle: the gradient exploded (on some CPUs torch's RNN reaches inf/NaN within the 60
+    # steps, so the largest finite norm is the one to look at)
+    assert float(norms[torch.isfinite(norms)].max()) > 1e6
     d = gradstab.diagnose(h)
     assert d.exploding
     assert kinds(d)[:2] == ["clip", "recurrent-init"]
@@ -363,10 +366,13 @@ def test_rnn_gets_orthogonal_recurrent_init_and_clipping():
     rec = one(d, "recurrent-init")
     assert rec.call == "gradstab.init.init_model_(model)"
     (w,) = rec.evidence["recurrent_weights"]
-    sv = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double())
     assert w["weight"] == "rnn.weight_hh_l0"
-    assert w["max_singular_value"] == pytest.approx(float(sv.max()), rel=1e-9)
-    assert w["min_singular_value"] == pytest.approx(float(sv.min()), rel=1e-9)
+    weight = model.rnn.weight_hh_l0.detach().double()
+    assert w["finite"] == bool(torch.isfinite(weight).all())
+    if w["finite"]:  # where torch's RNN reached NaN the weights have no singular values
+        sv = torch.linalg.svdvals(weight)
+        assert w["max_singular_value"] == pytest.approx(float(sv.max()), rel=1e-9)
+        assert w["min_singular_value"] == pytest.approx(float(sv.min()), rel=1e-9)
     thr = one(d, "clip").evidence["threshold"]
     assert f"{thr:g}" in rec.remedy  # the recurrent remedy names the clip it goes with
     # applying both: orthogonal recurrent weights (singular values 1) and the threshold

@@ -1,10 +1,10 @@
-// Contract: see range_kernels.h. Each public entry point is compiled for three x86-64 levels
-// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline): the scale and float64 entry points by
-// GCC/Clang `target_clones` (the dynamic loader picks), the float16/bfloat16/float32 reductions
-// as three explicit functions picked once by isa_level() (GRADSTAB_CPU_ISA=baseline|x86-64-v3
-// caps it, for tests). All helpers are always_inline so they take their caller's instruction
-// set. The hot loops use GCC vector extensions with fixed lane counts, so every level does the
-// same arithmetic in the same order (bit-identical results; tests/test_ops.py compares them).
+// Contract: see range_kernels.h. Every public entry point is compiled for three x86-64 levels
+// (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline) as explicit per-level functions, picked
+// once by isa_level() (GRADSTAB_CPU_ISA=baseline|x86-64-v3 caps it, for tests and for timing
+// each level on one machine). All helpers are always_inline so they take their caller's
+// instruction set. The reduction loops use GCC vector extensions with fixed lane counts, so every
+// level does the same arithmetic in the same order (bit-identical results; tests/test_ops.py
+// compares them); the scale loops are element-wise, so any vector width gives the same bits.
 //
 // The baseline vectors are 128 bits wide (4 float32 / 2 float64 lanes), the width every x86-64
 // ISA has registers for: GCC splits a wider generic vector into scalar code for comparisons and
@@ -28,10 +28,9 @@
 #include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#define GS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GS_TARGET(arch) __attribute__((target(arch)))
 #define GS_HAVE_WIDE 1
 #else
-#define GS_CLONES
 #define GS_HAVE_WIDE 0
 #endif
 #define GS_INLINE inline __attribute__((always_inline))
@@ -536,13 +535,28 @@ GS_INLINE double rescaled_typed(const T* p, int64_t n, double norm_p, double sca
   return s;
 }
 
+GS_INLINE bool scales_in_float(double coef) {
+  const double a = std::fabs(coef);
+  return a >= static_cast<double>(std::numeric_limits<float>::min()) &&
+         a <= static_cast<double>(std::numeric_limits<float>::max());
+}
+
 template <typename T>
 GS_INLINE void scale_typed(T* p, int64_t n, double coef) {
   const float cf = static_cast<float>(coef);
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(to_float(p[i]) * cf);
 }
+// float32: PyTorch's arithmetic (g * float(coef) in float32) wherever float(coef) is a normal
+// float32, so it carries the coefficient to 24 bits; otherwise (a coefficient below FLT_MIN or
+// above FLT_MAX, NaN, 0, inf) in double, rounded once. The double loop converts every element
+// twice and ran at half the speed of the float32 loop on an AVX-512 Xeon.
 template <>
 GS_INLINE void scale_typed<float>(float* p, int64_t n, double coef) {
+  if (scales_in_float(coef)) {
+    const float cf = static_cast<float>(coef);
+    for (int64_t i = 0; i < n; ++i) p[i] *= cf;
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<double>(p[i]) * coef);
 }
 template <>
@@ -552,50 +566,51 @@ GS_INLINE void scale_typed<double>(double* p, int64_t n, double coef) {
 
 }  // namespace
 
-// ---- ISA-cloned entry points (one per dtype, so the clones inline a single instantiation) ----
+// ---- Entry points: one function per dtype and ISA level, picked by isa_level() ----
+// Explicit per-level functions rather than `target_clones`: the 256-bit reduction loop needs the
+// level known at compile time, and one switch for every kernel lets GRADSTAB_CPU_ISA run (and
+// time) the whole backend at a lower level, scaling included.
 namespace detail {
-// float16/bfloat16/float32 reductions: one function per ISA level, picked by isa_level() (the
-// 256-bit loop needs the level known at compile time, which target_clones does not give).
 namespace {
 template <typename T>
+GS_INLINE Partial reduce_any(void* p, int64_t n, NormKind k, double np, double c, bool wide) {
+  return wide ? reduce_typed<T, true>(static_cast<T*>(p), n, k, np, c)
+              : reduce_typed<T, false>(static_cast<T*>(p), n, k, np, c);
+}
+template <typename T>
 Partial reduce_base(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed<T, false>(static_cast<T*>(p), n, k, np, c);
+  return reduce_any<T>(p, n, k, np, c, false);
+}
+template <typename T>
+void scale_base(void* p, int64_t n, double coef) {
+  scale_typed(static_cast<T*>(p), n, coef);
 }
 #if GS_HAVE_WIDE
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) Partial reduce_v3(void* p, int64_t n, NormKind k,
-                                                            double np, double c) {
-  return reduce_typed<T, true>(static_cast<T*>(p), n, k, np, c);
+GS_TARGET("arch=x86-64-v3") Partial reduce_v3(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_any<T>(p, n, k, np, c, true);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v4"))) Partial reduce_v4(void* p, int64_t n, NormKind k,
-                                                            double np, double c) {
-  return reduce_typed<T, true>(static_cast<T*>(p), n, k, np, c);
+GS_TARGET("arch=x86-64-v4") Partial reduce_v4(void* p, int64_t n, NormKind k, double np, double c) {
+  return reduce_any<T>(p, n, k, np, c, true);
+}
+template <typename T>
+GS_TARGET("arch=x86-64-v3") void scale_v3(void* p, int64_t n, double coef) {
+  scale_typed(static_cast<T*>(p), n, coef);
+}
+template <typename T>
+GS_TARGET("arch=x86-64-v4") void scale_v4(void* p, int64_t n, double coef) {
+  scale_typed(static_cast<T*>(p), n, coef);
 }
 #endif
 }  // namespace
-GS_CLONES Partial reduce_f64(void* p, int64_t n, NormKind k, double np, double c) {
-  return reduce_typed(static_cast<double*>(p), n, k, np, c);
-}
-GS_CLONES void scale_half(void* p, int64_t n, double coef) {
-  scale_typed(static_cast<c10::Half*>(p), n, coef);
-}
-GS_CLONES void scale_bf16(void* p, int64_t n, double coef) {
-  scale_typed(static_cast<c10::BFloat16*>(p), n, coef);
-}
-GS_CLONES void scale_f32(void* p, int64_t n, double coef) {
-  scale_typed(static_cast<float*>(p), n, coef);
-}
-GS_CLONES void scale_f64(void* p, int64_t n, double coef) {
-  scale_typed(static_cast<double*>(p), n, coef);
-}
 }  // namespace detail
 
 namespace {
-// ISA level of the float16/bfloat16/float32 reductions: 2 = x86-64-v4, 1 = x86-64-v3 (both the
-// 256-bit loop), 0 = baseline (the 128-bit loop). The environment variable GRADSTAB_CPU_ISA
+// ISA level of every kernel here: 2 = x86-64-v4, 1 = x86-64-v3 (both with the 256-bit reduction
+// loop), 0 = baseline (the 128-bit loop). The environment variable GRADSTAB_CPU_ISA
 // (baseline, x86-64-v3 or x86-64-v4) caps it below what the CPU has, so tests can compare the
-// levels' results bit for bit; other values are ignored.
+// levels' results bit for bit and benchmarks can time each level; other values are ignored.
 int detect_isa_level() {
 #if GS_HAVE_WIDE
   __builtin_cpu_init();
@@ -635,6 +650,18 @@ Partial reduce_at_level(void* p, int64_t n, NormKind k, double np, double c) {
 #endif
   return detail::reduce_base<T>(p, n, k, np, c);
 }
+
+template <typename T>
+void scale_at_level(void* p, int64_t n, double coef) {
+#if GS_HAVE_WIDE
+  switch (isa_level()) {
+    case 2: return detail::scale_v4<T>(p, n, coef);
+    case 1: return detail::scale_v3<T>(p, n, coef);
+    default: break;
+  }
+#endif
+  detail::scale_base<T>(p, n, coef);
+}
 }  // namespace
 
 Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double norm_p,
@@ -643,7 +670,7 @@ Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double no
     case DType::kHalf: return reduce_at_level<c10::Half>(ptr, n, kind, norm_p, clamp);
     case DType::kBFloat16: return reduce_at_level<c10::BFloat16>(ptr, n, kind, norm_p, clamp);
     case DType::kFloat: return reduce_at_level<float>(ptr, n, kind, norm_p, clamp);
-    case DType::kDouble: return detail::reduce_f64(ptr, n, kind, norm_p, clamp);
+    case DType::kDouble: return reduce_at_level<double>(ptr, n, kind, norm_p, clamp);
   }
   return Partial{};
 }
@@ -661,10 +688,10 @@ double rescaled_sum(DType dtype, const void* ptr, int64_t n, double norm_p, doub
 
 void scale_range(DType dtype, void* ptr, int64_t n, double coef) {
   switch (dtype) {
-    case DType::kHalf: detail::scale_half(ptr, n, coef); break;
-    case DType::kBFloat16: detail::scale_bf16(ptr, n, coef); break;
-    case DType::kFloat: detail::scale_f32(ptr, n, coef); break;
-    case DType::kDouble: detail::scale_f64(ptr, n, coef); break;
+    case DType::kHalf: scale_at_level<c10::Half>(ptr, n, coef); break;
+    case DType::kBFloat16: scale_at_level<c10::BFloat16>(ptr, n, coef); break;
+    case DType::kFloat: scale_at_level<float>(ptr, n, coef); break;
+    case DType::kDouble: scale_at_level<double>(ptr, n, coef); break;
   }
 }
 

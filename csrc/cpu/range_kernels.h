@@ -17,8 +17,11 @@
 //   statistics are those of the values before the clamp (a caller that needs rescaled_sum must
 //   not clamp in this pass: the rescue re-reads the range).
 // rescaled_sum(...): sum of (|x| / scale)^p in double, the slow overflow/underflow rescue.
-// scale_range(dtype, ptr, n, coef): x *= coef in place; float32/float64 multiply in double and
-//   round once, float16/bfloat16 multiply in float32 (PyTorch's opmath) and round to nearest even.
+// scale_range(dtype, ptr, n, coef): x *= coef in place, as PyTorch's mul_ by a coefficient of the
+//   gradient's dtype computes it: float16/bfloat16/float32 multiply in float32 by float(coef)
+//   (rounded to nearest even to the dtype), float64 in double. One exception keeps every bit of
+//   the coefficient: where float(coef) is not a normal float32 (|coef| below FLT_MIN or above
+//   FLT_MAX, 0, inf, NaN), float32 multiplies in double and rounds once.
 //
 // Results are bit-identical run to run and across the ISA clones (fixed lane and block order,
 // no FMA contraction: build with -ffp-contract=off).

@@ -417,11 +417,13 @@ __device__ __forceinline__ bool arrive_last(C* counter, C n, C total, int lane) 
   return last != 0;
 }
 
-// x * coef with the CPU kernel's rounding.
-__device__ __forceinline__ float scale_elem(float x, double coef) {
-  return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
+// Whether float32 gradients are scaled in float32 by float(coef) (PyTorch's arithmetic): where
+// float(coef) is a normal float32. Otherwise (|coef| < FLT_MIN or > FLT_MAX, 0, inf, NaN) they
+// are multiplied in double and rounded once, as the CPU kernel does (cpu/range_kernels.h).
+__device__ __forceinline__ bool scales_in_float(double coef) {
+  const double a = fabs(coef);
+  return a >= static_cast<double>(FLT_MIN) && a <= static_cast<double>(FLT_MAX);
 }
-__device__ __forceinline__ double scale_elem(double x, double coef) { return __dmul_rn(x, coef); }
 
 template <typename T>
 __device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double coef) {
@@ -439,23 +441,38 @@ __device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double co
 }
 template <>
 __device__ __noinline__ void scale_unit<float>(float* p, const Span& s, int lane, double coef) {
+  if (scales_in_float(coef)) {
+    const float cf = __double2float_rn(coef);
+    for_span<kUnroll>(
+        p, s, lane, [&](int64_t i) { gstore(p + i, __fmul_rn(gload(p + i), cf)); },
+        [&](const Vec& v, int64_t k) {
+          Vec w;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) w.f[j] = __fmul_rn(v.f[j], cf);
+          gstore_vec(vec_ptr(p, s, k), w.u);
+        });
+    return;
+  }
+  auto mul = [coef](float x) {
+    return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
+  };
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { gstore(p + i, scale_elem(gload(p + i), coef)); },
+      p, s, lane, [&](int64_t i) { gstore(p + i, mul(gload(p + i))); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) w.f[j] = scale_elem(v.f[j], coef);
+        for (int j = 0; j < 4; ++j) w.f[j] = mul(v.f[j]);
         gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }
 template <>
 __device__ __noinline__ void scale_unit<double>(double* p, const Span& s, int lane, double coef) {
   for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { gstore(p + i, scale_elem(gload(p + i), coef)); },
+      p, s, lane, [&](int64_t i) { gstore(p + i, __dmul_rn(gload(p + i), coef)); },
       [&](const Vec& v, int64_t k) {
         Vec w;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) w.d[j] = scale_elem(v.d[j], coef);
+        for (int j = 0; j < 2; ++j) w.d[j] = __dmul_rn(v.d[j], coef);
         gstore_vec(vec_ptr(p, s, k), w.u);
       });
 }

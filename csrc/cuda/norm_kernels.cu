@@ -38,8 +38,10 @@
 //   changed that tensor (a device flag).
 // scale_kernel: clipping and normalizing; walks the units in reverse order (the reduce kernel's
 //   last units are still in L2) and scales every unit whose coefficient is not 1 (a NaN
-//   coefficient writes NaN, as PyTorch does): float32/float64 multiply by the float64
-//   coefficient and round once, float16/bfloat16 multiply in float32 and round to nearest even.
+//   coefficient writes NaN, as PyTorch does) with the CPU kernel's arithmetic
+//   (cpu/range_kernels.h, scale_range): float16/bfloat16/float32 multiply in float32 by
+//   float(coef), float64 in double, and float32 in double, rounded once, where float(coef) is
+//   not a normal float32.
 //   Nothing is written when every coefficient is 1.
 #include "cuda/norm_kernels.cuh"
 #include "cuda/device_common.cuh"

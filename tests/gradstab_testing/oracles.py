@@ -399,6 +399,17 @@ def ulp_distance(a: Tensor, b: Tensor) -> Tensor:
     return (_ordered_bits(a) - _ordered_bits(b)).abs()
 
 
+def scale_ulps(dtype: torch.dtype, scalings: int = 1) -> int:
+    """Ulps by which ``scalings`` in-place scalings of ``dtype`` values may lie from the float64
+    product (or from another kernel's, whose coefficient differs in its last float64 bits).
+
+    float32 is multiplied as PyTorch does, by the coefficient rounded to float32: that rounding
+    (at most 1 ulp of the result), the product's (1/2 ulp) and the oracle's own (1/2 ulp) make
+    2 ulps per scaling. float16/bfloat16 round once from float32 products: 1 ulp per scaling.
+    """
+    return scalings * (2 if dtype == torch.float32 else 1)
+
+
 def assert_ulp_close(actual: Tensor, expected: Tensor, ulps: int = 1, what: str = "") -> None:
     """Assert ``actual`` is within ``ulps`` of ``expected`` rounded to ``actual.dtype``.
 
