@@ -666,13 +666,37 @@ def layout_stats(
 # --------------------------------------------------------------------------- scaling
 
 
+_F32 = torch.finfo(torch.float32)
+
+
+def _mul_on_cpu_(
+    tensors: Sequence[Tensor], coefs: Sequence[Tensor], values: Sequence[float]
+) -> None:
+    """CPU: ``tensors[i] *= coefs[i]`` (0-d float64, value ``values[i]``) with the kernels'
+    rounding: as PyTorch's ``mul_`` (float32 by the coefficient rounded to float32), except
+    float32 where the coefficient is not a normal float32, multiplied in float64 and rounded
+    once (the gradstab ops do the same)."""
+    fast_t, fast_c = [], []
+    for t, c, v in zip(tensors, coefs, values):
+        if t.dtype == torch.float32 and not _F32.tiny <= abs(v) <= _F32.max:
+            t.copy_(t.double() * v)
+        else:
+            fast_t.append(t)
+            fast_c.append(c)
+    if fast_t:
+        torch._foreach_mul_(fast_t, fast_c)
+
+
 def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """Multiply every tensor in place by the 0-d ``coef`` (float64, on their device).
 
     On CPU the coefficient is read on the host (free there) and a coefficient of exactly 1
     writes nothing (any other, above 1 too, is applied); elsewhere the multiply is issued
     without a host read.  float16 and bfloat16 multiply in float32, float32 by the
-    coefficient rounded to float32 (as ``torch.nn.utils.clip_grad_norm_`` does).
+    coefficient rounded to float32 (as ``torch.nn.utils.clip_grad_norm_`` does); on CPU,
+    where the coefficient is not a normal float32 (below ``FLT_MIN``), float32 multiplies in
+    float64 and rounds once, as the gradstab ops do (on other devices that needs a host read:
+    there the float32-rounded coefficient is used).
 
     Example:
         >>> import torch, gradstab
@@ -682,7 +706,10 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """
     if not tensors:
         return
-    if tensors[0].device.type == "cpu" and float(coef) == 1.0:
+    if tensors[0].device.type == "cpu":
+        value = float(coef)
+        if value != 1.0:
+            _mul_on_cpu_(tensors, [coef] * len(tensors), [value] * len(tensors))
         return
     # A 0-d tensor, not a Python float: with a float, foreach rounds it to float16 first.
     torch._foreach_mul_(list(tensors), coef)
@@ -693,6 +720,7 @@ def scale_each_(tensors: Sequence[Tensor], coefs: Tensor) -> None:
 
     On CPU the coefficients are read on the host and tensors whose coefficient is exactly 1
     are not written (any other, above 1 too, is applied); elsewhere nothing is read on the host.
+    Rounding as :func:`scale_`.
 
     Example:
         >>> import torch, gradstab
@@ -705,9 +733,9 @@ def scale_each_(tensors: Sequence[Tensor], coefs: Tensor) -> None:
         return
     cs = coefs.unbind(0)
     if tensors[0].device.type == "cpu":
-        keep = [i for i, c in enumerate(coefs.tolist()) if c != 1.0]
-        if keep:
-            torch._foreach_mul_([tensors[i] for i in keep], [cs[i] for i in keep])
+        values = coefs.tolist()
+        keep = [i for i, c in enumerate(values) if c != 1.0]  # NaN is kept
+        _mul_on_cpu_([tensors[i] for i in keep], [cs[i] for i in keep], [values[i] for i in keep])
         return
     torch._foreach_mul_(list(tensors), list(cs))
 

@@ -17,8 +17,8 @@ that is how :mod:`gradstab.functional` computes those norms, on every device, in
 Clipping arithmetic matches the C++ kernel, which is PyTorch's ``mul_`` by a
 coefficient of the gradient's dtype: float16, bfloat16 and float32 gradients are
 multiplied in float32 by the float64 coefficient rounded to float32, float64
-gradients in float64.  Where that rounding is not a normal float32 (a coefficient
-below ``FLT_MIN`` or above ``FLT_MAX``), float32 gradients are multiplied in
+gradients in float64.  Where the coefficient lies outside float32's normal range
+(below ``FLT_MIN`` or above ``FLT_MAX``), float32 gradients are multiplied in
 float64 and rounded once instead, so no bits of the coefficient are lost.  On CPU a tensor
 whose coefficient is 1 is not written; on other devices reading the
 coefficient would need a host sync, so the (value-preserving) multiply by 1
@@ -213,8 +213,8 @@ def _scaled(g: Tensor, coef: Tensor) -> Tensor:
     """``g * coef`` (``coef`` float64, 0-d or broadcastable) with the kernels' rounding.
 
     float16/bfloat16: in float32 (PyTorch's opmath); float64: in float64; float32: in float32
-    by the coefficient rounded to float32 where that is a normal float32, else in float64 and
-    rounded once (selected element-wise on the device: no host read).
+    by the coefficient rounded to float32 where ``FLT_MIN <= |coef| <= FLT_MAX``, else in
+    float64 and rounded once (selected element-wise on the device: no host read).
     """
     if g.dtype == torch.float64:
         return g * coef

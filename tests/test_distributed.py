@@ -22,7 +22,8 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 from gradstab_testing import distributed as dh  # noqa: E402
-from gradstab_testing.oracles import child_env  # noqa: E402
+from gradstab_testing import kernel_cases as kc  # noqa: E402
+from gradstab_testing.oracles import assert_bitwise_equal, child_env  # noqa: E402
 
 from gradstab import distributed as gd  # noqa: E402
 
@@ -188,3 +189,19 @@ def test_plain_calls_do_not_import_distributed_tensor(tmp_path):
         check=True,
     )
     assert out.stdout.split() == ["False"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("coef", [0.3, 2.5, 4e-41, 1e-45, 0.0, 1.0])
+def test_scaling_on_cpu_rounds_as_the_kernels(coef):
+    """``scale_``/``scale_each_`` (the sharded paths' multiply) give the ops' bits on the CPU:
+    PyTorch's float32 multiply, and float64 rounded once where the coefficient is subnormal."""
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1000, generator=gen, dtype=torch.float64) * 1e8 for _ in range(3)]
+    ts = [xs[0].float(), xs[1].bfloat16(), xs[2]]
+    one, each = [t.clone() for t in ts], [t.clone() for t in ts]
+    gd.scale_(one, torch.tensor(coef, dtype=torch.float64))
+    gd.scale_each_(each, torch.full((3,), coef, dtype=torch.float64))
+    for a, b, t in zip(one, each, ts):
+        want = t if coef == 1.0 else kc.scaled(t, coef)
+        assert_bitwise_equal(a, want, f"scale_ {t.dtype} by {coef}")
+        assert_bitwise_equal(b, want, f"scale_each_ {t.dtype} by {coef}")

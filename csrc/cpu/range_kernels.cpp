@@ -546,10 +546,10 @@ GS_INLINE void scale_typed(T* p, int64_t n, double coef) {
   const float cf = static_cast<float>(coef);
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(to_float(p[i]) * cf);
 }
-// float32: PyTorch's arithmetic (g * float(coef) in float32) wherever float(coef) is a normal
-// float32, so it carries the coefficient to 24 bits; otherwise (a coefficient below FLT_MIN or
-// above FLT_MAX, NaN, 0, inf) in double, rounded once. The double loop converts every element
-// twice and ran at half the speed of the float32 loop on an AVX-512 Xeon.
+// float32: PyTorch's arithmetic (g * float(coef) in float32) wherever |coef| lies in float32's
+// normal range [FLT_MIN, FLT_MAX], where float(coef) carries it to 24 bits; otherwise (below
+// FLT_MIN, above FLT_MAX, 0, inf, NaN) in double, rounded once. The double loop converts every
+// element twice and ran at half the speed of the float32 loop on an AVX-512 Xeon.
 template <>
 GS_INLINE void scale_typed<float>(float* p, int64_t n, double coef) {
   if (scales_in_float(coef)) {

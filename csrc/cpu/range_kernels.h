@@ -20,8 +20,8 @@
 // scale_range(dtype, ptr, n, coef): x *= coef in place, as PyTorch's mul_ by a coefficient of the
 //   gradient's dtype computes it: float16/bfloat16/float32 multiply in float32 by float(coef)
 //   (rounded to nearest even to the dtype), float64 in double. One exception keeps every bit of
-//   the coefficient: where float(coef) is not a normal float32 (|coef| below FLT_MIN or above
-//   FLT_MAX, 0, inf, NaN), float32 multiplies in double and rounds once.
+//   the coefficient: where |coef| lies outside float32's normal range [FLT_MIN, FLT_MAX] (or is
+//   NaN), float32 multiplies in double and rounds once.
 //
 // Results are bit-identical run to run and across the ISA clones (fixed lane and block order,
 // no FMA contraction: build with -ffp-contract=off).
@@ -46,7 +46,7 @@ Partial reduce_range(DType dtype, void* ptr, int64_t n, NormKind kind, double no
 double rescaled_sum(DType dtype, const void* ptr, int64_t n, double norm_p, double scale);
 void scale_range(DType dtype, void* ptr, int64_t n, double coef);
 
-// Name of the instruction-set clone the loader picked for this machine ("x86-64-v4", ...).
+// Name of the instruction-set level isa_level() picked for this machine ("x86-64-v4", ...).
 const char* selected_isa();
 
 }  // namespace cpu

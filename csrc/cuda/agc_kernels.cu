@@ -26,8 +26,9 @@
 // agc_scale_kernel: walks its item range in reverse (the reduce kernel's last items are still in
 //   L2): scales the pieces of clipped long rows, and, when deferred, every clipped short row.
 //   Returns at once when the reduce kernel found nothing for it to write.
-// Scaling rounds as the CPU kernel: float32/float64 multiply by the float64 coefficient and round
-// once, float16/bfloat16 multiply in float32. Rows that are not clipped are never written.
+// Scaling rounds as the CPU kernel (scale_unit, cpu/range_kernels.h): float16/bfloat16/float32
+// multiply in float32 by float(coef), float64 in double (float32 in double where |coef| lies
+// outside float32's normal range). Rows that are not clipped are never written.
 #include "cuda/agc_kernels.cuh"
 #include "cuda/device_common.cuh"
 #include "cuda/norm_kernels.cuh"

@@ -418,8 +418,8 @@ __device__ __forceinline__ bool arrive_last(C* counter, C n, C total, int lane) 
 }
 
 // Whether float32 gradients are scaled in float32 by float(coef) (PyTorch's arithmetic): where
-// float(coef) is a normal float32. Otherwise (|coef| < FLT_MIN or > FLT_MAX, 0, inf, NaN) they
-// are multiplied in double and rounded once, as the CPU kernel does (cpu/range_kernels.h).
+// |coef| lies in float32's normal range [FLT_MIN, FLT_MAX]. Otherwise (0, inf, NaN included)
+// they are multiplied in double and rounded once, as the CPU kernel does (cpu/range_kernels.h).
 __device__ __forceinline__ bool scales_in_float(double coef) {
   const double a = fabs(coef);
   return a >= static_cast<double>(FLT_MIN) && a <= static_cast<double>(FLT_MAX);

@@ -40,8 +40,8 @@
 //   last units are still in L2) and scales every unit whose coefficient is not 1 (a NaN
 //   coefficient writes NaN, as PyTorch does) with the CPU kernel's arithmetic
 //   (cpu/range_kernels.h, scale_range): float16/bfloat16/float32 multiply in float32 by
-//   float(coef), float64 in double, and float32 in double, rounded once, where float(coef) is
-//   not a normal float32.
+//   float(coef), float64 in double, and float32 in double, rounded once, where |coef| lies
+//   outside float32's normal range [FLT_MIN, FLT_MAX].
 //   Nothing is written when every coefficient is 1.
 #include "cuda/norm_kernels.cuh"
 #include "cuda/device_common.cuh"

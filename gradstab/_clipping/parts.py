@@ -481,22 +481,10 @@ def _run_sharded(
 
 
 def _scale_local(tensors: Sequence[Tensor], coefs: Tensor) -> None:
-    """Multiply tensor ``i`` in place by ``coefs[i]`` (float64, on their device).
-
-    On the CPU the coefficients are read on the host (free there) and a tensor whose
-    coefficient is exactly 1 is not written; elsewhere nothing is read on the host.  Unlike
-    :func:`gradstab.distributed.scale_each_`, which serves clipping and skips every
-    coefficient ``>= 1``, coefficients above 1 (``"normalize"`` scales up) are applied.
-    """
-    if not tensors:
-        return
-    cs = coefs.unbind(0)
-    if tensors[0].device.type == "cpu":
-        keep = [i for i, c in enumerate(coefs.tolist()) if c != 1.0]  # NaN is kept
-        if keep:
-            torch._foreach_mul_([tensors[i] for i in keep], [cs[i] for i in keep])
-        return
-    torch._foreach_mul_(list(tensors), list(cs))
+    """Multiply tensor ``i`` in place by ``coefs[i]`` (float64, on their device): on the CPU
+    a coefficient of exactly 1 writes nothing, elsewhere nothing is read on the host
+    (:func:`gradstab.distributed.scale_each_`, whose rounding is the kernels')."""
+    distributed.scale_each_(tensors, coefs)
 
 
 def _unit_norm(

@@ -220,7 +220,7 @@ def scaled(g: torch.Tensor, coef: float) -> torch.Tensor:
     """``g * coef`` with the kernels' rounding, computed on the CPU: PyTorch's ``mul_`` by the
     coefficient in the gradient's dtype (float16/bfloat16/float32: in float32 by ``float(coef)``,
     float64 in float64), except that float32 multiplies by the float64 coefficient and rounds
-    once where ``float(coef)`` is not a normal float32 (``|coef| < FLT_MIN`` or ``> FLT_MAX``)."""
+    once where ``|coef|`` lies outside float32's normal range (``< FLT_MIN`` or ``> FLT_MAX``)."""
     x = g.detach().cpu()
     if x.dtype == torch.float64:
         return x * coef

@@ -539,10 +539,11 @@ def assert_grads_match(
     """Assert clipped gradients agree with their float64 oracle values.
 
     Float16/bfloat16/float32 gradients: within 1 ulp of the oracle rounded to their dtype
-    (gradstab multiplies them by the float64 coefficient, or in float32 for 16-bit types,
-    and rounds once; the coefficient itself is accurate to far less than an ulp on random
-    data). Float64 gradients: within ``rtol64`` (the accuracy of the coefficient, i.e. of the
-    norm it comes from) or 1 ulp (subnormal results).
+    (gradstab multiplies them in float32, float32 by the coefficient rounded to float32,
+    which moves the product by less than 1 ulp, and rounds once; the coefficient itself is
+    accurate to far less than an ulp on random data). Float64 gradients: within ``rtol64``
+    (the accuracy of the coefficient, i.e. of the norm it comes from) or 1 ulp (subnormal
+    results).
     """
     assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected)):
