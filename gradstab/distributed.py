@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor
 
+from gradstab import reference
 from gradstab._common import GradStats, check_bound, collect_grads, is_dtensor, param_list
 from gradstab._extension import warn_if_fallback
 from gradstab._library import OPS
@@ -666,9 +667,6 @@ def layout_stats(
 # --------------------------------------------------------------------------- scaling
 
 
-_F32 = torch.finfo(torch.float32)
-
-
 def _mul_on_cpu_(
     tensors: Sequence[Tensor], coefs: Sequence[Tensor], values: Sequence[float]
 ) -> None:
@@ -678,7 +676,7 @@ def _mul_on_cpu_(
     once (the gradstab ops do the same)."""
     fast_t, fast_c = [], []
     for t, c, v in zip(tensors, coefs, values):
-        if t.dtype == torch.float32 and not _F32.tiny <= abs(v) <= _F32.max:
+        if t.dtype == torch.float32 and not reference.scales_in_float(v):
             t.copy_(t.double() * v)
         else:
             fast_t.append(t)

@@ -209,6 +209,12 @@ def _scale_(g: Tensor, coef: Tensor) -> None:
     g.copy_(_scaled(g, coef))
 
 
+def scales_in_float(coef: float) -> bool:
+    """Whether float32 gradients are multiplied in float32 by ``float(coef)`` (else in float64,
+    rounded once): ``FLT_MIN <= |coef| <= FLT_MAX``, csrc/common/scale_rule.h's rule."""
+    return _FLT_MIN <= abs(coef) <= _FLT_MAX
+
+
 def _scaled(g: Tensor, coef: Tensor) -> Tensor:
     """``g * coef`` (``coef`` float64, 0-d or broadcastable) with the kernels' rounding.
 
@@ -221,8 +227,8 @@ def _scaled(g: Tensor, coef: Tensor) -> Tensor:
     in_float = g.float() * coef.float()
     if g.dtype in _REDUCED:
         return in_float.to(g.dtype)
-    normal = (coef.abs() >= _FLT_MIN) & (coef.abs() <= _FLT_MAX)
-    return torch.where(normal, in_float, (g.double() * coef).float())
+    in_range = (coef.abs() >= _FLT_MIN) & (coef.abs() <= _FLT_MAX)  # scales_in_float, on device
+    return torch.where(in_range, in_float, (g.double() * coef).float())
 
 
 def _self_overlapping(g: Tensor) -> bool:

@@ -17,10 +17,12 @@
 #include <cstdint>
 #include <limits>
 
+#if !defined(GRADSTAB_HD)
 #if defined(__CUDACC__)
 #define GRADSTAB_HD __host__ __device__
 #else
 #define GRADSTAB_HD
+#endif
 #endif
 
 namespace gradstab {

@@ -27,6 +27,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/scale_rule.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #define GS_TARGET(arch) __attribute__((target(arch)))
 #define GS_HAVE_WIDE 1
@@ -535,21 +537,14 @@ GS_INLINE double rescaled_typed(const T* p, int64_t n, double norm_p, double sca
   return s;
 }
 
-GS_INLINE bool scales_in_float(double coef) {
-  const double a = std::fabs(coef);
-  return a >= static_cast<double>(std::numeric_limits<float>::min()) &&
-         a <= static_cast<double>(std::numeric_limits<float>::max());
-}
-
 template <typename T>
 GS_INLINE void scale_typed(T* p, int64_t n, double coef) {
   const float cf = static_cast<float>(coef);
   for (int64_t i = 0; i < n; ++i) p[i] = from_float<T>(to_float(p[i]) * cf);
 }
-// float32: PyTorch's arithmetic (g * float(coef) in float32) wherever |coef| lies in float32's
-// normal range [FLT_MIN, FLT_MAX], where float(coef) carries it to 24 bits; otherwise (below
-// FLT_MIN, above FLT_MAX, 0, inf, NaN) in double, rounded once. The double loop converts every
-// element twice and ran at half the speed of the float32 loop on an AVX-512 Xeon.
+// float32: the rule of common/scale_rule.h (PyTorch's float32 multiply, in double where the
+// coefficient is outside float32's normal range). A double loop converts every element twice
+// and ran at half the speed of the float32 loop on an AVX-512 Xeon.
 template <>
 GS_INLINE void scale_typed<float>(float* p, int64_t n, double coef) {
   if (scales_in_float(coef)) {

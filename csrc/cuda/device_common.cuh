@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "common/codes.h"
+#include "common/scale_rule.h"
 
 namespace gradstab {
 namespace cuda {
@@ -417,12 +418,17 @@ __device__ __forceinline__ bool arrive_last(C* counter, C n, C total, int lane) 
   return last != 0;
 }
 
-// Whether float32 gradients are scaled in float32 by float(coef) (PyTorch's arithmetic): where
-// |coef| lies in float32's normal range [FLT_MIN, FLT_MAX]. Otherwise (0, inf, NaN included)
-// they are multiplied in double and rounded once, as the CPU kernel does (cpu/range_kernels.h).
-__device__ __forceinline__ bool scales_in_float(double coef) {
-  const double a = fabs(coef);
-  return a >= static_cast<double>(FLT_MIN) && a <= static_cast<double>(FLT_MAX);
+// float32 elements of a span times a coefficient: mul(x) for every element.
+template <typename Mul>
+__device__ __forceinline__ void scale_floats(float* p, const Span& s, int lane, const Mul& mul) {
+  for_span<kUnroll>(
+      p, s, lane, [&](int64_t i) { gstore(p + i, mul(gload(p + i))); },
+      [&](const Vec& v, int64_t k) {
+        Vec w;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w.f[j] = mul(v.f[j]);
+        gstore_vec(vec_ptr(p, s, k), w.u);
+      });
 }
 
 template <typename T>
@@ -441,29 +447,14 @@ __device__ __noinline__ void scale_unit(T* p, const Span& s, int lane, double co
 }
 template <>
 __device__ __noinline__ void scale_unit<float>(float* p, const Span& s, int lane, double coef) {
-  if (scales_in_float(coef)) {
+  if (scales_in_float(coef)) {  // common/scale_rule.h
     const float cf = __double2float_rn(coef);
-    for_span<kUnroll>(
-        p, s, lane, [&](int64_t i) { gstore(p + i, __fmul_rn(gload(p + i), cf)); },
-        [&](const Vec& v, int64_t k) {
-          Vec w;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) w.f[j] = __fmul_rn(v.f[j], cf);
-          gstore_vec(vec_ptr(p, s, k), w.u);
-        });
-    return;
+    scale_floats(p, s, lane, [cf](float x) { return __fmul_rn(x, cf); });
+  } else {
+    scale_floats(p, s, lane, [coef](float x) {
+      return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
+    });
   }
-  auto mul = [coef](float x) {
-    return __double2float_rn(__dmul_rn(static_cast<double>(x), coef));
-  };
-  for_span<kUnroll>(
-      p, s, lane, [&](int64_t i) { gstore(p + i, mul(gload(p + i))); },
-      [&](const Vec& v, int64_t k) {
-        Vec w;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) w.f[j] = mul(v.f[j]);
-        gstore_vec(vec_ptr(p, s, k), w.u);
-      });
 }
 template <>
 __device__ __noinline__ void scale_unit<double>(double* p, const Span& s, int lane, double coef) {
